@@ -1,0 +1,1 @@
+"""Engines: build, load, check and run exported graphs."""

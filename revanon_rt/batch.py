@@ -1,0 +1,161 @@
+"""Many inputs, one run: discovery, output names (spec §9), progress, atomic writes, a summary.
+
+One bad input never stops the others, inputs are never modified, and an existing output
+is never replaced without --overwrite.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .container import sidecar_path
+from .errors import RevanonError
+from .images import write_atomic
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+@dataclass
+class Job:
+    source: Path
+    relative: Path
+    output: Path | None = None
+    error: str | None = None
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def line(self, verb: str) -> str:
+        return f"{verb}: {self.done} done, {self.skipped} skipped, {self.failed} failed"
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
+    """Files are taken as given; folders are searched recursively for images, skipping hidden
+    files and anything under the output folder."""
+    jobs: list[Job] = []
+    seen: set[Path] = set()
+
+    def add(source: Path, relative: Path) -> None:
+        key = source.resolve()
+        if key not in seen:
+            seen.add(key)
+            jobs.append(Job(source, relative))
+
+    for given in inputs:
+        given = Path(given)
+        if given.is_dir():
+            for dirpath, dirnames, filenames in os.walk(given):
+                here = Path(dirpath)
+                dirnames[:] = sorted(d for d in dirnames
+                                     if not d.startswith(".") and not _is_within(here / d, out_dir))
+                for name in sorted(filenames):
+                    path = here / name
+                    if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+                        add(path, path.relative_to(given))
+        elif given.exists():
+            add(given, Path(given.name))
+        else:
+            jobs.append(Job(given, Path(given.name), error=f"{given}: no such file or folder"))
+    return jobs
+
+
+def assign_outputs(jobs: list[Job], out_dir: Path) -> None:
+    """<stem>.png under out_dir, mirroring the input tree. When two inputs would share a name
+    (a.png beside a.jpg), the .png input keeps it and the other keeps its extension (a.jpg.png)."""
+    taken: dict[Path, Path] = {}
+    order = sorted((j for j in jobs if j.error is None),
+                   key=lambda j: (str(j.relative.parent), j.relative.stem, j.relative.suffix.lower() != ".png",
+                                  str(j.relative)))
+    for job in order:
+        folder = out_dir / job.relative.parent
+        for name in (job.relative.stem + ".png", job.relative.name + ".png"):
+            candidate = folder / name
+            if candidate not in taken:
+                break
+        else:
+            job.error = f"{job.source}: its output name is already taken by {taken[folder / name]}"
+            continue
+        if candidate.exists() and candidate.resolve() == job.source.resolve():
+            job.error = f"{job.source}: the output would replace the input; choose another --out"
+            continue
+        taken[candidate] = job.source
+        job.output = candidate
+
+
+def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, sidecar: bool,
+             console: Console) -> Summary:
+    """process(job, step_callback) -> pipeline.Output. Writes each output atomically."""
+    summary = Summary()
+    show = console.is_terminal
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True, disable=not show) as progress:
+        images = progress.add_task(verb, total=len(jobs))
+        steps = progress.add_task("steps", total=1, visible=False)
+
+        def on_step(phase: str, index: int, count: int) -> None:
+            progress.update(steps, description=f"  {phase}", completed=index + 1, total=count, visible=True)
+
+        for job in jobs:
+            progress.update(images, description=f"{verb} {job.relative}")
+            _run_one(job, process, on_step, overwrite, sidecar, summary, console)
+            progress.update(steps, visible=False)
+            progress.advance(images)
+    return summary
+
+
+def _run_one(job, process, on_step, overwrite, sidecar, summary, console) -> None:
+    def fail(message: str) -> None:
+        summary.failed += 1
+        summary.failures.append(message)
+        console.print(f"[red]error[/red]: {message}", highlight=False, soft_wrap=True)
+
+    if job.error:
+        return fail(job.error)
+    targets = [job.output] + ([sidecar_path(job.output)] if sidecar else [])
+    if not overwrite and any(t.exists() for t in targets):
+        summary.skipped += 1
+        console.print(f"skipped: {job.output} exists (use --overwrite)", highlight=False, soft_wrap=True)
+        return
+    try:
+        result = process(job, on_step)
+        for note in result.warnings:
+            console.print(f"[yellow]warning[/yellow]: {note}", highlight=False, soft_wrap=True)
+        if not write_atomic(job.output, result.png_bytes(), overwrite):
+            summary.skipped += 1
+            return
+        if sidecar:
+            write_atomic(sidecar_path(job.output), result.header_text().encode("utf-8"), overwrite)
+    except RevanonError as exc:
+        return fail(str(exc))
+    except MemoryError:
+        return fail(f"{job.source}: out of memory")
+    except Exception as exc:  # a bug must not cost the user the rest of the batch
+        if os.environ.get("REVANON_DEBUG"):
+            traceback.print_exc()
+        return fail(f"{job.source}: internal error ({type(exc).__name__}: {exc}); "
+                    "set REVANON_DEBUG=1 for a traceback")
+    summary.done += 1

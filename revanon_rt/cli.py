@@ -1,0 +1,297 @@
+"""The revanon-rt command line: thin Typer commands over the library.
+
+Nothing here imports torch at module level: `run --engine` must work on a box without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import RevanonError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Key-reversible face anonymization with latent diffusion models (revanon v1).")
+run_app = typer.Typer(no_args_is_help=True, help="Anonymize or recover images.")
+app.add_typer(run_app, name="run")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class MaskerName(str, Enum):
+    bisenet = "bisenet"
+    file = "file"
+
+
+class Mode(str, Enum):
+    crop = "crop"
+
+
+def _fail(exc: RevanonError) -> None:
+    err.print(f"[red]error[/red]: {exc}")
+    raise typer.Exit(exc.exit_code)
+
+
+def _secret(key: Optional[Path], password_file: Optional[Path], confirm: bool):
+    from .keys import Secret, read_key_file, read_password_file
+
+    if key and password_file:
+        raise UsageError("give either --key or --password-file, not both")
+    if key:
+        return Secret.from_key(read_key_file(key))
+    if password_file:
+        return Secret.from_password(read_password_file(password_file))
+    if not sys.stdin.isatty():
+        raise UsageError("no key: give --key KEYFILE (make one with `revanon-rt keygen`) or --password-file FILE")
+    password = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+    if not password:
+        raise UsageError("the password is empty")
+    return Secret.from_password(password)
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def open_backend(model: Optional[Path], engine: Optional[Path], device: str, parser: Optional[Path]):
+    if (model is None) == (engine is None):
+        raise UsageError("give --model DIR (PyTorch reference) or --engine DIR (a built engine)")
+    if engine is not None:
+        from .engines import open_engine
+
+        return open_engine(engine, device=device)
+    try:
+        from .reference import TorchReference
+    except ImportError as exc:
+        raise UsageError(f"--model needs the PyTorch extra ({exc.name} is missing): "
+                         "pip install 'revanon-rt[torch]', or run a built engine with --engine") from None
+    return TorchReference(model, device=_device(device), parser=parser)
+
+
+def _masker_name(masker: Optional[MaskerName], mask: Optional[Path], parser: Optional[Path],
+                 engine: Optional[Path]) -> MaskerName:
+    """Checked before any model is loaded, so that a flag mistake costs nothing."""
+    if masker is None:
+        masker = MaskerName.file if mask else MaskerName.bisenet
+    if masker == MaskerName.file and mask is None:
+        raise UsageError("--masker file needs --mask MASK_IMAGE_OR_DIR")
+    if masker == MaskerName.bisenet and mask is not None:
+        raise UsageError("--mask gives masks from files; it does not go with --masker bisenet")
+    if masker == MaskerName.bisenet and parser is None and engine is None:
+        raise UsageError("the bisenet masker needs --parser BISENET.pth (facexlib's parsing_bisenet.pth), "
+                         "or give masks with --mask")
+    return masker
+
+
+def _anonymize_masker(backend, masker: MaskerName, mask: Optional[Path]):
+    from .masks import BiSeNetMasker, FileMasker
+
+    if masker == MaskerName.file:
+        return FileMasker(mask)
+    if not getattr(backend, "can_parse", False):
+        raise UsageError("the bisenet masker needs --parser BISENET.pth (facexlib's parsing_bisenet.pth), "
+                         "or give masks with --mask")
+    return BiSeNetMasker(backend)
+
+
+def _recompute_maskers(backend, mask: Optional[Path]) -> dict:
+    from .masks import BiSeNetMasker, FileMasker
+
+    maskers = {}
+    if mask is not None:
+        maskers["file"] = FileMasker(mask)
+    if getattr(backend, "can_parse", False):
+        maskers["bisenet"] = BiSeNetMasker(backend)
+    return maskers
+
+
+def _prepare(inputs: List[Path], out: Path):
+    from .batch import assign_outputs, discover
+
+    jobs = discover(inputs, out)
+    assign_outputs(jobs, out)
+    if not jobs:
+        raise UsageError("no input images found")
+    return jobs
+
+
+def _finish(summary, verb: str) -> None:
+    err.print(summary.line(verb))
+    raise typer.Exit(summary.exit_code)
+
+
+INPUTS = typer.Argument(..., help="Images or folders (searched recursively).", show_default=False)
+OUT = typer.Option(..., "--out", help="Output folder; outputs mirror the input tree as <stem>.png.")
+MODEL = typer.Option(None, "--model", help="A diffusers model folder (PyTorch reference backend).")
+ENGINE = typer.Option(None, "--engine", help="A folder made by `revanon-rt build`.")
+KEY = typer.Option(None, "--key", help="A key file made by `revanon-rt keygen`.")
+PASSWORD_FILE = typer.Option(None, "--password-file", help="A file holding a password (one trailing newline is dropped).")
+PARSER = typer.Option(None, "--parser", help="facexlib BiSeNet weights (parsing_bisenet.pth).")
+MASK = typer.Option(None, "--mask", help="A mask image (white = face), or a folder of masks mirroring the inputs.")
+MASKER = typer.Option(None, "--masker", help="bisenet (default), or file when --mask is given.")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace outputs that already exist.")
+FORCE = typer.Option(False, "--force", help="Allow a double run (anonymizing an anonymized image, and so on).")
+MODE = typer.Option(Mode.crop, "--mode", help="crop: aligned face crops of the model's size.")
+
+
+@run_app.command("anonymize")
+def anonymize_cmd(
+    inputs: List[Path] = INPUTS, out: Path = OUT, model: Optional[Path] = MODEL, engine: Optional[Path] = ENGINE,
+    masker: Optional[MaskerName] = MASKER, parser: Optional[Path] = PARSER, mask: Optional[Path] = MASK,
+    key: Optional[Path] = KEY, password_file: Optional[Path] = PASSWORD_FILE,
+    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="DDIM steps each way."),
+    device: str = DEVICE, mode: Mode = MODE,
+    insecure_key_reuse: bool = typer.Option(False, "--insecure-key-reuse",
+                                            help="The paper's behaviour: one flip pattern for every face. Unsafe."),
+    sidecar: bool = typer.Option(False, "--sidecar", help="Also write <output>.revanon.json."),
+    overwrite: bool = OVERWRITE, force: bool = FORCE,
+) -> None:
+    """Anonymize aligned face crops with a secret key."""
+    from . import container
+    from .batch import run_jobs
+    from .images import load_image
+    from .pipeline import Options, anonymize_image
+
+    try:
+        secret = _secret(key, password_file, confirm=True)
+        jobs = _prepare(inputs, out)
+        masker_name = _masker_name(masker, mask, parser, engine)
+        backend = open_backend(model, engine, device, parser)
+        chosen = _anonymize_masker(backend, masker_name, mask)
+        secret.for_anonymize()  # one salt for the whole run; pays for scrypt once, up front
+    except RevanonError as exc:
+        _fail(exc)
+    if insecure_key_reuse:
+        err.print("[bold red]WARNING: --insecure-key-reuse[/bold red]: every face is flipped with the same "
+                  "pattern. Anyone holding one original/anonymized pair made with this key, or perhaps just many "
+                  "anonymized images, can undo every image made with it.")
+    opts = Options(steps=steps, insecure_key_reuse=insecure_key_reuse, force=force)
+
+    def process(job, on_step):
+        image = load_image(job.source)
+        existing = container.read_png_chunk(job.source)
+        return anonymize_image(image, existing, backend, chosen, secret, opts, job.relative,
+                               callback=on_step)
+
+    _finish(run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err),
+            "anonymize")
+
+
+@run_app.command("deanonymize")
+def deanonymize_cmd(
+    inputs: List[Path] = INPUTS, out: Path = OUT, model: Optional[Path] = MODEL, engine: Optional[Path] = ENGINE,
+    key: Optional[Path] = KEY, password_file: Optional[Path] = PASSWORD_FILE,
+    meta: Optional[Path] = typer.Option(None, "--meta", help="Metadata JSON for an image whose PNG chunk was stripped."),
+    recompute_mask: bool = typer.Option(False, "--recompute-mask", help="Re-run the masker named in the metadata."),
+    masker: Optional[MaskerName] = MASKER, parser: Optional[Path] = PARSER, mask: Optional[Path] = MASK,
+    skip_auth: bool = typer.Option(False, "--skip-auth", help="Run even when the auth check fails. Output is marked unverified."),
+    ignore_model_mismatch: bool = typer.Option(False, "--ignore-model-mismatch", help="Run with a model other than the one recorded."),
+    device: str = DEVICE, mode: Mode = MODE, sidecar: bool = typer.Option(False, "--sidecar"),
+    overwrite: bool = OVERWRITE, force: bool = FORCE,
+) -> None:
+    """Recover the original faces with the key that anonymized them."""
+    from . import container
+    from .batch import run_jobs
+    from .errors import MetadataError
+    from .images import load_image
+    from .pipeline import Options, deanonymize_image
+
+    try:
+        secret = _secret(key, password_file, confirm=False)
+        jobs = _prepare(inputs, out)
+        if meta is not None and len(jobs) != 1:
+            raise UsageError("--meta goes with exactly one input image")
+        if masker is not None and not recompute_mask:
+            raise UsageError("--masker only matters with --recompute-mask; the stored mask is used otherwise")
+        backend = open_backend(model, engine, device, parser)
+        maskers = _recompute_maskers(backend, mask) if recompute_mask else {}
+    except RevanonError as exc:
+        _fail(exc)
+    if skip_auth:
+        err.print("[bold yellow]WARNING: --skip-auth[/bold yellow]: a wrong key or an edited image will produce "
+                  "a plausible face that is NOT the original. Outputs are marked unverified.")
+    opts = Options(force=force, skip_auth=skip_auth, ignore_model_mismatch=ignore_model_mismatch,
+                   recompute_mask=recompute_mask)
+
+    def process(job, on_step):
+        if meta is not None:
+            text, source = container.read_sidecar(meta), str(meta)
+        else:
+            text, source = container.read_png_chunk(job.source), str(job.source)
+            if text is None and container.sidecar_path(job.source).exists():
+                text = container.read_sidecar(container.sidecar_path(job.source))
+            if text is None:
+                raise MetadataError(f"{job.source}: no revanon metadata (was the PNG chunk stripped? "
+                                    "give the sidecar with --meta)")
+        image = load_image(job.source)
+        return deanonymize_image(image, text, source, backend, secret, opts, job.relative, maskers, on_step)
+
+    _finish(run_jobs(jobs, process, verb="deanonymize", overwrite=overwrite, sidecar=sidecar, console=err),
+            "deanonymize")
+
+
+@app.command("keygen")
+def keygen_cmd(keyfile: Path = typer.Argument(..., help="Where to create the key (never overwritten).")) -> None:
+    """Create a new random 256-bit key file, readable by you alone."""
+    from .keys import keygen
+
+    try:
+        keygen(keyfile)
+    except RevanonError as exc:
+        _fail(exc)
+    err.print(f"wrote a new key to {keyfile} (mode 0600). Keep it secret and keep a backup: "
+              "without it the originals cannot be recovered.")
+
+
+@app.command("info")
+def info_cmd(
+    image: Path = typer.Argument(..., help="A revanon PNG."),
+    meta: Optional[Path] = typer.Option(None, "--meta", help="Read this metadata JSON instead of the PNG chunk."),
+) -> None:
+    """Print an image's revanon metadata. Never prints key material."""
+    from . import container
+    from .masks import unpack_mask
+
+    try:
+        text = container.read_sidecar(meta) if meta else container.read_png_chunk(image)
+        if text is None:
+            from .errors import MetadataError
+
+            raise MetadataError(f"{image}: no revanon metadata")
+        header = container.parse_header(text, str(meta or image))
+    except RevanonError as exc:
+        _fail(exc)
+    faces = header["faces"]
+    coverage = [float(unpack_mask(f["mask"], "").mean()) for f in faces]
+    err.print(f"{image}: {header['state']}, {header['mode']} mode, {len(faces)} face(s), masker {header['masker']}, "
+              f"{header['steps']} steps, kdf {header['kdf']['name']}, "
+              f"model {header['model']['fingerprint'][:16]}… at {header['model']['image_size']}px"
+              + (", mask coverage " + ", ".join(f"{c:.0%}" for c in coverage) if coverage else "")
+              + (", UNVERIFIED" if header.get("unverified") else ""))
+    typer.echo(json.dumps(header, indent=2, ensure_ascii=False))
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    app()

@@ -1,0 +1,146 @@
+"""Reading images the way users have them, and writing PNGs that keep nothing but pixels.
+
+Outputs keep the alpha channel and an RGB ICC profile; EXIF, GPS, XMP and text chunks
+are dropped so that an anonymized image does not leak where or when it was taken.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin
+
+from .errors import InputError
+
+# A decoded 16k x 16k RGBA image is 1 GiB; anything larger is treated as a decompression bomb.
+MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+@dataclass
+class LoadedImage:
+    path: Path
+    rgb: np.ndarray  # H x W x 3 uint8
+    alpha: np.ndarray | None  # H x W uint8
+    icc_profile: bytes | None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[1], self.rgb.shape[0]
+
+
+def _icc_is_rgb(icc: bytes | None) -> bool:
+    # Bytes 16..20 of an ICC header name the data colour space; a PNG with RGB pixels
+    # may only carry an RGB profile.
+    return bool(icc) and len(icc) >= 20 and icc[16:20] == b"RGB "
+
+
+def _sixteen_bit_to_u8(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    if a.max(initial=0) > 255:
+        a = a / 257.0
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def load_image(path: Path) -> LoadedImage:
+    """Decode an image to RGB uint8 (+ alpha), applying EXIF orientation. Errors name the file."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InputError(
+                    f"{path}: {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
+                    "(a decompression bomb, or a photo far larger than needed)"
+                )
+            icc = im.info.get("icc_profile")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb, alpha = _split_channels(im)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory") from None
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except (OSError, ValueError, SyntaxError, zlib.error) as exc:
+        raise InputError(f"{path}: cannot read the image ({exc})") from None
+    return LoadedImage(path, rgb, alpha, icc if _icc_is_rgb(icc) else None)
+
+
+def _split_channels(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    mode = im.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        gray = _sixteen_bit_to_u8(np.asarray(im))
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2)), None
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        alpha = np.asarray(im.getchannel("A"), dtype=np.uint8).copy()
+        rgb = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        return rgb, alpha
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy(), None
+
+
+def encode_png(rgb: np.ndarray, alpha: np.ndarray | None, icc: bytes | None, itxt: dict[str, str]) -> bytes:
+    """PNG bytes holding only the pixels, the ICC profile and the given uncompressed iTXt chunks."""
+    import io
+
+    if alpha is not None:
+        im = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    else:
+        im = Image.fromarray(rgb, "RGB")
+    info = PngImagePlugin.PngInfo()
+    for keyword, text in itxt.items():
+        info.add_itxt(keyword, text, zip=False)
+    buf = io.BytesIO()
+    kwargs = {"pnginfo": info}
+    if icc:
+        kwargs["icc_profile"] = icc
+    im.save(buf, format="PNG", **kwargs)
+    return buf.getvalue()
+
+
+def write_atomic(path: Path, data: bytes, overwrite: bool) -> bool:
+    """Write via a temporary file and a rename. Returns False (and writes nothing) when the
+    file exists and overwrite is off, including when another process wins the race."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        return False
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644 & ~_umask())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if the name appeared meanwhile: never clobber
+            except FileExistsError:
+                return False
+            except OSError:
+                if path.exists():
+                    return False
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

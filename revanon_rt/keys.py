@@ -1,0 +1,196 @@
+"""Keys, subkeys, nonces and the flip pattern of spec §5."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import stat
+import struct
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .encoding import b64decode, b64encode
+from .errors import InputError, MetadataError, UsageError
+
+KEY_BYTES = 32
+NONCE_BYTES = 16
+SALT_BYTES = 16
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
+SCRYPT_MAXMEM = 256 * 1024 * 1024
+ZERO_NONCE = bytes(NONCE_BYTES)
+
+
+def parse_key_text(text: bytes, source: str) -> bytes:
+    """64 hex characters, optionally followed by one newline."""
+    body = text
+    if body.endswith(b"\r\n"):
+        body = body[:-2]
+    elif body.endswith(b"\n"):
+        body = body[:-1]
+    if len(body) != 2 * KEY_BYTES:
+        raise UsageError(
+            f"{source}: a key file holds exactly {2 * KEY_BYTES} hexadecimal characters "
+            f"(and at most one newline), this one has {len(text)} bytes; make one with `revanon-rt keygen`"
+        )
+    try:
+        return bytes.fromhex(body.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise UsageError(f"{source}: the key file is not hexadecimal") from None
+
+
+def read_key_file(path: Path) -> bytes:
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read(4 * KEY_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the key file ({exc.strerror or exc})") from None
+    return parse_key_text(text, str(path))
+
+
+def keygen(path: Path) -> None:
+    """Create a new key file with O_EXCL and mode 0600; never overwrite."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    except FileExistsError:
+        raise UsageError(f"{path}: already exists; keygen never overwrites a key") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot create the key file ({exc.strerror or exc})") from None
+    try:
+        os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
+        os.write(fd, (secrets.token_bytes(KEY_BYTES).hex() + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def normalize_password(password: str) -> bytes:
+    return unicodedata.normalize("NFC", password).encode("utf-8")
+
+
+def read_password_file(path: Path) -> str:
+    """The file's UTF-8 text, less exactly one trailing newline (\\n or \\r\\n)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the password file ({exc.strerror or exc})") from None
+    if raw.endswith(b"\r\n"):
+        raw = raw[:-2]
+    elif raw.endswith(b"\n"):
+        raw = raw[:-1]
+    try:
+        password = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: the password file is not UTF-8 text") from None
+    if not password:
+        raise UsageError(f"{path}: the password is empty")
+    return password
+
+
+def scrypt_key(password: str, salt: bytes) -> bytes:
+    return hashlib.scrypt(
+        normalize_password(password), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+        maxmem=SCRYPT_MAXMEM, dklen=KEY_BYTES,
+    )
+
+
+def _shake(*parts: bytes, length: int) -> bytes:
+    h = hashlib.shake_256()
+    for part in parts:
+        h.update(part)
+    return h.digest(length)
+
+
+def flip_subkey(key: bytes) -> bytes:
+    return _shake(b"revanon-rt/v1/key/flip", key, length=32)
+
+
+def mac_subkey(key: bytes) -> bytes:
+    return _shake(b"revanon-rt/v1/key/mac", key, length=32)
+
+
+def flip_stream(k_flip: bytes, nonce: bytes, shape: tuple[int, int, int], nbytes: int) -> bytes:
+    c, h, w = shape
+    return _shake(b"revanon-rt/v1/flip", k_flip, nonce, struct.pack(">III", c, h, w), length=nbytes)
+
+
+def flip_pattern(k_flip: bytes, nonce: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    """r in {+1, -1}^(C x h x w), float32: bit i of the stream (LSB first) set means +1."""
+    d = int(np.prod(shape))
+    stream = np.frombuffer(flip_stream(k_flip, nonce, shape, (d + 7) // 8), dtype=np.uint8)
+    bits = np.unpackbits(stream, bitorder="little")[:d]
+    return np.where(bits == 1, np.float32(1.0), np.float32(-1.0)).astype(np.float32).reshape(shape)
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_BYTES)
+
+
+@dataclass
+class Secret:
+    """What the user gave: a raw key, or a password (stretched with scrypt per salt)."""
+
+    raw_key: bytes | None = None
+    password: str | None = None
+    run_salt: bytes | None = None
+    _derived: dict[bytes, bytes] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_key(cls, key: bytes) -> "Secret":
+        return cls(raw_key=key)
+
+    @classmethod
+    def from_password(cls, password: str) -> "Secret":
+        return cls(password=password)
+
+    def for_anonymize(self, salt: bytes | None = None) -> tuple[bytes, dict]:
+        """The key K and the header's `kdf` field. Without an explicit salt, one random salt
+        is drawn on first use and serves the whole run, so scrypt runs once."""
+        if self.raw_key is not None:
+            return self.raw_key, {"name": "raw"}
+        if salt is None:
+            if self.run_salt is None:
+                self.run_salt = secrets.token_bytes(SALT_BYTES)
+            salt = self.run_salt
+        kdf = {"name": "scrypt", "salt": b64encode(salt), "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}
+        return self._scrypt(salt), kdf
+
+    def for_header(self, kdf: dict, source: str) -> bytes:
+        """The key K for an image whose (already validated) header names this kdf."""
+        if kdf["name"] == "raw":
+            if self.raw_key is None:
+                raise InputError(f"{source}: this image was made with a key file; give --key")
+            return self.raw_key
+        if self.password is None:
+            raise InputError(f"{source}: this image was made with a password; give --password-file")
+        return self._scrypt(b64decode(kdf["salt"]))
+
+    def _scrypt(self, salt: bytes) -> bytes:
+        if salt not in self._derived:
+            self._derived[salt] = scrypt_key(self.password, salt)
+        return self._derived[salt]
+
+
+def check_kdf(kdf: object, source: str) -> dict:
+    """Only the exact v1 parameters are accepted: the metadata is attacker-controlled."""
+    if not isinstance(kdf, dict) or kdf.get("name") not in ("raw", "scrypt"):
+        raise MetadataError(f"{source}: unknown key derivation {kdf!r}; v1 knows raw and scrypt")
+    if kdf["name"] == "scrypt":
+        params = {k: kdf.get(k) for k in ("n", "r", "p")}
+        if params != {"n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}:
+            raise MetadataError(
+                f"{source}: foreign scrypt parameters {params}; v1 accepts only n=2^17, r=8, p=1"
+            )
+        try:
+            salt = b64decode(kdf.get("salt"))
+        except ValueError:
+            raise MetadataError(f"{source}: the scrypt salt is not base64") from None
+        if len(salt) != SALT_BYTES:
+            raise MetadataError(f"{source}: the scrypt salt must be {SALT_BYTES} bytes, not {len(salt)}")
+    return kdf

@@ -1,0 +1,140 @@
+"""Crop-mode anonymization and recovery of one image, top to bottom:
+
+    image -> mask -> encode -> invert -> keyed flip -> denoise -> decode -> container
+
+Everything here works on decoded images and metadata text; reading inputs and writing
+outputs is the caller's business (see batch.py), so the same code serves the CLI,
+`verify`, the evaluation and tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import container
+from .errors import AuthError, InputError, MetadataError, ModelMismatchError, StateError
+from .images import LoadedImage, encode_png
+from .keys import ZERO_NONCE, Secret, flip_pattern, flip_subkey, mac_subkey, new_nonce
+from .masks import latent_mask, pack_mask, unpack_mask
+from .pixels import to_model, to_u8
+from .sampler import StepCallback, transform
+
+
+@dataclass
+class Options:
+    steps: int = 50
+    insecure_key_reuse: bool = False
+    force: bool = False
+    skip_auth: bool = False
+    ignore_model_mismatch: bool = False
+    recompute_mask: bool = False
+
+
+@dataclass
+class Output:
+    image: LoadedImage
+    header: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def png_bytes(self) -> bytes:
+        return encode_png(self.image.rgb, self.image.alpha, self.image.icc_profile,
+                          {container.KEYWORD: container.to_text(self.header)})
+
+    def header_text(self) -> str:
+        return container.to_text(self.header)
+
+
+def transform_crops(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], k_flip: bytes,
+                    steps: int, callback: StepCallback | None = None) -> np.ndarray:
+    """T on a batch of aligned crops: N x H x W x 3 uint8 and N x h x w latent masks -> uint8 crops."""
+    c, h, w = backend.latent_shape
+    patterns = np.stack([flip_pattern(k_flip, nonce, (c, h, w)) for nonce in nonces])
+    x_out = transform(backend, to_model(rgbs), masks[:, None].astype(np.float32), patterns,
+                      backend.schedule(steps), callback)
+    return to_u8(x_out)
+
+
+def check_crop(image: LoadedImage, image_size: int) -> None:
+    width, height = image.size
+    if (width, height) != (image_size, image_size):
+        raise InputError(
+            f"{image.path}: {width}x{height} is not an aligned face crop of the model's {image_size}x{image_size}; "
+            "resize or crop it, or use --mode photo for photos"
+        )
+
+
+def anonymize_image(image: LoadedImage, existing_metadata: str | None, backend, masker, secret: Secret,
+                    opts: Options, relative, *, nonce: bytes | None = None, salt: bytes | None = None,
+                    callback: StepCallback | None = None) -> Output:
+    """Anonymize one aligned crop. `nonce` and `salt` may be fixed for bit-for-bit comparisons (spec §9)."""
+    if existing_metadata is not None and not opts.force:
+        raise StateError(f"{image.path}: already carries revanon metadata; anonymizing it twice needs --force")
+    check_crop(image, backend.image_size)
+    key, kdf = secret.for_anonymize(salt)
+    face_map = masker.face_maps(image.rgb[None], [relative])[0]
+    mask = latent_mask(face_map, backend.latent_shape[1:])
+    if opts.insecure_key_reuse:
+        nonce_used, nonce_field = ZERO_NONCE, None
+    else:
+        nonce_used = nonce if nonce is not None else new_nonce()
+        nonce_field = nonce_used
+    rgb = transform_crops(backend, image.rgb[None], mask[None], [nonce_used], flip_subkey(key), opts.steps, callback)[0]
+    header = container.new_header(
+        steps=opts.steps, mode="crop", masker=masker.name, fingerprint=backend.fingerprint,
+        image_size=backend.image_size, kdf=kdf,
+        faces=[container.crop_face_record(backend.image_size, nonce_field, pack_mask(mask))])
+    header["auth"] = container.compute_auth(mac_subkey(key), header, rgb)
+    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), header)
+
+
+def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backend, secret: Secret,
+                      opts: Options, relative, maskers: dict | None = None, callback: StepCallback | None = None) -> Output:
+    """Recover one crop. The auth MAC is checked before anything else is done with the image."""
+    header = container.parse_header(metadata_text, source)
+    notes: list[str] = []
+    if header["state"] != "anonymized" and not opts.force:
+        raise StateError(f"{source}: its state is {header['state']!r}, not 'anonymized'; "
+                         "de-anonymizing it again needs --force")
+    key = secret.for_header(header["kdf"], source)
+    verified = container.auth_matches(mac_subkey(key), header, image.rgb)
+    if not verified:
+        if not opts.skip_auth:
+            raise AuthError(f"{source}: {container.AUTH_FAILED}")
+        notes.append(f"{source}: auth check failed and was skipped (--skip-auth); the output is marked unverified")
+    if header["mode"] != "crop":
+        raise InputError(f"{source}: a {header['mode']}-mode image; run with --mode {header['mode']}")
+    if header["model"]["fingerprint"] != backend.fingerprint:
+        if not opts.ignore_model_mismatch:
+            raise ModelMismatchError(
+                f"{source}: made with model {header['model']['fingerprint'][:16]}…, this is "
+                f"{backend.fingerprint[:16]}…; use the same model, or --ignore-model-mismatch")
+        notes.append(f"{source}: model fingerprint differs (--ignore-model-mismatch)")
+    if header["model"]["image_size"] != backend.image_size:
+        raise ModelMismatchError(f"{source}: made for {header['model']['image_size']}px crops, "
+                                 f"this model works at {backend.image_size}px")
+    check_crop(image, backend.image_size)
+    if len(header["faces"]) != 1:
+        raise MetadataError(f"{source}: a crop-mode image has exactly one face record")
+    face = header["faces"][0]
+    latent_hw = tuple(backend.latent_shape[1:])
+    if opts.recompute_mask:
+        masker = (maskers or {}).get(header["masker"])
+        if masker is None:
+            raise InputError(f"{source}: --recompute-mask re-runs the {header['masker']!r} masker "
+                             "named in its metadata; give that masker's flags (--parser or --mask)")
+        mask = latent_mask(masker.face_maps(image.rgb[None], [relative])[0], latent_hw)
+    else:
+        mask = unpack_mask(face["mask"], source)
+        if mask.shape != latent_hw:
+            raise MetadataError(f"{source}: the stored mask is {mask.shape[0]}x{mask.shape[1]}, "
+                                f"the model's latent grid is {latent_hw[0]}x{latent_hw[1]}")
+    nonce = container.face_nonce(face) or ZERO_NONCE
+    rgb = transform_crops(backend, image.rgb[None], mask[None], [nonce], flip_subkey(key), header["steps"], callback)[0]
+    out = {k: v for k, v in header.items() if k != "auth"}
+    out["state"] = "recovered"
+    if not verified:
+        out["unverified"] = True
+    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), out, notes)
+

@@ -1,0 +1,27 @@
+"""Pixel conversions of spec §2. All arithmetic is float32, so every backend agrees bit for bit."""
+
+from __future__ import annotations
+
+import numpy as np
+
+_HALF_RANGE = np.float32(127.5)
+_ONE = np.float32(1.0)
+
+
+def to_model(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1]: x = float32(u8) / 127.5 - 1."""
+    x = rgb.astype(np.float32) / _HALF_RANGE - _ONE
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def to_u8(x: np.ndarray) -> np.ndarray:
+    """float32 (..., 3, H, W) -> uint8 (..., H, W, 3): round((clamp(x, -1, 1) + 1) * 127.5), half to even."""
+    x = np.asarray(x, dtype=np.float32)
+    u = np.rint((np.clip(x, -_ONE, _ONE) + _ONE) * _HALF_RANGE)
+    return np.ascontiguousarray(np.moveaxis(u.astype(np.uint8), -3, -1))
+
+
+def to_unit(rgb: np.ndarray) -> np.ndarray:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1], the face parser's input (spec §4)."""
+    x = rgb.astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))

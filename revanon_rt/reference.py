@@ -1,0 +1,140 @@
+"""The PyTorch reference backend: diffusers models in strict fp32, run eagerly."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .fingerprint import model_fingerprint, public_config
+from .model_dir import ModelLayout, inspect_model_dir
+from .schedule import NoiseSchedule
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import torch  # noqa: E402
+
+from . import nets  # noqa: E402
+
+
+def use_strict_fp32() -> None:
+    """No TF32, no autotuning, deterministic kernels: the reference must mean the same thing everywhere."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.set_float32_matmul_precision("highest")
+    torch.use_deterministic_algorithms(True)
+
+
+def torch_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UsageError(f"--device must be cpu or cuda, not {name!r}")
+    return torch.device(name)
+
+
+def _quiet_diffusers() -> None:
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+
+
+def load_noise_schedule(layout: ModelLayout) -> NoiseSchedule:
+    from diffusers import DDIMScheduler
+
+    _quiet_diffusers()
+    try:
+        scheduler = DDIMScheduler.from_config(public_config(layout.scheduler_config))
+    except Exception as exc:
+        raise UsageError(f"{layout.root / 'scheduler'}: not a usable DDIM config ({exc})") from None
+    return NoiseSchedule(scheduler.alphas_cumprod.to(torch.float32).numpy().copy(),
+                         scheduler.config.timestep_spacing, int(scheduler.config.steps_offset))
+
+
+def _from_pretrained(cls, root: Path, subfolder: str):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.from_pretrained(root, subfolder=subfolder, local_files_only=True,
+                                        torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    except Exception as exc:
+        raise UsageError(f"{root / subfolder}: cannot load the weights ({type(exc).__name__}: {exc})") from None
+    return model.eval().requires_grad_(False)
+
+
+def load_bisenet(path: Path) -> torch.nn.Module:
+    """facexlib's 19-class BiSeNet from a local .pth, with no download."""
+    from facexlib.parsing.bisenet import BiSeNet
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net = BiSeNet(num_class=19)
+        net.load_state_dict(state, strict=True)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such BiSeNet weights file") from None
+    except Exception as exc:
+        raise UsageError(f"{path}: not facexlib BiSeNet weights ({type(exc).__name__}: {exc})") from None
+    return net.to(torch.float32).eval().requires_grad_(False)
+
+
+class TorchReference:
+    """Backend with encode / decode / eps / parse on numpy float32 arrays."""
+
+    name = "pytorch"
+
+    def __init__(self, model_dir: Path, device: str = "cpu", parser: Path | None = None):
+        use_strict_fp32()
+        _quiet_diffusers()
+        from diffusers import AutoencoderKL, UNet2DModel, VQModel
+
+        self.layout = inspect_model_dir(model_dir)
+        self.device = torch_device(device)
+        self.fingerprint = model_fingerprint(self.layout.root)
+        self.noise = load_noise_schedule(self.layout)
+        self.image_size = self.layout.image_size
+        self.latent_shape = self.layout.latent_shape
+        unet = _from_pretrained(UNet2DModel, self.layout.root, "unet")
+        self.eps_net = nets.EpsNet(unet).to(self.device)
+        self.encoder = self.decoder = None
+        if self.layout.autoencoder == "vqvae":
+            vq = _from_pretrained(VQModel, self.layout.root, "vqvae").to(self.device)
+            self.encoder, self.decoder = nets.VQEncoder(vq), nets.VQDecoder(vq)
+        elif self.layout.autoencoder == "vae":
+            vae = _from_pretrained(AutoencoderKL, self.layout.root, "vae").to(self.device)
+            sf = self.layout.scaling_factor
+            self.encoder, self.decoder = nets.KLEncoder(vae, sf), nets.KLDecoder(vae, sf)
+        self.parser_path = Path(parser) if parser else None
+        self.face_map_net = nets.FaceMapNet(load_bisenet(parser)).to(self.device) if parser else None
+
+    @property
+    def can_parse(self) -> bool:
+        return self.face_map_net is not None
+
+    def schedule(self, steps: int):
+        return self.noise.for_steps(steps)
+
+    def _run(self, module, *arrays: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = module(*(torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays))
+        return out.cpu().numpy()
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return x.astype(np.float32, copy=True) if self.encoder is None else self._run(self.encoder, x)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        return z.astype(np.float32, copy=True) if self.decoder is None else self._run(self.decoder, z)
+
+    def eps(self, z: np.ndarray, t: int) -> np.ndarray:
+        return self._run(self.eps_net, z, np.full((z.shape[0],), t, dtype=np.int64))
+
+    def parse(self, image01: np.ndarray) -> np.ndarray:
+        if self.face_map_net is None:
+            raise UsageError("the bisenet masker needs --parser BISENET.pth (facexlib's parsing_bisenet.pth)")
+        return self._run(self.face_map_net, image01)

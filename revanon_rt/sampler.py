@@ -1,0 +1,80 @@
+"""The revanon transform as plain functions (spec §3 and §6), written once for every backend.
+
+A backend is any object with
+    encode(x) -> z       x: N x 3 x H x W float32 in [-1, 1]
+    decode(z) -> x
+    eps(z, t) -> ε       t: one integer timestep for the whole batch
+    parse(image01) -> F  N x 512 x 512 uint8 face map (spec §4)
+working on numpy float32 arrays. All update arithmetic below is float32, so the same
+inputs give the same bits whichever backend computes ε.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from .schedule import Schedule
+
+StepCallback = Callable[[str, int, int], None]  # phase, step index, step count
+
+
+class Backend(Protocol):
+    def encode(self, x: np.ndarray) -> np.ndarray: ...
+    def decode(self, z: np.ndarray) -> np.ndarray: ...
+    def eps(self, z: np.ndarray, t: int) -> np.ndarray: ...
+    def parse(self, image01: np.ndarray) -> np.ndarray: ...
+
+
+def ddim_step(x: np.ndarray, eps: np.ndarray, a_from: np.float32, a_to: np.float32) -> np.ndarray:
+    """One η = 0 DDIM step from level a_from to level a_to (diffusers' DDIMScheduler.step)."""
+    a_from, a_to = np.float32(a_from), np.float32(a_to)
+    x0 = (x - np.sqrt(np.float32(1) - a_from) * eps) / np.sqrt(a_from)
+    return np.sqrt(a_to) * x0 + np.sqrt(np.float32(1) - a_to) * eps
+
+
+def invert(eps_fn, z0: np.ndarray, schedule: Schedule, callback: StepCallback | None = None) -> list[np.ndarray]:
+    """DDIM inversion through t_S, ..., t_1. Returns keep: keep[i] is the latent after i steps."""
+    keep = [z0]
+    z = z0
+    levels, ts, S = schedule.levels, schedule.timesteps, schedule.steps
+    for n, i in enumerate(range(S - 1, -1, -1)):
+        z = ddim_step(z, eps_fn(z, ts[i]), levels[i + 1], levels[i])
+        keep.append(z)
+        if callback:
+            callback("invert", n, S)
+    return keep
+
+
+def keyed_flip(z_T: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """z_T' = M·(r ⊙ z_T) + (1 − M)·z_T."""
+    return mask * (pattern * z_T) + (np.float32(1) - mask) * z_T
+
+
+def denoise(eps_fn, z: np.ndarray, schedule: Schedule, mask: np.ndarray, keep: list[np.ndarray],
+            callback: StepCallback | None = None) -> np.ndarray:
+    """DDIM denoising through t_1, ..., t_S, putting keep[S−1−i] back outside the mask after step i.
+    Consumes keep from the end, so every kept latent is freed as soon as it has been used."""
+    levels, ts, S = schedule.levels, schedule.timesteps, schedule.steps
+    assert len(keep) == S, "keep must hold keep[0..S-1]"
+    for i in range(S):
+        z = ddim_step(z, eps_fn(z, ts[i]), levels[i], levels[i + 1])
+        z = mask * z + (np.float32(1) - mask) * keep.pop()
+        if callback:
+            callback("denoise", i, S)
+    return z
+
+
+def transform(backend: Backend, x: np.ndarray, mask: np.ndarray, pattern: np.ndarray, schedule: Schedule,
+              callback: StepCallback | None = None) -> np.ndarray:
+    """T(x; K, nonce, M) of spec §6: encode, invert, flip inside the mask, denoise, decode.
+
+    x: N x 3 x H x W; mask: N x 1 x h x w in {0, 1}; pattern: N x C x h x w in {±1}.
+    Anonymization and de-anonymization are both this map.
+    """
+    mask = mask.astype(np.float32)
+    keep = invert(backend.eps, backend.encode(x), schedule, callback)
+    z = keyed_flip(keep.pop(), mask, pattern)
+    z = denoise(backend.eps, z, schedule, mask, keep, callback)
+    return backend.decode(z)
