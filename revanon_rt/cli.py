@@ -286,6 +286,24 @@ def info_cmd(
     typer.echo(json.dumps(header, indent=2, ensure_ascii=False))
 
 
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's files."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Default: the demo model, or a tiny one built here."),
+    device: str = DEVICE, steps: int = typer.Option(50, "--steps", min=1, max=1000),
+) -> None:
+    """The main job: anonymize and recover a synthetic face, and write a side-by-side PNG."""
+    try:
+        from .demo import run_demo
+    except ImportError as exc:
+        _fail(UsageError(f"the demo needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
+    try:
+        report = run_demo(out, model, _device(device), steps, log=err.print)
+    except RevanonError as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report))
+
+
 @app.command("version")
 def version_cmd() -> None:
     """Print the version."""

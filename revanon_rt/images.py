@@ -19,6 +19,7 @@ from .errors import InputError
 
 # A decoded 16k x 16k RGBA image is 1 GiB; anything larger is treated as a decompression bomb.
 MAX_IMAGE_PIXELS = 16384 * 16384
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -67,8 +68,9 @@ def load_image(path: Path) -> LoadedImage:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory") from None
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"{path}: its pixel count is over the limit of {MAX_IMAGE_PIXELS} "
+                         "(a decompression bomb, or a photo far larger than needed)") from None
     except (OSError, ValueError, SyntaxError, zlib.error) as exc:
         raise InputError(f"{path}: cannot read the image ({exc})") from None
     return LoadedImage(path, rgb, alpha, icc if _icc_is_rgb(icc) else None)

@@ -1,0 +1,97 @@
+"""Fixtures: real random-weight diffusers models, a facexlib BiSeNet .pth, keys, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """Built once per session: tiny latent model, zero-ε and random pixel models, a second latent model."""
+    from revanon_rt import tiny
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "ldm": tiny.save_tiny_ldm(root / "ldm", seed=0),
+        "ldm_other": tiny.save_tiny_ldm(root / "ldm_other", seed=1),
+        "zero": tiny.save_tiny_pixel(root / "zero", zero_eps=True),
+        "pixel": tiny.save_tiny_pixel(root / "pixel", seed=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def bisenet_pth(tmp_path_factory):
+    from revanon_rt import tiny
+
+    return tiny.save_random_bisenet(tmp_path_factory.mktemp("parser") / "parsing_bisenet.pth")
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    from revanon_rt.keys import keygen
+
+    path = tmp_path / "secret.key"
+    keygen(path)
+    return path
+
+
+@pytest.fixture
+def other_keyfile(tmp_path):
+    from revanon_rt.keys import keygen
+
+    path = tmp_path / "other.key"
+    keygen(path)
+    return path
+
+
+def random_image(size: int, seed: int = 0, channels: int = 3) -> np.ndarray:
+    """Smooth random colours plus texture: varied pixel values, like a photo."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.random((4, 4, channels))
+    big = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR),
+                     dtype=np.float64)
+    return np.clip(big + rng.normal(0, 12, big.shape), 0, 255).astype(np.uint8)
+
+
+def save_png(path: Path, array: np.ndarray, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kwargs)
+    return path
+
+
+def box_mask(size: int, lo: float = 0.25, hi: float = 0.75) -> np.ndarray:
+    m = np.zeros((size, size), np.uint8)
+    a, b = int(size * lo), int(size * hi)
+    m[a:b, a:b] = 255
+    return m
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def cli(*args, env: dict | None = None, cwd: Path | None = None, input: str | None = None,
+        python_flags: tuple = ()) -> subprocess.CompletedProcess:
+    """Run the real command line in a subprocess."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, *python_flags, "-m", "revanon_rt", *map(str, args)],
+                          capture_output=True, text=True, env=full_env, cwd=cwd, input=input, timeout=900)
+
+
+def tree_digest(folder: Path) -> dict:
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

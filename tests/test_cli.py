@@ -1,0 +1,337 @@
+"""The command line, run as a user runs it: subprocesses, real PNGs, real models."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from conftest import box_mask, cli, random_image, read_rgb, save_png, tree_digest
+from revanon_rt import container
+from revanon_rt.images import load_image
+from revanon_rt.keys import Secret, read_key_file
+from revanon_rt.masks import unpack_mask
+
+AUTH_MESSAGE = "wrong key, or the image or its metadata was changed"
+
+
+@pytest.fixture(scope="module")
+def zero_backend(models):
+    from revanon_rt.reference import TorchReference
+
+    return TorchReference(models["zero"])
+
+
+def _anonymize_with_library(backend, src, out, keyfile, mask_path, nonce=None):
+    """Setup for tests about de-anonymization: the library call the CLI makes."""
+    from revanon_rt.masks import FileMasker
+    from revanon_rt.pipeline import Options, anonymize_image
+
+    image = load_image(src)
+    result = anonymize_image(image, None, backend, FileMasker(mask_path), Secret.from_key(read_key_file(keyfile)),
+                             Options(), src.name, nonce=nonce)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(result.png_bytes())
+    return out
+
+
+def _rewrite_metadata(src, dst, edit):
+    """Same pixels, edited metadata text."""
+    header = json.loads(container.read_png_chunk(src))
+    edit(header)
+    with Image.open(src) as im:
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("revanon", json.dumps(header), zip=False)
+        im.save(dst, pnginfo=info)
+    return dst
+
+
+def test_zero_eps_round_trip_is_bit_exact_and_outputs_are_clean(models, keyfile, tmp_path):
+    inputs = tmp_path / "in"
+    face = save_png(inputs / "face.png", random_image(32, seed=1))
+    # RGBA with an RGB ICC profile and a text chunk that must not survive
+    rgba = np.dstack([random_image(32, seed=2), np.linspace(0, 255, 32 * 32).astype(np.uint8).reshape(32, 32)])
+    icc = bytes(16) + b"RGB " + bytes(108)
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Author", "Jane Doe")
+    save_png(inputs / "sub" / "alpha.png", rgba, icc_profile=icc, pnginfo=text)
+    # a JPEG with GPS and an orientation tag, beside a PNG of the same stem
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    exif[0x8825] = {1: "N", 2: (48.0, 51.0, 24.0)}
+    Image.fromarray(random_image(32, seed=3)).save(inputs / "face.jpg", exif=exif, quality=95)
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    before = tree_digest(inputs)
+
+    anon = cli("run", "anonymize", inputs, "--out", tmp_path / "anon", "--model", models["zero"],
+               "--mask", mask, "--key", keyfile)
+    assert anon.returncode == 0, anon.stderr
+    assert "3 done, 0 skipped, 0 failed" in anon.stderr
+    outputs = sorted(p.relative_to(tmp_path / "anon").as_posix() for p in (tmp_path / "anon").rglob("*.png"))
+    assert outputs == ["face.jpg.png", "face.png", "sub/alpha.png"]
+
+    rec = cli("run", "deanonymize", tmp_path / "anon", "--out", tmp_path / "rec", "--model", models["zero"],
+              "--key", keyfile)
+    assert rec.returncode == 0, rec.stderr
+    assert tree_digest(inputs) == before, "inputs must never change"
+
+    inside = box_mask(32) > 0
+    for src, name in [(face, "face.png"), (inputs / "sub" / "alpha.png", "sub/alpha.png"),
+                      (inputs / "face.jpg", "face.jpg.png")]:
+        original = load_image(src).rgb  # orientation applied
+        anonymized = read_rgb(tmp_path / "anon" / name)
+        assert np.array_equal(anonymized[~inside], original[~inside]), name
+        assert (anonymized[inside] != original[inside]).mean() > 0.3, name
+        assert np.array_equal(read_rgb(tmp_path / "rec" / name), original), name
+    for folder in ("anon", "rec"):
+        with Image.open(tmp_path / folder / "sub" / "alpha.png") as im:
+            assert im.mode == "RGBA" and np.array_equal(np.asarray(im)[..., 3], rgba[..., 3])
+            assert im.info.get("icc_profile") == icc
+            assert set(im.text) == {"revanon"}
+        with Image.open(tmp_path / folder / "face.jpg.png") as im:
+            assert "exif" not in im.info and not im.getexif()
+    recovered = json.loads(container.read_png_chunk(tmp_path / "rec" / "face.png"))
+    assert recovered["state"] == "recovered" and "auth" not in recovered and "unverified" not in recovered
+
+    info = cli("info", tmp_path / "anon" / "face.png")
+    assert info.returncode == 0
+    shown = json.loads(info.stdout)
+    assert shown["state"] == "anonymized" and shown["masker"] == "file"
+    assert read_key_file(keyfile).hex() not in info.stdout + info.stderr
+
+
+def test_tiny_ldm_round_trip_with_bisenet_matches_the_library(models, bisenet_pth, keyfile, tmp_path):
+    from revanon_rt.pipeline import Options, deanonymize_image
+    from revanon_rt.reference import TorchReference
+
+    save_png(tmp_path / "in" / "face.png", random_image(64, seed=9))
+    anon = cli("run", "anonymize", tmp_path / "in", "--out", tmp_path / "anon", "--model", models["ldm"],
+               "--parser", bisenet_pth, "--key", keyfile, "--steps", "50")
+    assert anon.returncode == 0, anon.stderr
+    rec = cli("run", "deanonymize", tmp_path / "anon", "--out", tmp_path / "rec", "--model", models["ldm"],
+              "--key", keyfile)
+    assert rec.returncode == 0, rec.stderr
+
+    backend = TorchReference(models["ldm"], parser=bisenet_pth)
+    anonymized = load_image(tmp_path / "anon" / "face.png")
+    header = json.loads(container.read_png_chunk(tmp_path / "anon" / "face.png"))
+    assert header["masker"] == "bisenet" and header["steps"] == 50
+    stored = unpack_mask(header["faces"][0]["mask"], "x")
+    from revanon_rt.masks import latent_mask
+    from revanon_rt.pixels import to_unit
+
+    expected_mask = latent_mask(backend.parse(to_unit(load_image(tmp_path / "in" / "face.png").rgb[None]))[0], (16, 16))
+    assert np.array_equal(stored, expected_mask)
+    library = deanonymize_image(anonymized, container.read_png_chunk(tmp_path / "anon" / "face.png"), "x", backend,
+                                Secret.from_key(read_key_file(keyfile)), Options(), "face.png")
+    assert np.array_equal(read_rgb(tmp_path / "rec" / "face.png"), library.image.rgb)
+    assert not np.array_equal(anonymized.rgb, read_rgb(tmp_path / "in" / "face.png"))
+
+
+def test_wrong_key_or_edits_are_refused_and_nothing_is_written(models, zero_backend, keyfile, other_keyfile, tmp_path):
+    src = save_png(tmp_path / "face.png", random_image(32, seed=4))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    anon = _anonymize_with_library(zero_backend, src, tmp_path / "anon" / "face.png", keyfile, mask)
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    pixels = read_rgb(anon)
+    pixels[0, 0, 0] ^= 1
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("revanon", container.read_png_chunk(anon), zip=False)
+    Image.fromarray(pixels).save(edited / "pixel.png", pnginfo=info)
+
+    def shift_box(h):
+        h["faces"][0]["box"][0] = 1
+    _rewrite_metadata(anon, edited / "meta.png", shift_box)
+
+    tampered = cli("run", "deanonymize", edited, "--out", tmp_path / "out1", "--model", models["zero"], "--key", keyfile)
+    assert tampered.returncode == 1
+    assert tampered.stderr.count(AUTH_MESSAGE) == 2 and "pixel.png" in tampered.stderr and "meta.png" in tampered.stderr
+    wrong = cli("run", "deanonymize", anon, "--out", tmp_path / "out2", "--model", models["zero"], "--key", other_keyfile)
+    assert wrong.returncode == 1 and AUTH_MESSAGE in wrong.stderr
+    assert not any((tmp_path / "out1").rglob("*.png")) and not any((tmp_path / "out2").rglob("*.png"))
+
+    skipped = cli("run", "deanonymize", anon, "--out", tmp_path / "out3", "--model", models["zero"],
+                  "--key", other_keyfile, "--skip-auth")
+    assert skipped.returncode == 0 and "unverified" in skipped.stderr
+    header = json.loads(container.read_png_chunk(tmp_path / "out3" / "face.png"))
+    assert header["unverified"] is True and header["state"] == "recovered"
+    wrong_recovery = read_rgb(tmp_path / "out3" / "face.png")
+    original = read_rgb(src)
+    inside = box_mask(32) > 0
+    assert (wrong_recovery[inside] != original[inside]).mean() > 0.3
+
+
+def test_double_runs_are_refused_unless_forced(models, keyfile, tmp_path):
+    src = save_png(tmp_path / "face.png", random_image(32, seed=5))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    common = ("--model", models["zero"], "--mask", mask, "--key", keyfile)
+    assert cli("run", "anonymize", src, "--out", tmp_path / "a1", *common).returncode == 0
+    again = cli("run", "anonymize", tmp_path / "a1" / "face.png", "--out", tmp_path / "a2", *common)
+    assert again.returncode == 1 and "already carries revanon metadata" in again.stderr and "--force" in again.stderr
+    assert not (tmp_path / "a2" / "face.png").exists()
+    forced = cli("run", "anonymize", tmp_path / "a1" / "face.png", "--out", tmp_path / "a2", *common, "--force")
+    assert forced.returncode == 0 and (tmp_path / "a2" / "face.png").exists()
+
+    rec = cli("run", "deanonymize", tmp_path / "a1" / "face.png", tmp_path / "a2" / "face.png", "--out",
+              tmp_path / "r", "--model", models["zero"], "--key", keyfile)
+    # a1 and a2 share an output name, so the second keeps its extension
+    assert rec.returncode == 0, rec.stderr
+    twice = cli("run", "deanonymize", tmp_path / "r" / "face.png", "--out", tmp_path / "r2", "--model",
+                models["zero"], "--key", keyfile)
+    assert twice.returncode == 1 and "not 'anonymized'" in twice.stderr
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(models, keyfile, tmp_path):
+    src = save_png(tmp_path / "face.png", random_image(32, seed=6))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    common = (src, "--out", tmp_path / "out", "--model", models["zero"], "--mask", mask, "--key", keyfile)
+    assert cli("run", "anonymize", *common).returncode == 0
+    first = (tmp_path / "out" / "face.png").read_bytes()
+    second = cli("run", "anonymize", *common)
+    assert second.returncode == 0 and "0 done, 1 skipped, 0 failed" in second.stderr
+    assert (tmp_path / "out" / "face.png").read_bytes() == first
+    third = cli("run", "anonymize", *common, "--overwrite")
+    assert third.returncode == 0 and "1 done" in third.stderr
+    assert (tmp_path / "out" / "face.png").read_bytes() != first, "a fresh nonce makes new bytes"
+    into_input = cli("run", "anonymize", tmp_path / "out", "--out", tmp_path / "out", "--model", models["zero"],
+                     "--mask", mask, "--key", keyfile, "--overwrite", "--force")
+    assert into_input.returncode == 1 and "would replace the input" in into_input.stderr
+
+
+def test_bad_inputs_fail_one_by_one_with_named_errors(models, keyfile, tmp_path):
+    from test_container import test_bad_images_name_the_file  # noqa: F401  (same fixtures of bad files)
+
+    inputs = tmp_path / "in"
+    save_png(inputs / "good.png", random_image(32, seed=7))
+    save_png(inputs / "wrong_size.png", random_image(48, seed=7))
+    save_png(inputs / "not_square.png", random_image(32, seed=7)[:, :20])
+    (inputs / "garbage.png").write_bytes(b"definitely not a png")
+    full = (inputs / "good.png").read_bytes()
+    (inputs / "truncated.png").write_bytes(full[: len(full) // 2])
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    before = tree_digest(inputs)
+    result = cli("run", "anonymize", inputs, tmp_path / "missing.png", "--out", tmp_path / "out",
+                 "--model", models["zero"], "--mask", mask, "--key", keyfile)
+    assert result.returncode == 1
+    assert "1 done, 0 skipped, 5 failed" in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 5
+    expectations = {"wrong_size.png": "48x48 is not an aligned face crop of the model's 32x32",
+                    "not_square.png": "--mode photo", "garbage.png": "cannot read the image",
+                    "truncated.png": "cannot read the image", "missing.png": "no such file"}
+    for name, message in expectations.items():
+        assert any(name in line and message in line for line in lines), (name, lines)
+    assert tree_digest(inputs) == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
+
+
+@pytest.mark.parametrize("case", ["missing_model", "corrupt_weights", "short_key", "no_key", "mask_with_bisenet",
+                                  "bisenet_without_parser", "meta_with_many_inputs"])
+def test_usage_errors_exit_2_before_any_input(models, keyfile, tmp_path, case):
+    src = save_png(tmp_path / "face.png", random_image(32, seed=8))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    args = ["run", "anonymize", src, "--out", tmp_path / "out", "--model", models["zero"], "--mask", mask,
+            "--key", keyfile]
+    expected = {"missing_model": "no such model folder", "corrupt_weights": "cannot load the weights",
+                "short_key": "short.key", "no_key": "no key", "mask_with_bisenet": "--masker bisenet",
+                "bisenet_without_parser": "--parser", "meta_with_many_inputs": "--meta goes with exactly one"}[case]
+    if case == "missing_model":
+        args[6] = tmp_path / "nowhere"
+    elif case == "corrupt_weights":
+        broken = shutil.copytree(models["zero"], tmp_path / "broken")
+        weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[8:40] = b"{" * 32  # the header is no longer JSON
+        weights.write_bytes(bytes(data))
+        args[6] = broken
+        expected = "diffusion_pytorch_model.safetensors"
+    elif case == "short_key":
+        (tmp_path / "short.key").write_text("abcd\n")
+        args[-1] = tmp_path / "short.key"
+    elif case == "no_key":
+        args = args[:-2]
+    elif case == "mask_with_bisenet":
+        args += ["--masker", "bisenet"]
+    elif case == "bisenet_without_parser":
+        args = args[:7] + args[9:]
+    elif case == "meta_with_many_inputs":
+        args = ["run", "deanonymize", src, src.with_name("mask.png"), "--out", tmp_path / "out", "--model",
+                models["zero"], "--key", keyfile, "--meta", tmp_path / "m.json"]
+    result = cli(*args, input="")
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_metadata_problems_on_deanonymize(models, zero_backend, keyfile, tmp_path):
+    src = save_png(tmp_path / "face.png", random_image(32, seed=10))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    anon = _anonymize_with_library(zero_backend, src, tmp_path / "anon.png", keyfile, mask)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(src, bad / "plain.png")
+
+    def too_many_steps(h):
+        h["steps"] = 5000
+
+    def foreign_kdf(h):
+        h["kdf"] = {"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": 1024, "r": 1, "p": 1}
+    _rewrite_metadata(anon, bad / "steps.png", too_many_steps)
+    _rewrite_metadata(anon, bad / "kdf.png", foreign_kdf)
+    shutil.copy(anon, bad / "other_model.png")
+    result = cli("run", "deanonymize", bad, "--out", tmp_path / "out", "--model", models["pixel"], "--key", keyfile)
+    assert result.returncode == 1 and "0 done, 0 skipped, 4 failed" in result.stderr
+    for name, message in [("plain.png", "no revanon metadata"), ("steps.png", "steps must be an integer in 1..1000"),
+                          ("kdf.png", "foreign scrypt parameters"), ("other_model.png", "--ignore-model-mismatch")]:
+        assert any(name in line and message in line for line in result.stderr.splitlines()), (name, result.stderr)
+    anyway = cli("run", "deanonymize", bad / "other_model.png", "--out", tmp_path / "out", "--model", models["pixel"],
+                 "--key", keyfile, "--ignore-model-mismatch")
+    assert anyway.returncode == 0 and "fingerprint differs" in anyway.stderr
+
+
+def test_password_sidecar_and_meta_for_stripped_pngs(models, tmp_path):
+    src = save_png(tmp_path / "face.png", random_image(32, seed=11))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    password = tmp_path / "pw.txt"
+    password.write_text("Caf\u00e9 au lait\n", encoding="utf-8")
+    anon = cli("run", "anonymize", src, "--out", tmp_path / "anon", "--model", models["zero"], "--mask", mask,
+               "--password-file", password, "--sidecar")
+    assert anon.returncode == 0, anon.stderr
+    sidecar = tmp_path / "anon" / "face.png.revanon.json"
+    header = json.loads(sidecar.read_text())
+    assert header["kdf"]["name"] == "scrypt" and header == json.loads(container.read_png_chunk(tmp_path / "anon" / "face.png"))
+    stripped = tmp_path / "stripped.png"
+    Image.fromarray(read_rgb(tmp_path / "anon" / "face.png")).save(stripped)  # as a platform would re-save it
+    assert container.read_png_chunk(stripped) is None
+    decomposed = tmp_path / "pw2.txt"
+    decomposed.write_text("Cafe\u0301 au lait", encoding="utf-8")  # NFD, no newline: the same password
+    rec = cli("run", "deanonymize", stripped, "--out", tmp_path / "rec", "--model", models["zero"],
+              "--password-file", decomposed, "--meta", sidecar)
+    assert rec.returncode == 0, rec.stderr
+    assert np.array_equal(read_rgb(tmp_path / "rec" / "stripped.png"), read_rgb(src))
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("cafe au lait")
+    refused = cli("run", "deanonymize", stripped, "--out", tmp_path / "rec2", "--model", models["zero"],
+                  "--password-file", wrong, "--meta", sidecar)
+    assert refused.returncode == 1 and AUTH_MESSAGE in refused.stderr
+
+
+def test_insecure_key_reuse_warns_and_records_a_null_nonce(models, keyfile, tmp_path):
+    inputs = tmp_path / "in"
+    save_png(inputs / "a.png", random_image(32, seed=12))
+    save_png(inputs / "b.png", random_image(32, seed=13))
+    mask = save_png(tmp_path / "mask.png", np.full((32, 32), 255, np.uint8))
+    result = cli("run", "anonymize", inputs, "--out", tmp_path / "out", "--model", models["zero"], "--mask", mask,
+                 "--key", keyfile, "--insecure-key-reuse")
+    assert result.returncode == 0 and "WARNING: --insecure-key-reuse" in result.stderr
+    assert "can undo every image" in result.stderr
+    flips = []
+    for name in ("a", "b"):
+        assert json.loads(container.read_png_chunk(tmp_path / "out" / f"{name}.png"))["faces"][0]["nonce"] is None
+        original = read_rgb(inputs / f"{name}.png").astype(int)
+        anonymized = read_rgb(tmp_path / "out" / f"{name}.png").astype(int)
+        # with ε ≡ 0 the anonymized pixel is the sign-flipped one: 255 - u where r = -1
+        flips.append(anonymized == 255 - original)
+    assert (flips[0] == flips[1]).mean() > 0.97, "one pattern for every face is what makes key reuse insecure"

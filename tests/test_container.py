@@ -1,0 +1,193 @@
+"""The PNG container and image handling (spec §2, §7): limits, metadata hygiene, atomic writes."""
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from conftest import random_image
+from revanon_rt import container
+from revanon_rt.encoding import b64encode
+from revanon_rt.errors import InputError, MetadataError
+from revanon_rt.images import encode_png, load_image, write_atomic
+from revanon_rt.masks import pack_mask
+
+
+def _header(**changes):
+    mask = pack_mask(np.ones((4, 4), np.uint8))
+    header = container.new_header(steps=50, mode="crop", masker="file", fingerprint="ab" * 32, image_size=32,
+                                  kdf={"name": "raw"},
+                                  faces=[container.crop_face_record(32, bytes(16), mask)])
+    header.update(changes)
+    return header
+
+
+def _png_with_text(tmp_path, text, name="m.png", chunks=1, compressed=False):
+    info = PngImagePlugin.PngInfo()
+    for _ in range(chunks):
+        info.add_itxt("revanon", text, zip=compressed)
+    path = tmp_path / name
+    Image.fromarray(random_image(8)).save(path, pnginfo=info)
+    return path
+
+
+def _chunk_types(data: bytes) -> list[bytes]:
+    out, pos = [], 8
+    while pos < len(data):
+        length, ctype = struct.unpack(">I4s", data[pos:pos + 8])
+        out.append(ctype)
+        pos += 12 + length
+    return out
+
+
+def test_written_png_has_one_uncompressed_itxt_before_idat(tmp_path):
+    header = _header()
+    data = encode_png(random_image(8), None, None, {"revanon": container.to_text(header)})
+    types = _chunk_types(data)
+    assert types.count(b"iTXt") == 1 and types.index(b"iTXt") < types.index(b"IDAT")
+    path = tmp_path / "a.png"
+    path.write_bytes(data)
+    assert json.loads(container.read_png_chunk(path)) == header
+
+
+def test_chunk_limits_and_shapes_are_enforced(tmp_path):
+    good = container.to_text(_header())
+    assert container.read_png_chunk(_png_with_text(tmp_path, good)) == good
+    with pytest.raises(MetadataError, match="2 revanon chunks"):
+        container.read_png_chunk(_png_with_text(tmp_path, good, chunks=2))
+    with pytest.raises(MetadataError, match="compressed"):
+        container.read_png_chunk(_png_with_text(tmp_path, good, compressed=True))
+    # a chunk that claims more than 16 MiB is refused from its length field alone
+    path = tmp_path / "big.png"
+    sig_ihdr = encode_png(random_image(8), None, None, {})[:33]
+    body = b"revanon\0" + b"\0\0\0\0"
+    path.write_bytes(sig_ihdr + struct.pack(">I", container.MAX_CHUNK_BYTES + 1) + b"iTXt" + body)
+    with pytest.raises(MetadataError, match="over the limit"):
+        container.read_png_chunk(path)
+    assert container.read_png_chunk(_png_with_text(tmp_path, good, name="x.png").with_suffix(".png")) == good
+    jpeg = tmp_path / "a.jpg"
+    Image.fromarray(random_image(8)).save(jpeg)
+    assert container.read_png_chunk(jpeg) is None
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format": "revanon/2"}, "format"),
+    ({"state": "encrypted"}, "state"),
+    ({"steps": 1001}, "steps"),
+    ({"steps": 0}, "steps"),
+    ({"steps": True}, "steps"),
+    ({"mode": "video"}, "mode"),
+    ({"masker": "magic"}, "masker"),
+    ({"model": {"fingerprint": "xyz", "image_size": 32}}, "model"),
+    ({"kdf": {"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": 1024, "r": 8, "p": 1}}, "foreign scrypt"),
+    ({"faces": [None] * 257}, "257 faces"),
+    ({"faces": "all"}, "faces must be a list"),
+])
+def test_header_validation(change, message):
+    with pytest.raises(MetadataError, match=message):
+        container.parse_header(container.to_text(_header(**change)), "img.png")
+
+
+def test_face_record_validation():
+    header = _header()
+    header["faces"][0]["mask"] = {"shape": [513, 1], "bits": b64encode(bytes(65))}
+    with pytest.raises(MetadataError, match="over the limit of 512"):
+        container.parse_header(container.to_text(header), "img.png")
+    header["faces"][0]["mask"] = {"shape": [4, 4], "bits": b64encode(bytes(3))}
+    with pytest.raises(MetadataError, match="needs 2"):
+        container.parse_header(container.to_text(header), "img.png")
+    header = _header()
+    header["faces"][0]["nonce"] = b64encode(bytes(8))
+    with pytest.raises(MetadataError, match="16 bytes"):
+        container.parse_header(container.to_text(header), "img.png")
+    with pytest.raises(MetadataError, match="not valid JSON"):
+        container.parse_header("[" * 100000, "img.png")
+    assert container.parse_header(container.to_text(_header(extra_key_from_the_future=1)), "x")["steps"] == 50
+
+
+def test_auth_covers_pixels_and_every_metadata_byte():
+    k_mac = bytes(range(32))
+    rgb = random_image(8)
+    header = _header()
+    header["auth"] = container.compute_auth(k_mac, header, rgb)
+    assert container.auth_matches(k_mac, header, rgb)
+    edited = rgb.copy()
+    edited[3, 4, 1] ^= 1
+    assert not container.auth_matches(k_mac, header, edited)
+    assert not container.auth_matches(bytes(32), header, rgb)
+    moved = json.loads(json.dumps(header))
+    moved["faces"][0]["box"][0] = 1
+    assert not container.auth_matches(k_mac, moved, rgb)
+
+
+def test_load_applies_exif_orientation_and_handles_modes(tmp_path):
+    rgb = random_image(16, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    path = tmp_path / "rot.jpg"
+    Image.fromarray(rgb).save(path, exif=exif, quality=100)
+    loaded = load_image(path)
+    decoded = np.asarray(Image.open(path).convert("RGB"))
+    assert np.array_equal(loaded.rgb, np.rot90(decoded, k=-1))
+
+    gray = tmp_path / "g.png"
+    Image.fromarray(rgb[..., 0]).save(gray)
+    assert load_image(gray).rgb.shape == (16, 16, 3)
+    cmyk = tmp_path / "c.jpg"
+    Image.fromarray(rgb).convert("CMYK").save(cmyk)
+    assert load_image(cmyk).rgb.shape == (16, 16, 3) and load_image(cmyk).icc_profile is None
+    rgba = tmp_path / "a.png"
+    alpha = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    Image.fromarray(np.dstack([rgb, alpha])).save(rgba)
+    assert np.array_equal(load_image(rgba).alpha, alpha)
+    deep = tmp_path / "d.png"
+    Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(deep)
+    assert np.array_equal(load_image(deep).rgb[..., 0], rgb[..., 0])
+
+
+def test_bad_images_name_the_file(tmp_path):
+    truncated = tmp_path / "t.png"
+    full = encode_png(random_image(64), None, None, {})
+    truncated.write_bytes(full[: len(full) // 2])
+    garbage = tmp_path / "g.png"
+    garbage.write_bytes(b"not an image at all")
+    bomb = tmp_path / "bomb.png"
+    ihdr = struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)
+
+    def chunk(ctype, body):
+        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+    # a valid 100000 x 100000 PNG header with a tiny compressed body: 30 GB once decoded
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1000)))
+                     + chunk(b"IEND", b""))
+    for path, message in [(truncated, "cannot read"), (garbage, "cannot read"), (bomb, "over the limit"),
+                          (tmp_path / "missing.png", "no such file")]:
+        with pytest.raises(InputError, match=str(path.name)) as info:
+            load_image(path)
+        assert message in str(info.value)
+
+
+def test_outputs_keep_alpha_and_rgb_icc_and_drop_everything_else(tmp_path):
+    rgb = random_image(8)
+    alpha = np.full((8, 8), 77, np.uint8)
+    icc = bytes(16) + b"RGB " + bytes(108)
+    data = encode_png(rgb, alpha, icc, {"revanon": "{}"})
+    im = Image.open(io.BytesIO(data))
+    assert im.mode == "RGBA" and im.info.get("icc_profile") == icc
+    assert set(im.text) == {"revanon"} and "exif" not in im.info
+    types = _chunk_types(data)
+    assert not {b"eXIf", b"tEXt", b"zTXt", b"tIME"} & set(types)
+
+
+def test_write_atomic_never_clobbers(tmp_path):
+    path = tmp_path / "out" / "a.png"
+    assert write_atomic(path, b"one", overwrite=False)
+    assert not write_atomic(path, b"two", overwrite=False)
+    assert path.read_bytes() == b"one"
+    assert write_atomic(path, b"three", overwrite=True)
+    assert path.read_bytes() == b"three"
+    assert [p.name for p in path.parent.iterdir()] == ["a.png"], "no temporary files left behind"

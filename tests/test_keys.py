@@ -1,0 +1,90 @@
+"""Key files, passwords and their refusal cases (spec §5)."""
+
+import os
+import stat
+
+import pytest
+
+from revanon_rt import keys
+from revanon_rt.errors import MetadataError, UsageError
+
+
+def test_keygen_creates_0600_hex_key_and_never_overwrites(tmp_path):
+    path = tmp_path / "k.key"
+    keys.keygen(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    text = path.read_bytes()
+    assert len(text) == 65 and text.endswith(b"\n")
+    key = keys.read_key_file(path)
+    assert len(key) == 32
+    with pytest.raises(UsageError, match="never overwrites"):
+        keys.keygen(path)
+    assert path.read_bytes() == text
+    other = tmp_path / "k2.key"
+    keys.keygen(other)
+    assert keys.read_key_file(other) != key
+
+
+@pytest.mark.parametrize("content, ok", [
+    (b"ab" * 32, True), (b"ab" * 32 + b"\n", True), (b"ab" * 32 + b"\r\n", True),
+    (b"ab" * 32 + b"\n\n", False), (b"ab" * 31, False), (b"zz" * 32, False), (b"", False), (b"ab" * 33, False),
+])
+def test_key_file_format(tmp_path, content, ok):
+    path = tmp_path / "k"
+    path.write_bytes(content)
+    if ok:
+        assert keys.read_key_file(path) == bytes.fromhex("ab" * 32)
+    else:
+        with pytest.raises(UsageError, match=str(path)):
+            keys.read_key_file(path)
+
+
+def test_password_file_loses_exactly_one_newline(tmp_path):
+    path = tmp_path / "pw"
+    for raw, expected in [(b"hunter2\n", "hunter2"), (b"hunter2\r\n", "hunter2"), (b"hunter2\n\n", "hunter2\n"),
+                          (b"hunter2", "hunter2"), (b" spaced \n", " spaced ")]:
+        path.write_bytes(raw)
+        assert keys.read_password_file(path) == expected
+    path.write_bytes(b"\n")
+    with pytest.raises(UsageError, match="empty"):
+        keys.read_password_file(path)
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(UsageError, match="UTF-8"):
+        keys.read_password_file(path)
+
+
+def test_nfc_makes_composed_and_decomposed_passwords_equal():
+    salt = bytes(16)
+    assert keys.scrypt_key("Caf\u00e9", salt) == keys.scrypt_key("Cafe\u0301", salt)
+    assert keys.scrypt_key("Caf\u00e9", salt) != keys.scrypt_key("Cafe", salt)
+
+
+def test_password_secret_round_trips_salt_through_the_header():
+    secret = keys.Secret.from_password("correct horse")
+    key, kdf = secret.for_anonymize()
+    assert kdf["name"] == "scrypt" and (kdf["n"], kdf["r"], kdf["p"]) == (2**17, 8, 1)
+    assert secret.for_anonymize()[1]["salt"] == kdf["salt"], "one salt per run"
+    fresh = keys.Secret.from_password("correct horse")
+    assert fresh.for_header(keys.check_kdf(kdf, "x"), "x") == key
+    assert keys.Secret.from_password("wrong").for_header(kdf, "x") != key
+
+
+@pytest.mark.parametrize("kdf, message", [
+    ({"name": "argon2"}, "unknown key derivation"),
+    ({"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": 2**10, "r": 8, "p": 1}, "foreign scrypt"),
+    ({"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": 2**17, "r": 8, "p": 4}, "foreign scrypt"),
+    ({"name": "scrypt", "salt": "AAAA", "n": 2**17, "r": 8, "p": 1}, "16 bytes"),
+    ({"name": "scrypt", "salt": "not base64!", "n": 2**17, "r": 8, "p": 1}, "base64"),
+])
+def test_foreign_kdf_parameters_are_refused(kdf, message):
+    with pytest.raises(MetadataError, match=message):
+        keys.check_kdf(kdf, "img.png")
+
+
+def test_secret_kind_must_match_the_header():
+    from revanon_rt.errors import InputError
+
+    with pytest.raises(InputError, match="--password-file"):
+        keys.Secret.from_key(bytes(32)).for_header({"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA=="}, "a.png")
+    with pytest.raises(InputError, match="--key"):
+        keys.Secret.from_password("pw").for_header({"name": "raw"}, "a.png")

@@ -1,0 +1,29 @@
+"""Timesteps and levels (spec §3) against diffusers itself."""
+
+import numpy as np
+import pytest
+from diffusers import DDIMScheduler
+
+from revanon_rt.schedule import NoiseSchedule, ddim_timesteps
+from revanon_rt.tiny import COMPVIS_SCHEDULER
+
+
+@pytest.mark.parametrize("spacing, offset", [("leading", 0), ("leading", 1), ("trailing", 0), ("linspace", 0)])
+def test_numpy_timesteps_equal_diffusers_for_every_step_count(spacing, offset):
+    scheduler = DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing, steps_offset=offset)
+    for steps in range(1, 1001):
+        scheduler.set_timesteps(steps)
+        assert ddim_timesteps(1000, steps, spacing, offset) == scheduler.timesteps.tolist(), steps
+
+
+def test_levels_follow_the_timesteps_and_end_at_one():
+    scheduler = DDIMScheduler.from_config({k: v for k, v in COMPVIS_SCHEDULER.items() if not k.startswith("_")})
+    noise = NoiseSchedule(scheduler.alphas_cumprod.numpy(), "leading", 0)
+    sched = noise.for_steps(50)
+    assert sched.timesteps[0] == 980 and sched.timesteps[-1] == 0
+    assert sched.levels.dtype == np.float32
+    assert [float(v) for v in sched.levels[:-1]] == [float(scheduler.alphas_cumprod[t]) for t in sched.timesteps]
+    assert sched.levels[-1] == 1.0
+    round_trip = NoiseSchedule.from_manifest(noise.to_manifest())
+    assert np.array_equal(round_trip.alphas_cumprod, noise.alphas_cumprod)
+    assert round_trip.for_steps(7).timesteps == noise.for_steps(7).timesteps
