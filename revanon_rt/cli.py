@@ -286,6 +286,94 @@ def info_cmd(
     typer.echo(json.dumps(header, indent=2, ensure_ascii=False))
 
 
+class EngineBackendName(str, Enum):
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+@app.command("build")
+def build_cmd(
+    model: Path = typer.Option(..., "--model", help="The diffusers model folder to export."),
+    out: Path = typer.Option(..., "--out", help="The engine folder to create."),
+    parser: Optional[Path] = PARSER,
+    backend: EngineBackendName = typer.Option(EngineBackendName.onnxruntime, "--backend"),
+    batch: int = typer.Option(1, "--batch", min=1, max=256, help="Faces per engine call (static shapes)."),
+    device: str = typer.Option("cpu", "--device", help="Where to measure parity: cpu or cuda."),
+    overwrite: bool = OVERWRITE,
+) -> None:
+    """Export the UNet, the autoencoder and BiSeNet to fp32 engines, and record their parity with PyTorch."""
+    try:
+        from .engines import engine_class
+        from .export.build import build_engine
+
+        if backend == EngineBackendName.tensorrt:
+            from .engines.tensorrt import require_tensorrt
+
+            require_tensorrt()
+        path = build_engine(engine_class(backend.value), model, out, parser=parser, batch=batch,
+                            overwrite=overwrite, device=device, log=err.print)
+    except ImportError as exc:
+        _fail(UsageError(f"build needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
+    except RevanonError as exc:
+        _fail(exc)
+    err.print(f"engine ready: {path}")
+
+
+@app.command("verify")
+def verify_cmd(
+    engine: Path = typer.Option(..., "--engine", help="An engine folder made by `revanon-rt build`."),
+    model: Path = typer.Option(..., "--model", help="The model folder it was built from."),
+    parser: Optional[Path] = PARSER,
+    image: Optional[Path] = typer.Option(None, "--image", help="A face crop (default: a synthetic face)."),
+    steps: int = typer.Option(50, "--steps", min=1, max=1000),
+    device: str = DEVICE,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
+    max_latent_rel_err: float = typer.Option(1e-4, help="Final latent: max ||Δ|| / ||z||."),
+    min_identical_pixels: float = typer.Option(0.995, help="Anonymized image: min fraction of identical 8-bit values."),
+    max_mask_differences: int = typer.Option(0, help="Face map: max differing cells."),
+) -> None:
+    """Prove an engine equal to the PyTorch reference, stage by stage, and recover across backends."""
+    from rich.table import Table
+
+    try:
+        from .reference import TorchReference
+        from .verify import Thresholds, run_verify
+
+        dev = _device(device)
+        reference = TorchReference(model, device=dev, parser=parser)
+        from .engines import open_engine
+
+        backend = open_engine(engine, device=dev)
+        report = run_verify(reference, backend, image, steps,
+                            Thresholds(max_latent_rel_err, min_identical_pixels, max_mask_differences), log=err.print)
+    except ImportError as exc:
+        _fail(UsageError(f"verify needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
+    except RevanonError as exc:
+        _fail(exc)
+    table = Table(title=f"{engine} vs PyTorch ({report['steps']} steps)")
+    for column in ("stage", "max abs", "rel err (L2)", "other"):
+        table.add_column(column)
+    for stage, row in report["stages"].items():
+        other = ", ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k not in ("max_abs", "rel_l2"))
+        table.add_row(stage, _fmt(row.get("max_abs", "")), _fmt(row.get("rel_l2", "")), other)
+    out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+    out.print(table)
+    for name, check in report["checks"].items():
+        mark = "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]"
+        out.print(f"{mark} {name}: {_fmt(check['value'])} (needs {check['threshold']})")
+    if json_out:
+        from .images import write_atomic
+
+        write_atomic(json_out, (json.dumps(report, indent=1) + "\n").encode(), overwrite=True)
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's files."),

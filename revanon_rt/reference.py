@@ -101,17 +101,17 @@ class TorchReference:
         self.image_size = self.layout.image_size
         self.latent_shape = self.layout.latent_shape
         unet = _from_pretrained(UNet2DModel, self.layout.root, "unet")
-        self.eps_net = nets.EpsNet(unet).to(self.device)
+        self.eps_net = nets.EpsNet(unet).to(self.device).eval()
         self.encoder = self.decoder = None
         if self.layout.autoencoder == "vqvae":
             vq = _from_pretrained(VQModel, self.layout.root, "vqvae").to(self.device)
-            self.encoder, self.decoder = nets.VQEncoder(vq), nets.VQDecoder(vq)
+            self.encoder, self.decoder = nets.VQEncoder(vq).eval(), nets.VQDecoder(vq).eval()
         elif self.layout.autoencoder == "vae":
             vae = _from_pretrained(AutoencoderKL, self.layout.root, "vae").to(self.device)
             sf = self.layout.scaling_factor
-            self.encoder, self.decoder = nets.KLEncoder(vae, sf), nets.KLDecoder(vae, sf)
+            self.encoder, self.decoder = nets.KLEncoder(vae, sf).eval(), nets.KLDecoder(vae, sf).eval()
         self.parser_path = Path(parser) if parser else None
-        self.face_map_net = nets.FaceMapNet(load_bisenet(parser)).to(self.device) if parser else None
+        self.face_map_net = nets.FaceMapNet(load_bisenet(parser)).to(self.device).eval() if parser else None
 
     @property
     def can_parse(self) -> bool:

@@ -1,0 +1,53 @@
+"""A backend (encode / decode / eps / parse) over any engine. Torch-free.
+
+Engines have static shapes for a fixed batch; this pads or splits the faces of a call to fit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class EngineBackend:
+    def __init__(self, engine):
+        manifest = engine.manifest
+        self.engine = engine
+        self.name = manifest.backend
+        self.fingerprint = manifest.fingerprint
+        self.image_size = manifest.image_size
+        self.latent_shape = manifest.latent_shape
+        self.batch = manifest.batch
+        self.noise = manifest.noise_schedule()
+        self.can_parse = "parser" in manifest.graphs
+        self._inputs = {name: [spec["name"] for spec in entry["inputs"]] for name, entry in manifest.graphs.items()}
+
+    def schedule(self, steps: int):
+        return self.noise.for_steps(steps)
+
+    def _run(self, graph: str, *arrays: np.ndarray) -> np.ndarray:
+        n = arrays[0].shape[0]
+        outputs = []
+        for start in range(0, n, self.batch):
+            chunk = [a[start:start + self.batch] for a in arrays]
+            short = self.batch - chunk[0].shape[0]
+            if short:  # repeat the last row: every graph treats batch rows independently
+                chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
+            out = self.engine.run(graph, dict(zip(self._inputs[graph], chunk)))
+            outputs.append(out[: self.batch - short])
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        if "encoder" not in self._inputs:
+            return x.astype(np.float32, copy=True)
+        return self._run("encoder", x.astype(np.float32, copy=False))
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        if "decoder" not in self._inputs:
+            return z.astype(np.float32, copy=True)
+        return self._run("decoder", z.astype(np.float32, copy=False))
+
+    def eps(self, z: np.ndarray, t: int) -> np.ndarray:
+        return self._run("unet", z.astype(np.float32, copy=False), np.full((z.shape[0],), t, dtype=np.int64))
+
+    def parse(self, image01: np.ndarray) -> np.ndarray:
+        return self._run("parser", image01.astype(np.float32, copy=False))

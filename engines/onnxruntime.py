@@ -1,0 +1,107 @@
+"""ONNX Runtime engines: deterministic fp32 sessions over the exported graphs. Torch-free."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from .manifest import EngineManifest
+
+
+def _cpu_threads() -> int:
+    env = os.environ.get("REVANON_ORT_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int | None = None, optimization: str = "all", mem_pattern: bool = True,
+                    cpu_arena: bool = True, spinning: bool = True):
+    """Deterministic compute and a fixed thread count, so that runs repeat bit for bit."""
+    import onnxruntime as ort
+
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    so = ort.SessionOptions()
+    so.use_deterministic_compute = True
+    so.intra_op_num_threads = threads or _cpu_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = levels[optimization]
+    so.enable_mem_pattern = mem_pattern
+    so.enable_cpu_mem_arena = cpu_arena
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    so.log_severity_level = 3
+    return so
+
+
+def cpu_or_cuda_providers(device: str) -> list:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        # DEFAULT conv algorithm search: no per-run benchmarking whose winner could change the bits
+        return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "DEFAULT", "use_tf32": 0}),
+                "CPUExecutionProvider"]
+    if device == "cuda" or device.startswith("cuda:"):
+        raise UsageError("--device cuda: this onnxruntime has no CUDAExecutionProvider; "
+                         "pip install onnxruntime-gpu (and uninstall onnxruntime)")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeEngine:
+    """Builds (through the export stage), loads, checks and runs one engine folder."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, manifest: EngineManifest, device: str = "cpu", options=None):
+        import onnxruntime as ort
+
+        self.manifest = manifest
+        self.device = device
+        providers = self.session_providers(manifest, device)
+        self.sessions = {}
+        for name in manifest.graphs:
+            try:
+                self.sessions[name] = ort.InferenceSession(str(manifest.graph_path(name)),
+                                                           sess_options=options or session_options(),
+                                                           providers=providers)
+            except Exception as exc:
+                raise UsageError(f"{manifest.graph_path(name)}: onnxruntime cannot load it ({exc})") from None
+        self.on_gpu = self.sessions and self.sessions[next(iter(self.sessions))].get_providers()[0] != "CPUExecutionProvider"
+        self._bindings = {name: session.io_binding() for name, session in self.sessions.items()}
+
+    @classmethod
+    def session_providers(cls, manifest: EngineManifest, device: str) -> list:
+        return cpu_or_cuda_providers(device)
+
+    @classmethod
+    def prepare(cls, staging_dir: Path, graphs: dict, log) -> dict:
+        """Backend-specific compile step after ONNX export; ONNX Runtime needs none."""
+        return {}
+
+    @classmethod
+    def build(cls, model_dir: Path, out_dir: Path, **kwargs) -> Path:
+        from ..export.build import build_engine
+
+        return build_engine(cls, model_dir, out_dir, **kwargs)
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One call with IOBinding: inputs are bound once per call and the output lands in an
+        ORT-allocated buffer on the session's device, copied to the host only at the end."""
+        binding = self._bindings[graph]
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        device = "cuda" if self.on_gpu else "cpu"
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for output in self.sessions[graph].get_outputs():
+            binding.bind_output(output.name, device)
+        self.sessions[graph].run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]

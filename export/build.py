@@ -1,0 +1,122 @@
+"""`revanon-rt build`: export every model of a folder, compile for the chosen engine, measure
+parity against PyTorch, and move the finished engine into place in one rename.
+
+A failed or interrupted build leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..engines.manifest import FORMAT, file_sha256, read_manifest, write_manifest
+from ..errors import UsageError
+from .descriptors import descriptors_for
+from .onnx import export_onnx, graph_info
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"revanon_rt": __version__, "python": platform.python_version()}
+    for package in ("torch", "diffusers", "onnx", "onnxruntime", "onnxruntime-gpu", "polygraphy", "tensorrt"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def parity(reference_out: np.ndarray, engine_out: np.ndarray) -> dict:
+    if reference_out.dtype == np.uint8:
+        return {"differing": int(np.count_nonzero(reference_out != engine_out)), "total": int(reference_out.size)}
+    diff = engine_out.astype(np.float64) - reference_out.astype(np.float64)
+    norm = float(np.linalg.norm(reference_out.astype(np.float64)))
+    return {"max_abs": float(np.abs(diff).max()), "rel_l2": float(np.linalg.norm(diff) / norm) if norm else 0.0}
+
+
+def _reference_run(reference, descriptor) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return descriptor.module(*descriptor.torch_args(reference.device)).cpu().numpy()
+
+
+def build_engine(engine_cls, model_dir: Path, out_dir: Path, *, parser: Path | None = None, batch: int = 1,
+                 overwrite: bool = False, device: str = "cpu", log=print) -> Path:
+    from ..reference import TorchReference
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise UsageError(f"{out_dir}: already exists; give --overwrite to replace it")
+    if batch < 1:
+        raise UsageError("--batch must be at least 1")
+    reference = TorchReference(model_dir, device="cpu", parser=parser)
+    descriptors = descriptors_for(reference, batch)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    try:
+        graphs = {}
+        for index, descriptor in enumerate(descriptors, 1):
+            started = time.perf_counter()
+            path = staging / f"{descriptor.name}.onnx"
+            export_onnx(descriptor, path)
+            graphs[descriptor.name] = {
+                "file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size,
+                "inputs": [s.to_manifest() for s in descriptor.inputs],
+                "outputs": [s.to_manifest() for s in descriptor.outputs],
+                "extra_files": [{"file": p.name, "sha256": file_sha256(p)}
+                                for p in sorted(staging.glob(f"{descriptor.name}.onnx.data"))],
+            }
+            log(f"[{index}/{len(descriptors)}] exported {descriptor.name} "
+                f"({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s")
+        extra = engine_cls.prepare(staging, graphs, log)
+        first = graph_info(staging / graphs["unet"]["file"])
+        noise = reference.noise
+        manifest = {
+            "format": FORMAT, "backend": engine_cls.kind, "precision": "fp32", "batch": batch,
+            "model": {"fingerprint": reference.fingerprint, "image_size": reference.image_size,
+                      "latent_shape": list(reference.latent_shape), "autoencoder": reference.layout.autoencoder,
+                      "source": str(Path(model_dir).resolve()),
+                      "parser": str(Path(parser).resolve()) if parser else None},
+            "schedule": {**noise.to_manifest(), "timesteps_50": list(noise.for_steps(50).timesteps)},
+            "graphs": graphs, "onnx": {**first, "exporter": "torch.onnx.export(dynamo=True) + polygraphy fold"},
+            "versions": _versions(), "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **extra,
+        }
+        write_manifest(staging, manifest)
+        engine = engine_cls(read_manifest(staging), device=device)
+        manifest["parity"] = {}
+        for descriptor in descriptors:
+            expected = _reference_run(reference, descriptor)
+            got = engine.run(descriptor.name, descriptor.sample)
+            manifest["parity"][descriptor.name] = parity(expected, got)
+        manifest["parity"]["device"] = device
+        write_manifest(staging, manifest)
+        del engine
+        log("parity against PyTorch on the sample inputs: " + ", ".join(
+            f"{name} " + (f"rel {p['rel_l2']:.1e}" if "rel_l2" in p else f"{p['differing']} cells differ")
+            for name, p in manifest["parity"].items() if name != "device"))
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old.rmdir()
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)

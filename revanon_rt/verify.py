@@ -1,0 +1,156 @@
+"""`revanon-rt verify`: the same image through the PyTorch reference and an engine, stage by
+stage, plus recovery within and across backends. Both sides run the plain loop functions of
+sampler.py, so any difference comes from the engine's ε, E, D or parser."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .keys import flip_pattern, flip_subkey
+from .masks import latent_mask
+from .pixels import to_model, to_u8, to_unit
+from .sampler import ddim_step, invert, keyed_flip
+
+VERIFY_KEY = bytes(range(32))
+VERIFY_NONCE = bytes(range(100, 116))
+
+
+@dataclass
+class Thresholds:
+    max_latent_rel_err: float = 1e-4
+    min_identical_pixels: float = 0.995
+    max_mask_differences: int = 0
+    recovery_tolerance_db: float = 0.1
+
+
+def _errors(reference: np.ndarray, other: np.ndarray) -> dict:
+    a, b = reference.astype(np.float64), other.astype(np.float64)
+    norm = float(np.linalg.norm(a))
+    return {"max_abs": float(np.abs(a - b).max()), "rel_l2": float(np.linalg.norm(a - b) / norm) if norm else 0.0}
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _anonymize_tracked(backend, rgb: np.ndarray, mask: np.ndarray, steps: int, probe: tuple[int, ...]):
+    """The spec's transform with its intermediate values kept for comparison."""
+    sched = backend.schedule(steps)
+    m = mask[None, None].astype(np.float32)
+    pattern = flip_pattern(flip_subkey(VERIFY_KEY), VERIFY_NONCE, backend.latent_shape)[None]
+    z0 = backend.encode(to_model(rgb[None]))
+    keep = invert(backend.eps, z0, sched)
+    z = keyed_flip(keep.pop(), m, pattern)
+    probes = {}
+    for i in range(sched.steps):
+        if i in probe:
+            probes[i] = z.copy()
+        z = ddim_step(z, backend.eps(z, sched.timesteps[i]), sched.levels[i], sched.levels[i + 1])
+        z = m * z + (np.float32(1) - m) * keep.pop()
+    decoded = backend.decode(z)
+    return {"z0": z0, "probes": probes, "z_final": z, "decoded": decoded, "rgb": to_u8(decoded)[0]}
+
+
+def _recover(backend, anonymized_rgb: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
+    from .pipeline import transform_crops
+
+    return transform_crops(backend, anonymized_rgb[None], mask[None], [VERIFY_NONCE], flip_subkey(VERIFY_KEY), steps)[0]
+
+
+def load_verify_image(path: Path | None, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The user's image, or the demo's synthetic face; plus the synthetic face mask as a fallback."""
+    from PIL import Image
+
+    from .demo import synthetic_face
+    from .images import load_image
+
+    face, face_mask = synthetic_face(size)
+    if path is None:
+        return face, face_mask
+    rgb = load_image(path).rgb
+    if rgb.shape[:2] != (size, size):
+        rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.LANCZOS))
+    return rgb, face_mask
+
+
+def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
+               thresholds: Thresholds | None = None, log=print) -> dict:
+    thresholds = thresholds or Thresholds()
+    if engine.fingerprint != reference.fingerprint:
+        raise UsageError("the engine was built from another model (fingerprints differ); rebuild it from this "
+                         "model with `revanon-rt build --model ... --overwrite`")
+    size = reference.image_size
+    rgb, drawn_mask = load_verify_image(image, size)
+    latent_hw = reference.latent_shape[1:]
+    rows: dict[str, dict] = {}
+
+    if reference.can_parse and engine.can_parse:
+        f_ref, f_eng = reference.parse(to_unit(rgb[None]))[0], engine.parse(to_unit(rgb[None]))[0]
+        m_ref, m_eng = latent_mask(f_ref, latent_hw), latent_mask(f_eng, latent_hw)
+        rows["parse mask"] = {"differing_cells": int(np.count_nonzero(f_ref != f_eng)), "cells": int(f_ref.size),
+                              "differing_latent_cells": int(np.count_nonzero(m_ref != m_eng))}
+        mask = m_ref
+        if not 0 < mask.mean() < 1:  # an untrained parser marks nothing or everything: use the drawn face
+            mask = latent_mask(_resize_face_map(drawn_mask), latent_hw)
+    else:
+        mask = latent_mask(_resize_face_map(drawn_mask), latent_hw)
+    log(f"verify: {size}px image, {steps} steps, mask covers {mask.mean():.0%} of the latent grid")
+
+    probe = tuple(sorted({0, steps // 2, steps - 1}))
+    ref = _anonymize_tracked(reference, rgb, mask, steps, probe)
+    eng = _anonymize_tracked(engine, rgb, mask, steps, probe)
+    rows["encode"] = _errors(ref["z0"], eng["z0"])
+    sched = reference.schedule(steps)
+    for name, i in zip(("eps first step", "eps middle step", "eps last step"), (probe[0], probe[len(probe) // 2], probe[-1])):
+        z = ref["probes"][i]
+        rows[name] = {**_errors(reference.eps(z, sched.timesteps[i]), engine.eps(z, sched.timesteps[i])),
+                      "timestep": sched.timesteps[i]}
+    rows["final latent"] = _errors(ref["z_final"], eng["z_final"])
+    rows["decoded image"] = _errors(ref["decoded"], eng["decoded"])
+    rows["anonymized 8-bit"] = {"identical_fraction": float(np.mean(ref["rgb"] == eng["rgb"])),
+                                "max_level_difference": int(np.abs(ref["rgb"].astype(int) - eng["rgb"]).max())}
+
+    log("verify: recovering within and across backends")
+    recovery = {
+        "pytorch -> pytorch": _recover(reference, ref["rgb"], mask, steps),
+        "engine -> engine": _recover(engine, eng["rgb"], mask, steps),
+        "engine -> pytorch": _recover(reference, eng["rgb"], mask, steps),
+        "pytorch -> engine": _recover(engine, ref["rgb"], mask, steps),
+    }
+    for name, rec in recovery.items():
+        rows[f"recovery {name}"] = {"psnr_db": _psnr(rec, rgb), "identical_to_original": float(np.mean(rec == rgb))}
+
+    same = [rows["recovery pytorch -> pytorch"]["psnr_db"], rows["recovery engine -> engine"]["psnr_db"]]
+    noise = max(thresholds.recovery_tolerance_db, abs(same[0] - same[1]))
+    cross = [rows["recovery engine -> pytorch"]["psnr_db"], rows["recovery pytorch -> engine"]["psnr_db"]]
+    checks = {
+        "final latent rel_l2": (rows["final latent"]["rel_l2"], f"<= {thresholds.max_latent_rel_err:g}",
+                                rows["final latent"]["rel_l2"] <= thresholds.max_latent_rel_err),
+        "identical 8-bit pixels": (rows["anonymized 8-bit"]["identical_fraction"],
+                                   f">= {thresholds.min_identical_pixels:g}",
+                                   rows["anonymized 8-bit"]["identical_fraction"] >= thresholds.min_identical_pixels),
+        "cross-backend recovery": (min(cross), f">= {min(same) - noise:.2f} dB (same-backend - noise)",
+                                   min(cross) >= min(same) - noise),
+    }
+    if "parse mask" in rows:
+        differing = rows["parse mask"]["differing_cells"]
+        checks["identical masks"] = (differing, f"<= {thresholds.max_mask_differences}",
+                                     differing <= thresholds.max_mask_differences)
+    report = {
+        "engine": engine.name, "steps": steps, "image_size": size, "fingerprint": reference.fingerprint,
+        "stages": rows,
+        "checks": {name: {"value": value, "threshold": rule, "passed": bool(ok)} for name, (value, rule, ok) in checks.items()},
+        "passed": all(ok for _, _, ok in checks.values()),
+    }
+    return report
+
+
+def _resize_face_map(mask: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    return (np.asarray(Image.fromarray(mask).resize((512, 512), Image.Resampling.NEAREST)) >= 128).astype(np.uint8)
