@@ -1,0 +1,241 @@
+"""Export, the ONNX Runtime engine, the torch-free runtime and verify (issue 3), on tiny models."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, box_mask, cli, random_image, read_rgb, save_png
+from revanon_rt import container
+
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "diffusers", "facexlib"):
+            raise ImportError(f"{name} is blocked: the engine runtime must not import it")
+sys.meta_path.insert(0, _NoTorch())
+"""
+
+
+@pytest.fixture(scope="session")
+def no_torch_env(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("no_torch")
+    (folder / "sitecustomize.py").write_text(BLOCK_TORCH)
+    env = {"PYTHONPATH": str(folder)}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env={**os.environ, **env}, capture_output=True)
+    assert probe.returncode != 0 and b"blocked" in probe.stderr
+    return env
+
+
+@pytest.fixture(scope="session")
+def engines(models, bisenet_pth, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engines")
+    built = cli("build", "--model", models["ldm"], "--parser", bisenet_pth, "--out", root / "ldm")
+    assert built.returncode == 0, built.stderr
+    assert "[1/4] exported unet" in built.stderr and "[4/4] exported parser" in built.stderr
+    zero = cli("build", "--model", models["zero"], "--out", root / "zero", "--batch", "2")
+    assert zero.returncode == 0, zero.stderr
+    return {"ldm": root / "ldm", "zero": root / "zero"}
+
+
+def test_manifest_records_what_the_runtime_needs(engines, models):
+    from diffusers import DDIMScheduler
+
+    from revanon_rt.fingerprint import model_fingerprint
+    from revanon_rt.tiny import COMPVIS_SCHEDULER
+
+    manifest = json.loads((engines["ldm"] / "engine.json").read_text())
+    assert manifest["model"]["fingerprint"] == model_fingerprint(models["ldm"])
+    assert set(manifest["graphs"]) == {"unet", "encoder", "decoder", "parser"}
+    assert manifest["graphs"]["unet"]["inputs"][0] == {"name": "sample", "shape": [1, 3, 16, 16], "dtype": "float32"}
+    assert manifest["graphs"]["parser"]["outputs"][0]["shape"] == [1, 512, 512]
+    assert manifest["precision"] == "fp32" and manifest["onnx"]["opset"] == 18
+    for package in ("torch", "diffusers", "onnx", "onnxruntime"):
+        assert package in manifest["versions"]
+    scheduler = DDIMScheduler.from_config({k: v for k, v in COMPVIS_SCHEDULER.items() if not k.startswith("_")})
+    assert manifest["schedule"]["alphas_cumprod"] == scheduler.alphas_cumprod.tolist()
+    scheduler.set_timesteps(50)
+    assert manifest["schedule"]["timesteps_50"] == scheduler.timesteps.tolist()
+    assert manifest["parity"]["unet"]["rel_l2"] < 1e-5 and manifest["parity"]["parser"]["differing"] == 0
+    zero = json.loads((engines["zero"] / "engine.json").read_text())
+    assert set(zero["graphs"]) == {"unet"} and zero["batch"] == 2, "pixel-space models have no autoencoder graphs"
+
+
+def test_engine_anonymizes_and_the_reference_recovers(engines, models, bisenet_pth, keyfile, tmp_path, no_torch_env):
+    """Anonymize on the engine with torch blocked, recover on PyTorch: the recovery equals the
+    reference-only round trip with the same nonce."""
+    from revanon_rt.images import load_image
+    from revanon_rt.keys import Secret, read_key_file
+    from revanon_rt.masks import BiSeNetMasker
+    from revanon_rt.pipeline import Options, anonymize_image, deanonymize_image
+    from revanon_rt.reference import TorchReference
+
+    src = save_png(tmp_path / "in" / "face.png", random_image(64, seed=31))
+    anon = cli("run", "anonymize", tmp_path / "in", "--out", tmp_path / "anon", "--engine", engines["ldm"],
+               "--key", keyfile, env=no_torch_env)
+    assert anon.returncode == 0, anon.stderr
+    rec = cli("run", "deanonymize", tmp_path / "anon", "--out", tmp_path / "rec", "--model", models["ldm"],
+              "--key", keyfile)
+    assert rec.returncode == 0, rec.stderr
+
+    header = json.loads(container.read_png_chunk(tmp_path / "anon" / "face.png"))
+    nonce = container.face_nonce(header["faces"][0])
+    reference = TorchReference(models["ldm"], parser=bisenet_pth)
+    secret = Secret.from_key(read_key_file(keyfile))
+    ref_anon = anonymize_image(load_image(src), None, reference, BiSeNetMasker(reference), secret, Options(),
+                               "face.png", nonce=nonce)
+    assert ref_anon.header["faces"][0]["mask"] == header["faces"][0]["mask"], "engine and reference masks agree"
+    engine_anon = read_rgb(tmp_path / "anon" / "face.png")
+    assert np.mean(engine_anon == ref_anon.image.rgb) >= 0.995
+    ref_rec = deanonymize_image(ref_anon.image, ref_anon.header_text(), "x", reference, secret, Options(), "face.png")
+    assert np.mean(read_rgb(tmp_path / "rec" / "face.png") == ref_rec.image.rgb) >= 0.995
+
+
+def test_zero_eps_engine_round_trip_is_bit_exact_without_torch(engines, keyfile, tmp_path, no_torch_env):
+    """Three faces through a batch-2 engine (one full batch, one padded), with torch blocked."""
+    inputs = tmp_path / "in"
+    originals = {name: save_png(inputs / f"{name}.png", random_image(32, seed=40 + i))
+                 for i, name in enumerate(("a", "b", "c"))}
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    anon = cli("run", "anonymize", inputs, "--out", tmp_path / "anon", "--engine", engines["zero"], "--mask", mask,
+               "--key", keyfile, env=no_torch_env)
+    assert anon.returncode == 0, anon.stderr
+    rec = cli("run", "deanonymize", tmp_path / "anon", "--out", tmp_path / "rec", "--engine", engines["zero"],
+              "--key", keyfile, env=no_torch_env)
+    assert rec.returncode == 0, rec.stderr
+    inside = box_mask(32) > 0
+    for name, path in originals.items():
+        original = read_rgb(path)
+        anonymized = read_rgb(tmp_path / "anon" / f"{name}.png")
+        assert (anonymized[inside] != original[inside]).mean() > 0.3
+        assert np.array_equal(anonymized[~inside], original[~inside])
+        assert np.array_equal(read_rgb(tmp_path / "rec" / f"{name}.png"), original)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("edit_fingerprint", "manifest was edited or is corrupt"),
+    ("flip_graph_byte", "altered since the build"),
+    ("remove_graph", "missing from the engine"),
+    ("old_format", "engine format 'revanon-engine/0'"),
+])
+def test_damaged_engines_are_refused_with_a_rebuild_hint(engines, keyfile, tmp_path, damage, message):
+    import shutil
+
+    from revanon_rt.engines.manifest import manifest_digest
+
+    engine = shutil.copytree(engines["zero"], tmp_path / "engine")
+    manifest_path = engine / "engine.json"
+    manifest = json.loads(manifest_path.read_text())
+    if damage == "edit_fingerprint":
+        manifest["model"]["fingerprint"] = "0" * 64
+        manifest_path.write_text(json.dumps(manifest))
+    elif damage == "flip_graph_byte":
+        graph = engine / "unet.onnx"
+        data = bytearray(graph.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        graph.write_bytes(bytes(data))
+    elif damage == "remove_graph":
+        (engine / "unet.onnx").unlink()
+    elif damage == "old_format":
+        manifest["format"] = "revanon-engine/0"
+        manifest["digest"] = manifest_digest(manifest)
+        manifest_path.write_text(json.dumps(manifest))
+    src = save_png(tmp_path / "face.png", random_image(32))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    result = cli("run", "anonymize", src, "--out", tmp_path / "out", "--engine", engine, "--mask", mask,
+                 "--key", keyfile)
+    assert result.returncode == 2 and message in result.stderr and "revanon-rt build" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_passes_on_a_good_engine_and_fails_on_a_perturbed_one(engines, models, bisenet_pth, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from revanon_rt.engines.manifest import file_sha256, manifest_digest
+
+    good = cli("verify", "--engine", engines["ldm"], "--model", models["ldm"], "--parser", bisenet_pth,
+               "--steps", "10", "--json", tmp_path / "good.json")
+    assert good.returncode == 0, good.stdout + good.stderr
+    report = json.loads((tmp_path / "good.json").read_text())
+    assert report["passed"] and report["stages"]["final latent"]["rel_l2"] < 1e-4
+    assert report["stages"]["parse mask"]["differing_cells"] == 0
+    assert "eps middle step" in good.stdout and "recovery engine -> pytorch" in good.stdout
+
+    # a broken build: the UNet's output layer is off by 2%, hashes made consistent again
+    bad = shutil.copytree(engines["ldm"], tmp_path / "bad")
+    model = onnx.load(str(bad / "unet.onnx"))
+    for init in model.graph.initializer:
+        if "conv_out" in init.name and "weight" in init.name:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.02), init.name))
+            break
+    else:
+        pytest.fail("no conv_out weight in the exported UNet")
+    onnx.save(model, str(bad / "unet.onnx"))
+    manifest = json.loads((bad / "engine.json").read_text())
+    manifest["graphs"]["unet"]["sha256"] = file_sha256(bad / "unet.onnx")
+    manifest["digest"] = manifest_digest(manifest)
+    (bad / "engine.json").write_text(json.dumps(manifest))
+    failed = cli("verify", "--engine", bad, "--model", models["ldm"], "--parser", bisenet_pth, "--steps", "10",
+                 "--json", tmp_path / "bad.json")
+    assert failed.returncode == 1 and "FAIL final latent" in failed.stdout
+    assert not json.loads((tmp_path / "bad.json").read_text())["passed"]
+
+    other = cli("verify", "--engine", engines["ldm"], "--model", models["ldm_other"], "--steps", "2")
+    assert other.returncode == 2 and "another model" in other.stderr
+
+
+def test_build_never_leaves_half_an_engine(models, bisenet_pth, tmp_path):
+    out = tmp_path / "engine"
+    out.mkdir()
+    refused = cli("build", "--model", models["zero"], "--out", out)
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    out.rmdir()
+    proc = subprocess.Popen([sys.executable, "-m", "revanon_rt", "build", "--model", str(models["ldm"]), "--parser",
+                             str(bisenet_pth), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not list(tmp_path.glob(".engine.building-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the build ended before it could be interrupted"
+    time.sleep(2)  # somewhere inside an export
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0
+    assert not out.exists() and not list(tmp_path.glob(".engine.*")), list(tmp_path.iterdir())
+
+
+def test_tensorrt_without_tensorrt_names_what_to_install(models, tmp_path):
+    result = cli("build", "--model", models["zero"], "--out", tmp_path / "trt", "--backend", "tensorrt")
+    assert result.returncode == 2
+    assert "TensorrtExecutionProvider" in result.stderr and "pip install tensorrt" in result.stderr
+    assert not (tmp_path / "trt").exists()
+
+
+@pytest.mark.skipif(os.environ.get("REVANON_SKIP_BASE_VENV") == "1", reason="REVANON_SKIP_BASE_VENV=1")
+def test_base_install_without_torch_runs_an_engine(engines, keyfile, tmp_path):
+    """A fresh venv with only the base dependencies (no torch extra) runs `run --engine`."""
+    venv = tmp_path / "base"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(REPO)], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr
+    check = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True)
+    assert check.returncode != 0, "the base install must not bring torch"
+    src = save_png(tmp_path / "face.png", random_image(32, seed=50))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    run = subprocess.run([str(venv / "bin" / "revanon-rt"), "run", "anonymize", str(src), "--out", str(tmp_path / "a"),
+                          "--engine", str(engines["zero"]), "--mask", str(mask), "--key", str(keyfile)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    back = subprocess.run([str(venv / "bin" / "revanon-rt"), "run", "deanonymize", str(tmp_path / "a"), "--out",
+                           str(tmp_path / "r"), "--engine", str(engines["zero"]), "--key", str(keyfile)],
+                          capture_output=True, text=True)
+    assert back.returncode == 0, back.stderr
+    assert np.array_equal(read_rgb(tmp_path / "r" / "face.png"), read_rgb(src))
