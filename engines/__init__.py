@@ -8,7 +8,7 @@ from ..errors import UsageError
 from .backend import EngineBackend
 from .manifest import read_manifest
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "compiled")
 
 
 def engine_class(backend: str, manifest_data: dict | None = None):
@@ -21,15 +21,20 @@ def engine_class(backend: str, manifest_data: dict | None = None):
 
         native = (manifest_data or {}).get("tensorrt", {}).get("runtime") == "native"
         return NativeTensorRTEngine if native else TensorRTEngine
+    if backend == "compiled":
+        from .compiled import CompiledEngine
+
+        return CompiledEngine
     raise UsageError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def load_engine(engine_dir: Path, device: str = "cpu"):
     manifest = read_manifest(engine_dir)
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise UsageError("running an engine needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
+    if manifest.backend in ("onnxruntime", "tensorrt"):
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise UsageError("running this engine needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
     return engine_class(manifest.backend, manifest.data)(manifest, device)
 
 

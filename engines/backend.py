@@ -20,21 +20,32 @@ class EngineBackend:
         self.noise = manifest.noise_schedule()
         self.can_parse = "parser" in manifest.graphs
         self._inputs = {name: [spec["name"] for spec in entry["inputs"]] for name, entry in manifest.graphs.items()}
+        self.supports_fused = hasattr(engine, "fused_transform")
 
     def schedule(self, steps: int):
         return self.noise.for_steps(steps)
 
-    def _run(self, graph: str, *arrays: np.ndarray) -> np.ndarray:
+    def _batched(self, call, *arrays: np.ndarray) -> np.ndarray:
+        """call(*chunks) on chunks of exactly `batch` rows; the last is padded by repeating its
+        last row, which is harmless because every graph treats batch rows independently."""
         n = arrays[0].shape[0]
         outputs = []
         for start in range(0, n, self.batch):
             chunk = [a[start:start + self.batch] for a in arrays]
             short = self.batch - chunk[0].shape[0]
-            if short:  # repeat the last row: every graph treats batch rows independently
+            if short:
                 chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
-            out = self.engine.run(graph, dict(zip(self._inputs[graph], chunk)))
-            outputs.append(out[: self.batch - short])
+            outputs.append(call(*chunk)[: self.batch - short])
         return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    def _run(self, graph: str, *arrays: np.ndarray) -> np.ndarray:
+        return self._batched(lambda *chunk: self.engine.run(graph, dict(zip(self._inputs[graph], chunk))), *arrays)
+
+    def fused_transform(self, x: np.ndarray, mask: np.ndarray, pattern: np.ndarray, schedule) -> np.ndarray:
+        """The whole transform inside the engine (compiled backends); equal to sampler.transform."""
+        return self._batched(lambda *chunk: self.engine.fused_transform(*chunk, schedule),
+                             x.astype(np.float32, copy=False), mask.astype(np.float32, copy=False),
+                             pattern.astype(np.float32, copy=False))
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         if "encoder" not in self._inputs:

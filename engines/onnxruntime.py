@@ -81,10 +81,30 @@ class OnnxRuntimeEngine:
     def session_providers(cls, manifest: EngineManifest, device: str) -> list:
         return cpu_or_cuda_providers(device)
 
+    precisions = ("fp32",)
+
     @classmethod
-    def prepare(cls, staging_dir: Path, graphs: dict, log) -> dict:
-        """Backend-specific compile step after ONNX export; ONNX Runtime needs none."""
-        return {}
+    def reference_device(cls, device: str) -> str:
+        """Where the build runs PyTorch: exports trace on the CPU."""
+        return "cpu"
+
+    @classmethod
+    def export_graph(cls, descriptor, staging_dir: Path, precision: str) -> list[Path]:
+        """fp32 ONNX; returns the files written, the graph first."""
+        from ..export.onnx import export_onnx
+
+        path = staging_dir / f"{descriptor.name}.onnx"
+        export_onnx(descriptor, path)
+        return [path] + sorted(staging_dir.glob(f"{descriptor.name}.onnx.data"))
+
+    @classmethod
+    def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict:
+        """Backend-specific step after export, returning manifest fields. ONNX Runtime needs none;
+        the ONNX format facts are recorded here."""
+        from ..export.onnx import graph_info
+
+        return {"onnx": {**graph_info(staging_dir / graphs["unet"]["file"]),
+                         "exporter": "torch.onnx.export(dynamo=True) + polygraphy fold"}}
 
     @classmethod
     def build(cls, model_dir: Path, out_dir: Path, **kwargs) -> Path:

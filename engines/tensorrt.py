@@ -62,10 +62,11 @@ class TensorRTEngine(OnnxRuntimeEngine):
                 ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "DEFAULT", "use_tf32": 0})]
 
     @classmethod
-    def prepare(cls, staging_dir: Path, graphs: dict, log) -> dict:
+    def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict:
+        onnx_facts = OnnxRuntimeEngine.prepare(staging_dir, graphs, log, device)
         if require_tensorrt() == "ort-trt":
-            return {"tensorrt": {"runtime": "ort-trt", "fp16": False}}
-        return NativeTensorRTEngine.prepare(staging_dir, graphs, log)
+            return {**onnx_facts, "tensorrt": {"runtime": "ort-trt", "fp16": False}}
+        return {**onnx_facts, **NativeTensorRTEngine.prepare(staging_dir, graphs, log, device)}
 
 
 class NativeTensorRTEngine:
@@ -89,7 +90,7 @@ class NativeTensorRTEngine:
             self.runners[name] = runner
 
     @classmethod
-    def prepare(cls, staging_dir: Path, graphs: dict, log) -> dict:
+    def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict:
         from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
 
         for name, entry in graphs.items():

@@ -19,7 +19,6 @@ from .. import __version__
 from ..engines.manifest import FORMAT, file_sha256, read_manifest, write_manifest
 from ..errors import UsageError
 from .descriptors import descriptors_for
-from .onnx import export_onnx, graph_info
 
 
 def _versions() -> dict:
@@ -50,7 +49,7 @@ def _reference_run(reference, descriptor) -> np.ndarray:
 
 
 def build_engine(engine_cls, model_dir: Path, out_dir: Path, *, parser: Path | None = None, batch: int = 1,
-                 overwrite: bool = False, device: str = "cpu", log=print) -> Path:
+                 overwrite: bool = False, device: str = "cpu", precision: str = "fp32", log=print) -> Path:
     from ..reference import TorchReference
 
     out_dir = Path(out_dir)
@@ -58,7 +57,9 @@ def build_engine(engine_cls, model_dir: Path, out_dir: Path, *, parser: Path | N
         raise UsageError(f"{out_dir}: already exists; give --overwrite to replace it")
     if batch < 1:
         raise UsageError("--batch must be at least 1")
-    reference = TorchReference(model_dir, device="cpu", parser=parser)
+    if precision not in engine_cls.precisions:
+        raise UsageError(f"the {engine_cls.kind} backend builds {', '.join(engine_cls.precisions)}, not {precision}")
+    reference = TorchReference(model_dir, device=engine_cls.reference_device(device), parser=parser)
     descriptors = descriptors_for(reference, batch)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
@@ -66,28 +67,25 @@ def build_engine(engine_cls, model_dir: Path, out_dir: Path, *, parser: Path | N
         graphs = {}
         for index, descriptor in enumerate(descriptors, 1):
             started = time.perf_counter()
-            path = staging / f"{descriptor.name}.onnx"
-            export_onnx(descriptor, path)
+            path, *extra_files = engine_cls.export_graph(descriptor, staging, precision)
             graphs[descriptor.name] = {
                 "file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size,
                 "inputs": [s.to_manifest() for s in descriptor.inputs],
                 "outputs": [s.to_manifest() for s in descriptor.outputs],
-                "extra_files": [{"file": p.name, "sha256": file_sha256(p)}
-                                for p in sorted(staging.glob(f"{descriptor.name}.onnx.data"))],
+                "extra_files": [{"file": p.name, "sha256": file_sha256(p)} for p in extra_files],
             }
             log(f"[{index}/{len(descriptors)}] exported {descriptor.name} "
                 f"({path.stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s")
-        extra = engine_cls.prepare(staging, graphs, log)
-        first = graph_info(staging / graphs["unet"]["file"])
+        extra = engine_cls.prepare(staging, graphs, log, device)
         noise = reference.noise
         manifest = {
-            "format": FORMAT, "backend": engine_cls.kind, "precision": "fp32", "batch": batch,
+            "format": FORMAT, "backend": engine_cls.kind, "precision": precision, "batch": batch,
             "model": {"fingerprint": reference.fingerprint, "image_size": reference.image_size,
                       "latent_shape": list(reference.latent_shape), "autoencoder": reference.layout.autoencoder,
                       "source": str(Path(model_dir).resolve()),
                       "parser": str(Path(parser).resolve()) if parser else None},
             "schedule": {**noise.to_manifest(), "timesteps_50": list(noise.for_steps(50).timesteps)},
-            "graphs": graphs, "onnx": {**first, "exporter": "torch.onnx.export(dynamo=True) + polygraphy fold"},
+            "graphs": graphs,
             "versions": _versions(), "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **extra,
         }

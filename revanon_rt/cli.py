@@ -289,6 +289,14 @@ def info_cmd(
 class EngineBackendName(str, Enum):
     onnxruntime = "onnxruntime"
     tensorrt = "tensorrt"
+    compiled = "compiled"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    tf32 = "tf32"
+    fp16 = "fp16"
+    bf16 = "bf16"
 
 
 @app.command("build")
@@ -298,10 +306,13 @@ def build_cmd(
     parser: Optional[Path] = PARSER,
     backend: EngineBackendName = typer.Option(EngineBackendName.onnxruntime, "--backend"),
     batch: int = typer.Option(1, "--batch", min=1, max=256, help="Faces per engine call (static shapes)."),
-    device: str = typer.Option("cpu", "--device", help="Where to measure parity: cpu or cuda."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda: where parity is measured, and where a "
+                               "compiled engine will run."),
+    precision: Precision = typer.Option(Precision.fp32, "--precision",
+                                        help="compiled only: fp32 (strict, default), or the fast tf32, fp16, bf16."),
     overwrite: bool = OVERWRITE,
 ) -> None:
-    """Export the UNet, the autoencoder and BiSeNet to fp32 engines, and record their parity with PyTorch."""
+    """Export the UNet, the autoencoder and BiSeNet to engines, and record their parity with PyTorch."""
     try:
         from .engines import engine_class
         from .export.build import build_engine
@@ -311,7 +322,7 @@ def build_cmd(
 
             require_tensorrt()
         path = build_engine(engine_class(backend.value), model, out, parser=parser, batch=batch,
-                            overwrite=overwrite, device=device, log=err.print)
+                            overwrite=overwrite, device=device, precision=precision.value, log=err.print)
     except ImportError as exc:
         _fail(UsageError(f"build needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
     except RevanonError as exc:
@@ -331,6 +342,7 @@ def verify_cmd(
     max_latent_rel_err: float = typer.Option(1e-4, help="Final latent: max ||Δ|| / ||z||."),
     min_identical_pixels: float = typer.Option(0.995, help="Anonymized image: min fraction of identical 8-bit values."),
     max_mask_differences: int = typer.Option(0, help="Face map: max differing cells."),
+    replays: int = typer.Option(20, "--replays", min=1, help="Fused engines: replays compared bit for bit."),
 ) -> None:
     """Prove an engine equal to the PyTorch reference, stage by stage, and recover across backends."""
     from rich.table import Table
@@ -345,7 +357,8 @@ def verify_cmd(
 
         backend = open_engine(engine, device=dev)
         report = run_verify(reference, backend, image, steps,
-                            Thresholds(max_latent_rel_err, min_identical_pixels, max_mask_differences), log=err.print)
+                            Thresholds(max_latent_rel_err, min_identical_pixels, max_mask_differences), log=err.print,
+                            replays=replays)
     except ImportError as exc:
         _fail(UsageError(f"verify needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
     except RevanonError as exc:

@@ -51,9 +51,10 @@ def transform_crops(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[b
     """T on a batch of aligned crops: N x H x W x 3 uint8 and N x h x w latent masks -> uint8 crops."""
     c, h, w = backend.latent_shape
     patterns = np.stack([flip_pattern(k_flip, nonce, (c, h, w)) for nonce in nonces])
-    x_out = transform(backend, to_model(rgbs), masks[:, None].astype(np.float32), patterns,
-                      backend.schedule(steps), callback)
-    return to_u8(x_out)
+    x, m, schedule = to_model(rgbs), masks[:, None].astype(np.float32), backend.schedule(steps)
+    if getattr(backend, "supports_fused", False):
+        return to_u8(backend.fused_transform(x, m, patterns, schedule))
+    return to_u8(transform(backend, x, m, patterns, schedule, callback))
 
 
 def check_crop(image: LoadedImage, image_size: int) -> None:

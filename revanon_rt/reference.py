@@ -68,9 +68,36 @@ def _from_pretrained(cls, root: Path, subfolder: str):
     return model.eval().requires_grad_(False)
 
 
+def _bisenet_class():
+    """facexlib's BiSeNet. The facexlib package's __init__ imports OpenCV, detection and tracking
+    code that parsing does not need; where those are missing, load only the parsing modules."""
+    try:
+        from facexlib.parsing.bisenet import BiSeNet
+
+        return BiSeNet
+    except ImportError as exc:
+        import importlib.machinery
+        import importlib.util
+        import sys
+        import types
+
+        spec = importlib.util.find_spec("facexlib")
+        if spec is None or not spec.submodule_search_locations:
+            raise UsageError("the bisenet masker needs facexlib: pip install facexlib") from exc
+        root = Path(list(spec.submodule_search_locations)[0])
+        for name, folder in (("facexlib", root), ("facexlib.parsing", root / "parsing")):
+            if name not in sys.modules or not hasattr(sys.modules[name], "__path__"):
+                package = types.ModuleType(name)
+                package.__path__ = [str(folder)]
+                sys.modules[name] = package
+        from facexlib.parsing.bisenet import BiSeNet
+
+        return BiSeNet
+
+
 def load_bisenet(path: Path) -> torch.nn.Module:
     """facexlib's 19-class BiSeNet from a local .pth, with no download."""
-    from facexlib.parsing.bisenet import BiSeNet
+    BiSeNet = _bisenet_class()
 
     path = Path(path)
     try:

@@ -27,11 +27,30 @@ class Backend(Protocol):
     def parse(self, image01: np.ndarray) -> np.ndarray: ...
 
 
-def ddim_step(x: np.ndarray, eps: np.ndarray, a_from: np.float32, a_to: np.float32) -> np.ndarray:
-    """One η = 0 DDIM step from level a_from to level a_to (diffusers' DDIMScheduler.step)."""
+def ddim_coefficients(a_from, a_to) -> tuple[float, float, float, float]:
+    """sqrt(a_from), sqrt(1 − a_from), sqrt(a_to), sqrt(1 − a_to), computed in float32.
+
+    Returned as Python floats holding exact float32 values, so that the same step function runs
+    unchanged on numpy arrays and on torch tensors (a compiled backend may pass 0-d tensors)."""
     a_from, a_to = np.float32(a_from), np.float32(a_to)
-    x0 = (x - np.sqrt(np.float32(1) - a_from) * eps) / np.sqrt(a_from)
-    return np.sqrt(a_to) * x0 + np.sqrt(np.float32(1) - a_to) * eps
+    one = np.float32(1)
+    return (float(np.sqrt(a_from)), float(np.sqrt(one - a_from)), float(np.sqrt(a_to)), float(np.sqrt(one - a_to)))
+
+
+def ddim_update(x, eps, s_from, r_from, s_to, r_to):
+    """x0 = (x − sqrt(1 − a_from)·ε) / sqrt(a_from); out = sqrt(a_to)·x0 + sqrt(1 − a_to)·ε."""
+    x0 = (x - r_from * eps) / s_from
+    return s_to * x0 + r_to * eps
+
+
+def ddim_step(x, eps, a_from, a_to):
+    """One η = 0 DDIM step from level a_from to level a_to (diffusers' DDIMScheduler.step)."""
+    return ddim_update(x, eps, *ddim_coefficients(a_from, a_to))
+
+
+def reinject(z, mask, kept):
+    """M·z + (1 − M)·kept: the original latent is put back outside the mask."""
+    return mask * z + (1 - mask) * kept
 
 
 def invert(eps_fn, z0: np.ndarray, schedule: Schedule, callback: StepCallback | None = None) -> list[np.ndarray]:
@@ -47,9 +66,9 @@ def invert(eps_fn, z0: np.ndarray, schedule: Schedule, callback: StepCallback | 
     return keep
 
 
-def keyed_flip(z_T: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+def keyed_flip(z_T, mask, pattern):
     """z_T' = M·(r ⊙ z_T) + (1 − M)·z_T."""
-    return mask * (pattern * z_T) + (np.float32(1) - mask) * z_T
+    return reinject(pattern * z_T, mask, z_T)
 
 
 def denoise(eps_fn, z: np.ndarray, schedule: Schedule, mask: np.ndarray, keep: list[np.ndarray],
@@ -59,8 +78,7 @@ def denoise(eps_fn, z: np.ndarray, schedule: Schedule, mask: np.ndarray, keep: l
     levels, ts, S = schedule.levels, schedule.timesteps, schedule.steps
     assert len(keep) == S, "keep must hold keep[0..S-1]"
     for i in range(S):
-        z = ddim_step(z, eps_fn(z, ts[i]), levels[i], levels[i + 1])
-        z = mask * z + (np.float32(1) - mask) * keep.pop()
+        z = reinject(ddim_step(z, eps_fn(z, ts[i]), levels[i], levels[i + 1]), mask, keep.pop())
         if callback:
             callback("denoise", i, S)
     return z

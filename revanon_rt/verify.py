@@ -13,7 +13,7 @@ from .errors import UsageError
 from .keys import flip_pattern, flip_subkey
 from .masks import latent_mask
 from .pixels import to_model, to_u8, to_unit
-from .sampler import ddim_step, invert, keyed_flip
+from .sampler import ddim_step, invert, keyed_flip, reinject
 
 VERIFY_KEY = bytes(range(32))
 VERIFY_NONCE = bytes(range(100, 116))
@@ -50,8 +50,8 @@ def _anonymize_tracked(backend, rgb: np.ndarray, mask: np.ndarray, steps: int, p
     for i in range(sched.steps):
         if i in probe:
             probes[i] = z.copy()
-        z = ddim_step(z, backend.eps(z, sched.timesteps[i]), sched.levels[i], sched.levels[i + 1])
-        z = m * z + (np.float32(1) - m) * keep.pop()
+        z = reinject(ddim_step(z, backend.eps(z, sched.timesteps[i]), sched.levels[i], sched.levels[i + 1]), m,
+                     keep.pop())
     decoded = backend.decode(z)
     return {"z0": z0, "probes": probes, "z_final": z, "decoded": decoded, "rgb": to_u8(decoded)[0]}
 
@@ -78,8 +78,24 @@ def load_verify_image(path: Path | None, size: int) -> tuple[np.ndarray, np.ndar
     return rgb, face_mask
 
 
+def _fused_rows(engine, rgb: np.ndarray, mask: np.ndarray, steps: int, replays: int):
+    """A fused loop (compiled engines) against the plain functions on the same engine, and against itself."""
+    from .sampler import transform
+
+    sched = engine.schedule(steps)
+    x, m = to_model(rgb[None]), mask[None, None].astype(np.float32)
+    pattern = flip_pattern(flip_subkey(VERIFY_KEY), VERIFY_NONCE, engine.latent_shape)[None]
+    plain = transform(engine, x, m, pattern, sched)
+    runs = [engine.fused_transform(x, m, pattern, sched) for _ in range(max(1, replays))]
+    rows = {"fused loop vs plain functions": {**_errors(plain, runs[0]),
+                                              "identical_8bit": float(np.mean(to_u8(plain) == to_u8(runs[0])))},
+            "fused loop run to run": {"replays": len(runs),
+                                      "bitwise_identical": all(np.array_equal(runs[0], r) for r in runs[1:])}}
+    return rows, to_u8(runs[0])[0]
+
+
 def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
-               thresholds: Thresholds | None = None, log=print) -> dict:
+               thresholds: Thresholds | None = None, log=print, replays: int = 20) -> dict:
     thresholds = thresholds or Thresholds()
     if engine.fingerprint != reference.fingerprint:
         raise UsageError("the engine was built from another model (fingerprints differ); rebuild it from this "
@@ -115,11 +131,16 @@ def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
     rows["anonymized 8-bit"] = {"identical_fraction": float(np.mean(ref["rgb"] == eng["rgb"])),
                                 "max_level_difference": int(np.abs(ref["rgb"].astype(int) - eng["rgb"]).max())}
 
+    engine_anonymized = eng["rgb"]
+    if getattr(engine, "supports_fused", False):
+        log(f"verify: fused loop against the plain functions, {replays} replays")
+        fused_rows, engine_anonymized = _fused_rows(engine, rgb, mask, steps, replays)
+        rows.update(fused_rows)
     log("verify: recovering within and across backends")
     recovery = {
         "pytorch -> pytorch": _recover(reference, ref["rgb"], mask, steps),
-        "engine -> engine": _recover(engine, eng["rgb"], mask, steps),
-        "engine -> pytorch": _recover(reference, eng["rgb"], mask, steps),
+        "engine -> engine": _recover(engine, engine_anonymized, mask, steps),
+        "engine -> pytorch": _recover(reference, engine_anonymized, mask, steps),
         "pytorch -> engine": _recover(engine, ref["rgb"], mask, steps),
     }
     for name, rec in recovery.items():
@@ -137,6 +158,12 @@ def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
         "cross-backend recovery": (min(cross), f">= {min(same) - noise:.2f} dB (same-backend - noise)",
                                    min(cross) >= min(same) - noise),
     }
+    if "fused loop vs plain functions" in rows:
+        fused = rows["fused loop vs plain functions"]["identical_8bit"]
+        checks["fused loop equals plain functions"] = (fused, f">= {thresholds.min_identical_pixels:g}",
+                                                       fused >= thresholds.min_identical_pixels)
+        stable = rows["fused loop run to run"]["bitwise_identical"]
+        checks["run-to-run bitwise identical"] = (stable, "True", stable)
     if "parse mask" in rows:
         differing = rows["parse mask"]["differing_cells"]
         checks["identical masks"] = (differing, f"<= {thresholds.max_mask_differences}",

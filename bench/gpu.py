@@ -1,0 +1,334 @@
+"""GPU benchmark and exactness run (issue 4), in one script that writes each result as it goes,
+so that a short GPU window still yields numbers.
+
+On the GPU machine (see bench/gpu_prepare.sh for the wheels and configs to carry):
+
+    python bench/gpu.py --out $OUT                          # everything, in priority order
+    python bench/gpu.py --out $OUT --only eager,fp32-b1     # some stages
+    python bench/gpu.py --out /tmp/x --tiny --device cpu     # a smoke test of the script on a CPU
+
+Stages: machine facts; measured fp32/tf32/fp16 peaks; the diffusers-style eager loop (fp32, TF32
+off); then one compiled engine per (precision, batch) with latency or throughput, peak memory,
+the fraction of the FLOP floor, a verify run (run-to-run over 20 replays, against eager,
+cross-backend recovery) and a profile of one UNet call. Results: gpu-results.jsonl and
+gpu-results.md in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+GFLOP = {"unet": 202.0, "encoder": 345.0, "decoder": 671.0}
+CONFIGS = [  # (name, precision, batch, what it answers)
+    ("fp32-b1", "fp32", 1, "strict fp32 latency, speed-up over eager"),
+    ("fp32-b8", "fp32", 8, "strict fp32 throughput: the 70%-of-peak target"),
+    ("tf32-b8", "tf32", 8, "tf32 throughput: the 0.1 s/face target"),
+    ("fp16-b16", "fp16", 16, "fp16 throughput: the 10 faces/s target"),
+    ("tf32-b1", "tf32", 1, "tf32 latency"),
+    ("fp16-b1", "fp16", 1, "fp16 latency"),
+    ("bf16-b16", "bf16", 16, "bf16 throughput"),
+    ("fp32-b16", "fp32", 16, "strict fp32 at batch 16"),
+]
+
+
+class Recorder:
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "gpu-results.jsonl"
+        self.records: list[dict] = []
+
+    def __call__(self, stage: str, **data) -> None:
+        record = {"stage": stage, "time": time.strftime("%H:%M:%S"), **data}
+        self.records.append(record)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        print(json.dumps(record), flush=True)
+
+
+def sync_time(fn, repeats: int, warmup: int = 1) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    facts = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": device}
+    if device == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name()
+        try:
+            facts["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                             capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pass
+    try:
+        import triton
+
+        facts["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return facts
+
+
+def peaks(device: str) -> dict:
+    """Measured matmul and conv throughput: the denominator of 'fraction of the FLOP floor'."""
+    import torch
+
+    from revanon_rt.engines.compiled import apply_precision
+
+    out = {}
+    n = 8192 if device == "cuda" else 1024
+    for precision, dtype in (("fp32", torch.float32), ("tf32", torch.float32), ("fp16", torch.float16),
+                             ("bf16", torch.bfloat16)):
+        apply_precision(precision)
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        out[f"matmul_{precision}_tflops"] = 2 * n**3 / sync_time(lambda: a @ b, 10, 3) / 1e12
+    apply_precision("fp32")
+    conv = torch.nn.Conv2d(224, 224, 3, padding=1).to(device).eval()
+    x = torch.randn(8 if device == "cuda" else 1, 224, 64, 64, device=device)
+    with torch.inference_mode():
+        t = sync_time(lambda: conv(x), 10, 3)
+    out["conv3x3_fp32_tflops"] = 2 * x.shape[0] * 64 * 64 * 224 * 224 * 9 / t / 1e12
+    out["fp32_peak_tflops"] = max(out["matmul_fp32_tflops"], out["conv3x3_fp32_tflops"])
+    return out
+
+
+def build_models(work: Path, tiny: bool, configs: Path) -> tuple[Path, Path | None]:
+    from revanon_rt import tiny as builders
+
+    model = work / ("tiny-ldm" if tiny else "compvis-random")
+    if not (model / "unet").is_dir():
+        if tiny:
+            builders.save_tiny_ldm(model)
+        else:
+            builders.save_compvis_architecture(model, configs)
+    parser = work / "bisenet-random.pth"
+    if not parser.exists():
+        try:
+            builders.save_random_bisenet(parser)
+        except Exception as exc:  # facexlib absent: the parser is left out and the record says so
+            print(f"no parser: {exc}", flush=True)
+            return model, None
+    return model, parser
+
+
+def diffusers_eager(model: Path, parser: Path | None, device: str, batch: int, steps: int) -> dict:
+    """The loop a user would write with diffusers' schedulers, fp32, TF32 off, no graphs."""
+    import torch
+    from diffusers import DDIMInverseScheduler, DDIMScheduler, UNet2DModel, VQModel
+
+    from revanon_rt.engines.compiled import apply_precision
+    from revanon_rt.reference import load_bisenet
+
+    apply_precision("fp32")
+    unet = UNet2DModel.from_pretrained(model, subfolder="unet").to(device).eval()
+    vq = VQModel.from_pretrained(model, subfolder="vqvae").to(device).eval()
+    bisenet = load_bisenet(parser).to(device) if parser else None
+    config = {k: v for k, v in json.loads((model / "scheduler" / "scheduler_config.json").read_text()).items()
+              if not k.startswith("_")}
+    forward = DDIMScheduler.from_config(config)
+    inverse = DDIMInverseScheduler.from_config(config)
+    forward.set_timesteps(steps)
+    inverse.set_timesteps(steps)
+    size = vq.config.sample_size
+    x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
+    mask = torch.zeros(batch, 1, unet.config.sample_size, unet.config.sample_size, device=device)
+    mask[..., 8:-8, 8:-8] = 1
+    signs = torch.where(torch.rand_like(torch.zeros(batch, 3, *mask.shape[2:], device=device)) < 0.5, -1.0, 1.0)
+
+    def anonymize():
+        with torch.inference_mode():
+            if bisenet is not None:
+                bisenet(torch.nn.functional.interpolate((x + 1) / 2, size=(512, 512), mode="bilinear"))[0].argmax(1)
+            z = vq.encode(x).latents
+            kept = [z]
+            for t in inverse.timesteps:
+                z = inverse.step(unet(z, t).sample, t, z).prev_sample
+                kept.append(z)
+            z = mask * signs * z + (1 - mask) * z
+            for i, t in enumerate(forward.timesteps):
+                z = forward.step(unet(z, t).sample, t, z).prev_sample
+                z = mask * z + (1 - mask) * kept[steps - 1 - i]
+            vq.decode(z)
+
+    seconds = sync_time(anonymize, 3 if batch == 1 else 2)
+    return {"batch": batch, "seconds_per_call": seconds, "seconds_per_face": seconds / batch,
+            "faces_per_second": batch / seconds}
+
+
+def compiled_stage(name, precision, batch, model, parser, device, work, steps, rec, eager_latency, peak_tflops):
+    import torch
+
+    from revanon_rt.engines import engine_class, open_engine
+    from revanon_rt.export.build import build_engine
+    from revanon_rt.keys import flip_pattern
+    from revanon_rt.pixels import to_model
+
+    engine_dir = work / f"engine-{name}"
+    start = time.perf_counter()
+    build_engine(engine_class("compiled"), model, engine_dir, parser=parser, batch=batch, overwrite=True,
+                 device=device, precision=precision, log=lambda m: print(m, flush=True))
+    build_s = time.perf_counter() - start
+    backend = open_engine(engine_dir, device=device)
+    schedule = backend.schedule(steps)
+    c, h, w = backend.latent_shape
+    rng = np.random.default_rng(0)
+    rgb = (rng.random((batch, backend.image_size, backend.image_size, 3)) * 255).astype(np.uint8)
+    x = to_model(rgb)
+    mask = np.zeros((batch, 1, h, w), np.float32)
+    mask[..., h // 8: -h // 8, w // 8: -w // 8] = 1
+    pattern = np.stack([flip_pattern(bytes(32), bytes([i]) * 16, (c, h, w)) for i in range(batch)])
+    from revanon_rt.masks import BiSeNetMasker
+
+    masker = BiSeNetMasker(backend) if backend.can_parse else None
+
+    def one_batch():
+        if masker is not None:
+            masker.face_maps(rgb, [None] * batch)
+        backend.fused_transform(x, mask, pattern, schedule)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = sync_time(one_batch, 5, warmup=2)
+    flop_per_face = (2 * steps * GFLOP["unet"] + GFLOP["encoder"] + GFLOP["decoder"]) * 1e9
+    floor = flop_per_face / (peak_tflops * 1e12)
+    result = {"config": name, "precision": precision, "batch": batch, "build_seconds": build_s,
+              "seconds_per_batch": seconds, "seconds_per_face": seconds / batch, "faces_per_second": batch / seconds,
+              "flop_floor_seconds_per_face": floor, "fraction_of_fp32_floor": floor / (seconds / batch),
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+    if eager_latency and batch == 1:
+        result["speedup_over_eager"] = eager_latency / seconds
+    rec("compiled", **result)
+    return engine_dir, backend
+
+
+def verify_stage(name, engine_dir, model, parser, device, steps, replays, rec) -> None:
+    from revanon_rt.reference import TorchReference
+    from revanon_rt.verify import Thresholds, run_verify
+
+    from revanon_rt.engines import open_engine
+
+    reference = TorchReference(model, device=device, parser=parser)
+    backend = open_engine(engine_dir, device=device)
+    report = run_verify(reference, backend, None, steps, Thresholds(max_latent_rel_err=1e-5, min_identical_pixels=0.999),
+                        log=lambda m: print(m, flush=True), replays=replays)
+    rec("verify", config=name, passed=report["passed"], checks=report["checks"], stages=report["stages"])
+
+
+def profile_stage(name, backend, device, rec) -> None:
+    """Where the time of one UNet call goes, by kernel."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    c, h, w = backend.latent_shape
+    z = np.random.default_rng(1).standard_normal((backend.batch, c, h, w)).astype(np.float32)
+    backend.eps(z, 500)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        backend.eps(z, 500)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key.replace("_total", "_total"), row_limit=15)
+    rec("profile", config=name, table=table)
+
+
+def markdown(records: list[dict]) -> str:
+    lines = ["# GPU results", ""]
+    for r in records:
+        if r["stage"] == "machine":
+            lines.append(f"{r.get('gpu', r['device'])}, driver {r.get('driver')}, torch {r['torch']}, "
+                         f"CUDA {r.get('cuda')}, triton {r.get('triton')}.")
+        if r["stage"] == "peaks":
+            lines += ["", "Measured peaks (TFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()
+                                                                    if k.endswith("tflops"))]
+    lines += ["", "| configuration | s/batch | s/face | faces/s | % of fp32 floor | speed-up vs eager | peak GiB |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        if r["stage"] == "eager":
+            lines.append(f"| diffusers eager fp32, batch {r['batch']} | {r['seconds_per_call']:.3f} | "
+                         f"{r['seconds_per_face']:.3f} | {r['faces_per_second']:.2f} | | 1.00× | |")
+        if r["stage"] == "compiled":
+            speed = f"{r['speedup_over_eager']:.2f}×" if "speedup_over_eager" in r else ""
+            mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else ""
+            lines.append(f"| compiled {r['precision']}, batch {r['batch']} | {r['seconds_per_batch']:.3f} | "
+                         f"{r['seconds_per_face']:.3f} | {r['faces_per_second']:.2f} | "
+                         f"{100 * r['fraction_of_fp32_floor']:.0f}% | {speed} | {mem} |")
+    for r in records:
+        if r["stage"] == "verify":
+            lines += ["", f"verify {r['config']}: " + ("passed" if r["passed"] else "FAILED"), ""]
+            lines += [f"- {k}: {v['value']} (needs {v['threshold']})" for k, v in r["checks"].items()]
+        if r["stage"] == "profile":
+            lines += ["", f"Profile of one UNet call ({r['config']}):", "", "```", r["table"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/revanon-gpu"))
+    parser.add_argument("--configs", type=Path, default=HERE.parent.parent / "shared" / "spec" / "compvis-ldm-celebahq-256")
+    parser.add_argument("--only", default="", help="comma-separated stages: peaks, eager, and config names")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny models: a smoke test of this script")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--replays", type=int, default=20)
+    args = parser.parse_args()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    only = set(filter(None, args.only.split(",")))
+    wanted = lambda stage: not only or stage in only  # noqa: E731
+    rec = Recorder(args.out)
+    args.work.mkdir(parents=True, exist_ok=True)
+    rec("machine", **machine(args.device))
+    peak = peaks(args.device)
+    rec("peaks", **peak)
+    model, bisenet = build_models(args.work, args.tiny, args.configs)
+    rec("models", model=str(model), parser=str(bisenet) if bisenet else None)
+    eager_latency = None
+    if wanted("eager"):
+        for batch in (1, 8):
+            result = diffusers_eager(model, bisenet, args.device, batch, args.steps)
+            rec("eager", **result)
+            if batch == 1:
+                eager_latency = result["seconds_per_call"]
+    for name, precision, batch, _why in CONFIGS:
+        if not wanted(name):
+            continue
+        try:
+            engine_dir, backend = compiled_stage(name, precision, batch, model, bisenet, args.device, args.work,
+                                                 args.steps, rec, eager_latency, peak["fp32_peak_tflops"])
+            if precision == "fp32":
+                profile_stage(name, backend, args.device, rec)
+            verify_stage(name, engine_dir, model, bisenet, args.device, args.steps, args.replays, rec)
+            shutil.rmtree(engine_dir, ignore_errors=True)
+        except Exception as exc:  # record and go on: a short window should still yield the other rows
+            rec("error", config=name, error=f"{type(exc).__name__}: {exc}")
+        (args.out / "gpu-results.md").write_text(markdown(rec.records))
+    (args.out / "gpu-results.md").write_text(markdown(rec.records))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    main()

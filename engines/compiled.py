@@ -1,0 +1,235 @@
+"""Compiled PyTorch engines: one AOTInductor package (.pt2) per model, static shapes for a fixed
+batch, and a fused loop over device-resident buffers. On CUDA the whole transform (encode, the
+inversion steps, the keyed flip, the denoising steps with re-injection, decode) is captured once
+as a CUDA graph and replayed per batch of faces.
+
+This backend needs torch, and a package is tied to the torch version and device kind it was built
+with: build it on the machine that runs it. The loop's update math is sampler.ddim_update and
+sampler.reinject, compiled; `verify` compares the fused loop with the plain functions.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from ..sampler import ddim_coefficients, ddim_update, keyed_flip, reinject
+from .manifest import EngineManifest, rebuild_hint
+
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise UsageError("the compiled backend needs torch: pip install 'revanon-rt[torch]'") from None
+    return torch
+
+
+def apply_precision(precision: str) -> None:
+    """Strict fp32 unless TF32 is asked for; deterministic kernels in every mode."""
+    import os
+
+    torch = _torch()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.use_deterministic_algorithms(True)
+
+
+def compute_dtype(precision: str):
+    torch = _torch()
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+
+
+def inductor_configs() -> dict:
+    """No autotuning whose winner could change between builds or runs."""
+    from torch._inductor import config
+
+    wanted = {"max_autotune": False, "max_autotune_gemm": False, "coordinate_descent_tuning": False,
+              "deterministic": True}
+    return {key: value for key, value in wanted.items() if hasattr(config, key)}
+
+
+class _CastIO:
+    """float32 in and out whatever the compute precision, so the loop math stays fp32."""
+
+    def __new__(cls, module, dtype):
+        torch = _torch()
+
+        class CastIO(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = copy.deepcopy(module).to(dtype) if dtype != torch.float32 else module
+
+            def forward(self, *args):
+                cast = [a.to(dtype) if a.is_floating_point() else a for a in args]
+                out = self.inner(*cast)
+                return out.float() if out.is_floating_point() else out
+
+        return CastIO().eval()
+
+
+class CompiledEngine:
+    kind = "compiled"
+    precisions = PRECISIONS
+
+    @classmethod
+    def reference_device(cls, device: str) -> str:
+        """Packages are compiled for the device they will run on, from modules living there."""
+        torch = _torch()
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            return "cuda"
+        if device == "cuda":
+            raise UsageError("--device cuda: no CUDA GPU is visible to torch")
+        return "cpu"
+
+    @classmethod
+    def export_graph(cls, descriptor, staging_dir: Path, precision: str) -> list[Path]:
+        torch = _torch()
+        apply_precision(precision)
+        device = next(descriptor.module.parameters()).device
+        # the parser stays fp32: the mask it draws is stored and must not depend on the precision
+        dtype = torch.float32 if descriptor.name == "parser" else compute_dtype(precision)
+        module = _CastIO(descriptor.module, dtype)
+        args = descriptor.torch_args(device)
+        path = staging_dir / f"{descriptor.name}.pt2"
+        with torch.no_grad():
+            program = torch.export.export(module, args, strict=False)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                     inductor_configs=inductor_configs())
+        return [path]
+
+    @classmethod
+    def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict:
+        torch = _torch()
+        facts = {"torch": torch.__version__, "device": cls.reference_device(device),
+                 "packager": "torch._inductor.aoti_compile_and_package", "inductor_configs": inductor_configs()}
+        if torch.cuda.is_available():
+            facts["gpu"] = torch.cuda.get_device_name()
+        return {"compiled": facts}
+
+    def __init__(self, manifest: EngineManifest, device: str = "auto", options=None):
+        torch = _torch()
+        facts = manifest.data.get("compiled", {})
+        if facts.get("torch") != torch.__version__:
+            raise UsageError(f"{manifest.engine_dir}: compiled with torch {facts.get('torch')}, this is torch "
+                             f"{torch.__version__}; compiled packages are tied to their torch version, "
+                             f"{rebuild_hint(manifest.engine_dir, manifest.data)}")
+        built_on = facts.get("device", "cpu")
+        if device not in ("auto", built_on):
+            raise UsageError(f"{manifest.engine_dir}: compiled for {built_on}, asked to run on {device}; "
+                             f"{rebuild_hint(manifest.engine_dir, manifest.data)} --device {device}")
+        if built_on == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"{manifest.engine_dir}: compiled for CUDA, and no GPU is visible")
+        self.manifest = manifest
+        self.precision = manifest.data["precision"]
+        apply_precision(self.precision)
+        self.device = torch.device(built_on)
+        self.on_gpu = built_on == "cuda"
+        from torch._inductor import aoti_load_package
+
+        self.runners = {name: aoti_load_package(str(manifest.graph_path(name)), run_single_threaded=self.on_gpu)
+                        for name in manifest.graphs}
+        self._loops: dict = {}
+
+    def call(self, graph: str, *tensors):
+        out = self.runners[graph](*tensors)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        torch = _torch()
+        names = [spec["name"] for spec in self.manifest.graphs[graph]["inputs"]]
+        with torch.inference_mode():
+            out = self.call(graph, *(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in names))
+        return out.cpu().numpy()
+
+    def fused_transform(self, x: np.ndarray, mask: np.ndarray, pattern: np.ndarray, schedule) -> np.ndarray:
+        """sampler.transform for one full batch, on device, as one CUDA graph replay on a GPU."""
+        key = schedule.timesteps
+        if key not in self._loops:
+            self._loops[key] = FusedLoop(self, schedule)
+        return self._loops[key].run(x, mask, pattern)
+
+
+class FusedLoop:
+    """Static buffers for one (schedule, batch): the kept latents, the step coefficients and timesteps
+    as device tensors, and the two fused update kernels."""
+
+    def __init__(self, engine: CompiledEngine, schedule):
+        torch = _torch()
+        m = engine.manifest
+        self.engine, self.torch = engine, torch
+        b, (c, h, w), size = m.batch, m.latent_shape, m.image_size
+        dev = engine.device
+        steps, levels = schedule.steps, schedule.levels
+        self.steps = steps
+        self.has_autoencoder = "encoder" in m.graphs
+        self.x_in = torch.zeros((b, 3, size, size), device=dev)
+        self.mask = torch.zeros((b, 1, h, w), device=dev)
+        self.pattern = torch.zeros((b, c, h, w), device=dev)
+        self.keep = torch.zeros((steps + 1, b, c, h, w), device=dev)
+        self.x_out = torch.zeros((b, 3, size, size), device=dev)
+        inv = [ddim_coefficients(levels[i + 1], levels[i]) for i in range(steps - 1, -1, -1)]
+        den = [ddim_coefficients(levels[i], levels[i + 1]) for i in range(steps)]
+        self.inv_coeffs = torch.tensor(inv, dtype=torch.float32, device=dev)
+        self.den_coeffs = torch.tensor(den, dtype=torch.float32, device=dev)
+        self.inv_t = torch.tensor([[schedule.timesteps[i]] * b for i in range(steps - 1, -1, -1)], device=dev)
+        self.den_t = torch.tensor([[t] * b for t in schedule.timesteps], device=dev)
+        self.invert_update = torch.compile(_invert_update, fullgraph=True, dynamic=False)
+        self.denoise_update = torch.compile(_denoise_update, fullgraph=True, dynamic=False)
+        self.graph = None
+
+    def _body(self) -> None:
+        e, keep = self.engine, self.keep
+        keep[0].copy_(e.call("encoder", self.x_in) if self.has_autoencoder else self.x_in)
+        for n in range(self.steps):
+            eps = e.call("unet", keep[n], self.inv_t[n])
+            keep[n + 1].copy_(self.invert_update(keep[n], eps, self.inv_coeffs[n]))
+        z = keyed_flip(keep[self.steps], self.mask, self.pattern)
+        for i in range(self.steps):
+            eps = e.call("unet", z, self.den_t[i])
+            z = self.denoise_update(z, eps, keep[self.steps - 1 - i], self.mask, self.den_coeffs[i])
+        self.x_out.copy_(e.call("decoder", z) if self.has_autoencoder else z)
+
+    def run(self, x: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            self.x_in.copy_(torch.from_numpy(x))
+            self.mask.copy_(torch.from_numpy(mask))
+            self.pattern.copy_(torch.from_numpy(pattern))
+            if not self.engine.on_gpu:
+                self._body()
+            else:
+                if self.graph is None:
+                    self._capture()
+                self.graph.replay()
+            return self.x_out.cpu().numpy()
+
+    def _capture(self) -> None:
+        torch = self.torch
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph: lazy inits, compilation
+            self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._body()
+        self.graph = graph
+
+
+def _invert_update(z, eps, coeffs):
+    return ddim_update(z, eps, coeffs[0], coeffs[1], coeffs[2], coeffs[3])
+
+
+def _denoise_update(z, eps, kept, mask, coeffs):
+    return reinject(ddim_update(z, eps, coeffs[0], coeffs[1], coeffs[2], coeffs[3]), mask, kept)
