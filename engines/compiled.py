@@ -23,10 +23,14 @@ PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 
 
 def _torch():
+    import logging
+
     try:
         import torch
     except ImportError:
         raise UsageError("the compiled backend needs torch: pip install 'revanon-rt[torch]'") from None
+    # on CPU-only machines Inductor's C++ toolchain probe warns about CUDA_HOME on every build
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch
 
 

@@ -1,0 +1,70 @@
+"""The compiled backend (issue 4) on CPU: AOTInductor packages and the fused loop, without CUDA graphs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import box_mask, cli, random_image, read_rgb, save_png
+
+
+@pytest.fixture(scope="module")
+def compiled_zero(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled") / "zero"
+    built = cli("build", "--backend", "compiled", "--model", models["zero"], "--out", out, "--device", "cpu",
+                "--batch", "2")
+    assert built.returncode == 0, built.stderr
+    return out
+
+
+def test_compiled_engine_round_trip_is_bit_exact(compiled_zero, keyfile, tmp_path):
+    manifest = json.loads((compiled_zero / "engine.json").read_text())
+    assert manifest["backend"] == "compiled" and manifest["precision"] == "fp32"
+    assert manifest["graphs"]["unet"]["file"] == "unet.pt2" and manifest["compiled"]["device"] == "cpu"
+    assert manifest["parity"]["unet"]["rel_l2"] < 1e-6
+    inputs = tmp_path / "in"
+    originals = [save_png(inputs / f"{n}.png", random_image(32, seed=60 + i)) for i, n in enumerate("abc")]
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    anon = cli("run", "anonymize", inputs, "--out", tmp_path / "anon", "--engine", compiled_zero, "--mask", mask,
+               "--key", keyfile)
+    assert anon.returncode == 0, anon.stderr
+    rec = cli("run", "deanonymize", tmp_path / "anon", "--out", tmp_path / "rec", "--engine", compiled_zero,
+              "--key", keyfile)
+    assert rec.returncode == 0, rec.stderr
+    inside = box_mask(32) > 0
+    for path in originals:
+        anonymized = read_rgb(tmp_path / "anon" / path.name)
+        assert (anonymized[inside] != read_rgb(path)[inside]).mean() > 0.3
+        assert np.array_equal(read_rgb(tmp_path / "rec" / path.name), read_rgb(path))
+
+
+def test_verify_proves_the_fused_loop_equal_to_the_plain_functions(compiled_zero, models, tmp_path):
+    result = cli("verify", "--engine", compiled_zero, "--model", models["zero"], "--steps", "10", "--replays", "3",
+                 "--json", tmp_path / "v.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["checks"]["fused loop equals plain functions"]["passed"]
+    assert report["stages"]["fused loop run to run"] == {"replays": 3, "bitwise_identical": True}
+    assert report["stages"]["fused loop vs plain functions"]["max_abs"] < 1e-5
+
+
+def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, tmp_path):
+    from revanon_rt.engines.manifest import manifest_digest
+
+    engine = shutil.copytree(compiled_zero, tmp_path / "engine")
+    manifest = json.loads((engine / "engine.json").read_text())
+    manifest["compiled"]["torch"] = "1.0.0"
+    manifest["digest"] = manifest_digest(manifest)
+    (engine / "engine.json").write_text(json.dumps(manifest))
+    src = save_png(tmp_path / "face.png", random_image(32))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    result = cli("run", "anonymize", src, "--out", tmp_path / "out", "--engine", engine, "--mask", mask,
+                 "--key", keyfile)
+    assert result.returncode == 2 and "tied to their torch version" in result.stderr
+    assert "revanon-rt build" in result.stderr
+
+
+def test_onnxruntime_refuses_fast_precisions(models, tmp_path):
+    result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--precision", "fp16")
+    assert result.returncode == 2 and "builds fp32, not fp16" in result.stderr
