@@ -36,6 +36,7 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)
+    rows: list[tuple[str, str, str]] = field(default_factory=list)  # input, status, detail
 
     @property
     def exit_code(self) -> int:
@@ -106,6 +107,23 @@ def assign_outputs(jobs: list[Job], out_dir: Path) -> None:
         job.output = candidate
 
 
+def assign_neutral_outputs(jobs: list[Job], out_dir: Path) -> None:
+    """--rename: 000001.png, 000002.png, ... in input order, flat, so no person's name survives
+    in a file or folder name."""
+    for number, job in enumerate((j for j in jobs if j.error is None), 1):
+        job.output = out_dir / f"{number:06d}.png"
+        if job.output.exists() and job.output.resolve() == job.source.resolve():
+            job.error = f"{job.source}: the output would replace the input; choose another --out"
+
+
+def write_mapping(jobs: list[Job], path: Path) -> None:
+    """The input -> output names of a --rename run, written only where the user asked."""
+    import json
+
+    mapping = {str(j.source): str(j.output) for j in jobs if j.output is not None and j.output.exists()}
+    write_atomic(path, (json.dumps(mapping, indent=1, ensure_ascii=False) + "\n").encode("utf-8"), overwrite=True)
+
+
 def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, sidecar: bool,
              console: Console) -> Summary:
     """process(job, step_callback) -> pipeline.Output. Writes each output atomically."""
@@ -124,13 +142,28 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
             _run_one(job, process, on_step, overwrite, sidecar, summary, console)
             progress.update(steps, visible=False)
             progress.advance(images)
+    if len(jobs) > 1:
+        _print_table(summary, console)
     return summary
+
+
+def _print_table(summary: Summary, console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(show_edge=False)
+    for column in ("input", "result", "detail"):
+        table.add_column(column)
+    for source, status, detail in summary.rows:
+        style = {"failed": "red", "skipped": "yellow"}.get(status, "")
+        table.add_row(source, f"[{style}]{status}[/{style}]" if style else status, detail)
+    console.print(table)
 
 
 def _run_one(job, process, on_step, overwrite, sidecar, summary, console) -> None:
     def fail(message: str) -> None:
         summary.failed += 1
         summary.failures.append(message)
+        summary.rows.append((str(job.relative), "failed", message.split(": ", 1)[-1]))
         console.print(f"[red]error[/red]: {message}", highlight=False, soft_wrap=True)
 
     if job.error:
@@ -138,14 +171,16 @@ def _run_one(job, process, on_step, overwrite, sidecar, summary, console) -> Non
     targets = [job.output] + ([sidecar_path(job.output)] if sidecar else [])
     if not overwrite and any(t.exists() for t in targets):
         summary.skipped += 1
+        summary.rows.append((str(job.relative), "skipped", f"{job.output} exists"))
         console.print(f"skipped: {job.output} exists (use --overwrite)", highlight=False, soft_wrap=True)
         return
     try:
         result = process(job, on_step)
         for note in result.warnings:
             console.print(f"[yellow]warning[/yellow]: {note}", highlight=False, soft_wrap=True)
-        if not write_atomic(job.output, result.png_bytes(), overwrite):
+        if not write_atomic(job.output, result.png_bytes() if result.header else _plain_png(result), overwrite):
             summary.skipped += 1
+            summary.rows.append((str(job.relative), "skipped", f"{job.output} appeared meanwhile"))
             return
         if sidecar:
             write_atomic(sidecar_path(job.output), result.header_text().encode("utf-8"), overwrite)
@@ -159,3 +194,11 @@ def _run_one(job, process, on_step, overwrite, sidecar, summary, console) -> Non
         return fail(f"{job.source}: internal error ({type(exc).__name__}: {exc}); "
                     "set REVANON_DEBUG=1 for a traceback")
     summary.done += 1
+    summary.rows.append((str(job.relative), "done", getattr(result, "detail", "")))
+
+
+def _plain_png(result) -> bytes:
+    """Outputs without revanon metadata (the --dry-run drawings)."""
+    from .images import encode_png
+
+    return encode_png(result.image.rgb, result.image.alpha, None, {})

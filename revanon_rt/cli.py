@@ -27,11 +27,23 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 class MaskerName(str, Enum):
     bisenet = "bisenet"
+    landmarks = "landmarks"
     file = "file"
 
 
 class Mode(str, Enum):
     crop = "crop"
+    photo = "photo"
+
+
+class FacesChoice(str, Enum):
+    all = "all"
+    largest = "largest"
+
+
+class OutputFormat(str, Enum):
+    png = "png"
+    jpeg = "jpeg"
 
 
 def _fail(exc: RevanonError) -> None:
@@ -83,32 +95,44 @@ def open_backend(model: Optional[Path], engine: Optional[Path], device: str, par
 
 
 def _masker_name(masker: Optional[MaskerName], mask: Optional[Path], parser: Optional[Path],
-                 engine: Optional[Path]) -> MaskerName:
+                 engine: Optional[Path], mode: "Mode" = None) -> MaskerName:
     """Checked before any model is loaded, so that a flag mistake costs nothing."""
     if masker is None:
         masker = MaskerName.file if mask else MaskerName.bisenet
     if masker == MaskerName.file and mask is None:
         raise UsageError("--masker file needs --mask MASK_IMAGE_OR_DIR")
-    if masker == MaskerName.bisenet and mask is not None:
-        raise UsageError("--mask gives masks from files; it does not go with --masker bisenet")
+    if masker != MaskerName.file and mask is not None:
+        raise UsageError(f"--mask gives masks from files; it does not go with --masker {masker.value}")
+    if masker == MaskerName.file and mode == Mode.photo:
+        raise UsageError("in photo mode masks come from --masker bisenet or --masker landmarks")
     if masker == MaskerName.bisenet and parser is None and engine is None:
-        raise UsageError("the bisenet masker needs --parser BISENET.pth (facexlib's parsing_bisenet.pth), "
-                         "or give masks with --mask")
+        raise UsageError("the bisenet masker needs --parser BISENET.pth (facexlib's parsing_bisenet.pth); "
+                         "without it use --masker landmarks, or give masks with --mask")
     return masker
 
 
-def _anonymize_masker(backend, masker: MaskerName, mask: Optional[Path]):
+def _landmarks_masker(landmarks: int):
+    from .faces import LICENSE_68, LandmarksMasker
+
+    if landmarks == 68:
+        err.print(f"[yellow]note[/yellow]: {LICENSE_68}")
+    return LandmarksMasker(landmarks=landmarks)
+
+
+def _anonymize_masker(backend, masker: MaskerName, mask: Optional[Path], landmarks: int = 5):
     from .masks import BiSeNetMasker, FileMasker
 
     if masker == MaskerName.file:
         return FileMasker(mask)
+    if masker == MaskerName.landmarks:
+        return _landmarks_masker(landmarks)
     if not getattr(backend, "can_parse", False):
         raise UsageError("the bisenet masker needs --parser BISENET.pth (facexlib's parsing_bisenet.pth), "
                          "or give masks with --mask")
     return BiSeNetMasker(backend)
 
 
-def _recompute_maskers(backend, mask: Optional[Path]) -> dict:
+def _recompute_maskers(backend, mask: Optional[Path], landmarks: int) -> dict:
     from .masks import BiSeNetMasker, FileMasker
 
     maskers = {}
@@ -116,16 +140,25 @@ def _recompute_maskers(backend, mask: Optional[Path]) -> dict:
         maskers["file"] = FileMasker(mask)
     if getattr(backend, "can_parse", False):
         maskers["bisenet"] = BiSeNetMasker(backend)
+    try:
+        maskers["landmarks"] = _landmarks_masker(landmarks)
+    except RevanonError:
+        pass  # dlib not installed: only an image recorded with that masker will say so
     return maskers
 
 
-def _prepare(inputs: List[Path], out: Path):
-    from .batch import assign_outputs, discover
+def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optional[Path] = None):
+    from .batch import assign_neutral_outputs, assign_outputs, discover
 
     jobs = discover(inputs, out)
-    assign_outputs(jobs, out)
     if not jobs:
         raise UsageError("no input images found")
+    if mapping is not None and not rename:
+        raise UsageError("--mapping records the names --rename gives; it needs --rename")
+    if rename:
+        assign_neutral_outputs(jobs, out)
+    else:
+        assign_outputs(jobs, out)
     return jobs
 
 
@@ -146,7 +179,12 @@ MASKER = typer.Option(None, "--masker", help="bisenet (default), or file when --
 DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace outputs that already exist.")
 FORCE = typer.Option(False, "--force", help="Allow a double run (anonymizing an anonymized image, and so on).")
-MODE = typer.Option(Mode.crop, "--mode", help="crop: aligned face crops of the model's size.")
+MODE = typer.Option(Mode.crop, "--mode", help="crop: aligned face crops of the model's size; photo: any photo, "
+                    "every face found, aligned and pasted back.")
+LANDMARKS = typer.Option(5, "--landmarks", help="landmarks masker: 5 (dlib, CC0) or 68 (iBUG 300-W: non-commercial).")
+RENAME = typer.Option(False, "--rename", help="Write outputs under neutral names (000001.png, ...): file names often "
+                      "carry people's names.")
+MAPPING = typer.Option(None, "--mapping", help="With --rename: where to write the input -> output name mapping (JSON).")
 
 
 @run_app.command("anonymize")
@@ -159,20 +197,35 @@ def anonymize_cmd(
     insecure_key_reuse: bool = typer.Option(False, "--insecure-key-reuse",
                                             help="The paper's behaviour: one flip pattern for every face. Unsafe."),
     sidecar: bool = typer.Option(False, "--sidecar", help="Also write <output>.revanon.json."),
-    overwrite: bool = OVERWRITE, force: bool = FORCE,
+    overwrite: bool = OVERWRITE, force: bool = FORCE, landmarks: int = LANDMARKS,
+    faces: FacesChoice = typer.Option(FacesChoice.all, "--faces", help="photo mode: every face, or the largest."),
+    min_face: int = typer.Option(0, "--min-face", min=0, help="photo mode: ignore faces smaller than this (pixels)."),
+    skip: str = typer.Option("", "--skip", help="photo mode: face numbers to leave alone, as --dry-run draws them (1,3)."),
+    detector: str = typer.Option("hog", "--detector", help="photo mode: dlib's hog (fast) or cnn (better) detector."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="photo mode: write <stem>.faces.png with the numbered faces "
+                                 "and nothing else."),
+    rename: bool = RENAME, mapping: Optional[Path] = MAPPING,
+    output_format: OutputFormat = typer.Option(OutputFormat.png, "--output-format", help="png (the only lossless choice)."),
 ) -> None:
-    """Anonymize aligned face crops with a secret key."""
+    """Anonymize faces with a secret key: aligned crops, or every face of a photo with --mode photo."""
     from . import container
-    from .batch import run_jobs
+    from .batch import run_jobs, write_mapping
     from .images import load_image
     from .pipeline import Options, anonymize_image
 
     try:
+        if output_format == OutputFormat.jpeg:
+            raise UsageError("outputs are always PNG: recovery needs every pixel exactly as written, and JPEG's "
+                             "lossy compression would destroy the keyed pattern and fail the auth check")
+        selection = _selection(faces, min_face, skip, mode, dry_run)
+        if dry_run:
+            _finish(_dry_run(inputs, out, selection, detector, overwrite), "dry run")
         secret = _secret(key, password_file, confirm=True)
-        jobs = _prepare(inputs, out)
-        masker_name = _masker_name(masker, mask, parser, engine)
+        jobs = _prepare(inputs, out, rename, mapping)
+        masker_name = _masker_name(masker, mask, parser, engine, mode)
         backend = open_backend(model, engine, device, parser)
-        chosen = _anonymize_masker(backend, masker_name, mask)
+        chosen = _anonymize_masker(backend, masker_name, mask, landmarks)
+        face_finder = _detector(detector) if mode == Mode.photo else None
         secret.for_anonymize()  # one salt for the whole run; pays for scrypt once, up front
     except RevanonError as exc:
         _fail(exc)
@@ -185,11 +238,59 @@ def anonymize_cmd(
     def process(job, on_step):
         image = load_image(job.source)
         existing = container.read_png_chunk(job.source)
-        return anonymize_image(image, existing, backend, chosen, secret, opts, job.relative,
-                               callback=on_step)
+        if mode == Mode.photo:
+            from .photo import anonymize_photo
 
-    _finish(run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err),
-            "anonymize")
+            return anonymize_photo(image, existing, backend, chosen, secret, opts, job.relative,
+                                   detector=face_finder, selection=selection, callback=on_step)
+        return anonymize_image(image, existing, backend, chosen, secret, opts, job.relative, callback=on_step)
+
+    summary = run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err)
+    if mapping is not None:
+        write_mapping(jobs, mapping)
+    _finish(summary, "anonymize")
+
+
+def _selection(faces: "FacesChoice", min_face: int, skip: str, mode: "Mode", dry_run: bool):
+    from .photo import Selection
+
+    photo_flags = faces != FacesChoice.all or min_face or skip or dry_run
+    if photo_flags and mode != Mode.photo:
+        raise UsageError("--faces, --min-face, --skip and --dry-run work in photo mode: add --mode photo")
+    try:
+        numbers = tuple(int(v) for v in skip.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--skip takes face numbers separated by commas, not {skip!r}") from None
+    return Selection(faces.value, min_face, numbers)
+
+
+def _detector(kind: str):
+    from .faces import DlibFaces
+
+    return DlibFaces(detector=kind)
+
+
+def _dry_run(inputs: List[Path], out: Path, selection, detector: str, overwrite: bool):
+    """Detect and draw, nothing else: no key, no model."""
+    from .batch import discover, run_jobs
+    from .images import LoadedImage, load_image
+    from .photo import draw_faces
+    from .pipeline import Output
+
+    jobs = discover(inputs, out)
+    if not jobs:
+        raise UsageError("no input images found")
+    for job in jobs:
+        job.output = out / job.relative.parent / (job.relative.stem + ".faces.png")
+    finder = _detector(detector)
+
+    def process(job, on_step):
+        image = load_image(job.source)
+        found = finder.detect(image.rgb)
+        drawn = draw_faces(image.rgb, found, selection)
+        return Output(LoadedImage(job.source, drawn, None, None), {}, detail=f"{len(found)} face(s)")
+
+    return run_jobs(jobs, process, verb="detect", overwrite=overwrite, sidecar=False, console=err)
 
 
 @run_app.command("deanonymize")
@@ -201,10 +302,11 @@ def deanonymize_cmd(
     masker: Optional[MaskerName] = MASKER, parser: Optional[Path] = PARSER, mask: Optional[Path] = MASK,
     skip_auth: bool = typer.Option(False, "--skip-auth", help="Run even when the auth check fails. Output is marked unverified."),
     ignore_model_mismatch: bool = typer.Option(False, "--ignore-model-mismatch", help="Run with a model other than the one recorded."),
-    device: str = DEVICE, mode: Mode = MODE, sidecar: bool = typer.Option(False, "--sidecar"),
-    overwrite: bool = OVERWRITE, force: bool = FORCE,
+    device: str = DEVICE, sidecar: bool = typer.Option(False, "--sidecar"),
+    overwrite: bool = OVERWRITE, force: bool = FORCE, landmarks: int = LANDMARKS,
+    rename: bool = RENAME, mapping: Optional[Path] = MAPPING,
 ) -> None:
-    """Recover the original faces with the key that anonymized them."""
+    """Recover the original faces with the key that anonymized them (crop or photo mode, as recorded)."""
     from . import container
     from .batch import run_jobs
     from .errors import MetadataError
@@ -213,13 +315,13 @@ def deanonymize_cmd(
 
     try:
         secret = _secret(key, password_file, confirm=False)
-        jobs = _prepare(inputs, out)
+        jobs = _prepare(inputs, out, rename, mapping)
         if meta is not None and len(jobs) != 1:
             raise UsageError("--meta goes with exactly one input image")
         if masker is not None and not recompute_mask:
             raise UsageError("--masker only matters with --recompute-mask; the stored mask is used otherwise")
         backend = open_backend(model, engine, device, parser)
-        maskers = _recompute_maskers(backend, mask) if recompute_mask else {}
+        maskers = _recompute_maskers(backend, mask, landmarks) if recompute_mask else {}
     except RevanonError as exc:
         _fail(exc)
     if skip_auth:
@@ -241,8 +343,12 @@ def deanonymize_cmd(
         image = load_image(job.source)
         return deanonymize_image(image, text, source, backend, secret, opts, job.relative, maskers, on_step)
 
-    _finish(run_jobs(jobs, process, verb="deanonymize", overwrite=overwrite, sidecar=sidecar, console=err),
-            "deanonymize")
+    summary = run_jobs(jobs, process, verb="deanonymize", overwrite=overwrite, sidecar=sidecar, console=err)
+    if mapping is not None:
+        from .batch import write_mapping
+
+        write_mapping(jobs, mapping)
+    _finish(summary, "deanonymize")
 
 
 @app.command("keygen")

@@ -192,14 +192,16 @@ class LandmarksMasker:
         self.n_landmarks = landmarks
 
     def face_map(self, rgb: np.ndarray, source) -> np.ndarray:
-        side = rgb.shape[0]
         found = self.faces.detect(rgb)
         if not found:
             raise InputError(f"{source}: no face found by the landmark masker; give a mask with --mask")
-        face = max(found, key=lambda f: f.size)
-        if self.n_landmarks == 68:
-            return face_region_68(face.landmarks, side)
-        return face_region(face.landmarks, side)
+        return self.face_map_from_landmarks(max(found, key=lambda f: f.size).landmarks, rgb.shape[0])
+
+    def face_map_from_landmarks(self, landmarks: np.ndarray, side: int) -> np.ndarray:
+        """Photo mode knows the landmarks already, mapped into the crop: no second detection."""
+        if self.n_landmarks == 68 and len(landmarks) == 68:
+            return face_region_68(landmarks, side)
+        return face_region(landmarks, side)
 
     def face_maps(self, rgbs: np.ndarray, relatives: list) -> np.ndarray:
         return np.stack([self.face_map(rgb, rel) for rgb, rel in zip(rgbs, relatives)])

@@ -37,6 +37,7 @@ class Output:
     image: LoadedImage
     header: dict
     warnings: list[str] = field(default_factory=list)
+    detail: str = ""
 
     def png_bytes(self) -> bytes:
         return encode_png(self.image.rgb, self.image.alpha, self.image.icc_profile,
@@ -104,8 +105,6 @@ def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backe
         if not opts.skip_auth:
             raise AuthError(f"{source}: {container.AUTH_FAILED}")
         notes.append(f"{source}: auth check failed and was skipped (--skip-auth); the output is marked unverified")
-    if header["mode"] != "crop":
-        raise InputError(f"{source}: a {header['mode']}-mode image; run with --mode {header['mode']}")
     if header["model"]["fingerprint"] != backend.fingerprint:
         if not opts.ignore_model_mismatch:
             raise ModelMismatchError(
@@ -115,6 +114,12 @@ def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backe
     if header["model"]["image_size"] != backend.image_size:
         raise ModelMismatchError(f"{source}: made for {header['model']['image_size']}px crops, "
                                  f"this model works at {backend.image_size}px")
+    if header["mode"] == "photo":
+        from .photo import deanonymize_photo
+
+        if opts.recompute_mask:
+            raise InputError(f"{source}: --recompute-mask works on crops; photo records keep their masks")
+        return deanonymize_photo(image, header, key, source, backend, opts, verified, notes, callback)
     check_crop(image, backend.image_size)
     if len(header["faces"]) != 1:
         raise MetadataError(f"{source}: a crop-mode image has exactly one face record")

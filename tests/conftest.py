@@ -26,6 +26,7 @@ def models(tmp_path_factory):
         "ldm_other": tiny.save_tiny_ldm(root / "ldm_other", seed=1),
         "zero": tiny.save_tiny_pixel(root / "zero", zero_eps=True),
         "pixel": tiny.save_tiny_pixel(root / "pixel", seed=3),
+        "zero64": tiny.save_tiny_pixel(root / "zero64", image_size=64, zero_eps=True),
     }
 
 

@@ -1,0 +1,255 @@
+"""Photo mode (spec §8): find every face, align it to the model's crop, transform the crops,
+and paste back only the pixels that land on the face mask. Recovery uses the stored records
+(affine, nonce, mask) alone and never re-detects faces.
+
+    photo -> faces -> affines -> crops -> masks -> transform (batched) -> paste back -> container
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import container
+from .encoding import b64encode
+from .errors import MetadataError, StateError
+from .images import LoadedImage
+from .keys import ZERO_NONCE, Secret, flip_subkey, mac_subkey, new_nonce
+from .masks import latent_mask, pack_mask, unpack_mask
+from .pipeline import Options, Output, transform_crops
+
+
+# -- the geometry of §8 -----------------------------------------------------------------------
+
+def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bilinear samples of an H x W x C uint8 image at float coordinates, edges replicated, float32."""
+    h, w = image.shape[:2]
+    x = np.clip(x, 0, w - 1).astype(np.float32)
+    y = np.clip(y, 0, h - 1).astype(np.float32)
+    x0, y0 = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    img = image.astype(np.float32)
+    one = np.float32(1)
+    top = img[y0, x0] * (one - fx) + img[y0, x1] * fx
+    bottom = img[y1, x0] * (one - fx) + img[y1, x1] * fx
+    return top * (one - fy) + bottom * fy
+
+
+def _to_u8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def inverse_affine(affine: np.ndarray) -> np.ndarray:
+    linear, shift = affine[:, :2], affine[:, 2]
+    inv = np.linalg.inv(linear)
+    return np.hstack([inv, (-inv @ shift)[:, None]])
+
+
+def sample_crop(photo: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
+    """The size x size crop whose pixel (u, v) is the photo's bilinear sample at affine⁻¹(u, v)."""
+    inv = inverse_affine(affine)
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    x = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]
+    y = inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
+    return _to_u8(_bilinear(photo, x, y))
+
+
+def footprint(affine: np.ndarray, size: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The photo pixel box (x0, y0, x1, y1), end-exclusive, that can land inside the crop."""
+    inv = inverse_affine(affine)
+    corners = np.array([[0, 0], [size - 1, 0], [0, size - 1], [size - 1, size - 1]], dtype=np.float64)
+    xy = corners @ inv[:, :2].T + inv[:, 2]
+    h, w = shape
+    x0, y0 = np.floor(xy.min(0)).astype(int) - 1
+    x1, y1 = np.ceil(xy.max(0)).astype(int) + 2
+    return max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+
+
+def paste_back(photo: np.ndarray, crop: np.ndarray, affine: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A copy of the photo where pixel p is replaced iff affine(p) lands inside the crop on a crop
+    pixel whose mask cell is face; the new value is the crop's bilinear sample at affine(p)."""
+    size = crop.shape[0]
+    out = photo.copy()
+    x0, y0, x1, y1 = footprint(affine, size, photo.shape[:2])
+    if x0 >= x1 or y0 >= y1:
+        return out
+    y, x = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+    u = (affine[0, 0] * x + affine[0, 1] * y + affine[0, 2]).astype(np.float32)
+    v = (affine[1, 0] * x + affine[1, 1] * y + affine[1, 2]).astype(np.float32)
+    inside = (u >= 0) & (u <= size - 1) & (v >= 0) & (v <= size - 1)
+    ui = np.clip(np.rint(u), 0, size - 1).astype(np.int64)
+    vi = np.clip(np.rint(v), 0, size - 1).astype(np.int64)
+    h, w = mask.shape
+    on_face = mask[vi * h // size, ui * w // size].astype(bool)
+    replace = inside & on_face
+    if replace.any():
+        values = _to_u8(_bilinear(crop, u[replace], v[replace]))
+        region = out[y0:y1, x0:x1]
+        region[replace] = values
+    return out
+
+
+def waves(boxes: list[tuple[int, int, int, int]]) -> list[list[int]]:
+    """Consecutive runs of faces whose footprints do not overlap: each run may go in one batch and
+    the result equals processing the faces one after another in this order."""
+    def overlap(a, b):
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    groups: list[list[int]] = []
+    for i, box in enumerate(boxes):
+        if groups and not any(overlap(box, boxes[j]) for j in groups[-1]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+# -- finding faces ----------------------------------------------------------------------------
+
+@dataclass
+class PlannedFace:
+    box: list[float]
+    affine: np.ndarray
+    landmarks: np.ndarray | None = None
+
+
+@dataclass
+class Selection:
+    faces: str = "all"  # or "largest"
+    min_face: int = 0
+    skip: tuple[int, ...] = ()
+
+
+def plan_faces(found, crop_size: int, selection: Selection) -> list[PlannedFace]:
+    """Detected faces in record order (top to bottom, left to right), numbered as --dry-run draws
+    them, filtered by --min-face, --skip and --faces."""
+    from .faces import similarity_to_template
+
+    faces = [f for f in found if f.size >= selection.min_face]
+    faces = [f for i, f in enumerate(faces) if i not in selection.skip]
+    if selection.faces == "largest" and faces:
+        faces = [max(faces, key=lambda f: f.size)]
+    planned = []
+    for f in faces:
+        # the stored affine is what recovery reads: use exactly its JSON float values from here on
+        affine = np.array(similarity_to_template(f.landmarks, crop_size).tolist(), dtype=np.float64)
+        planned.append(PlannedFace([round(v, 2) for v in f.box], affine, f.landmarks))
+    return planned
+
+
+def crop_landmarks(landmarks: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    return landmarks @ affine[:, :2].T + affine[:, 2]
+
+
+# -- the transform over a photo ---------------------------------------------------------------
+
+def _run_faces(backend, photo: np.ndarray, affines: list[np.ndarray], masks: list[np.ndarray],
+               nonces: list[bytes], k_flip: bytes, steps: int, order: list[int], callback=None) -> np.ndarray:
+    """Transform the faces in `order`, batching runs whose footprints do not overlap."""
+    size = backend.image_size
+    current = photo
+    boxes = [footprint(affines[i], size, photo.shape[:2]) for i in order]
+    for group in waves(boxes):
+        chosen = [order[j] for j in group]
+        crops = np.stack([sample_crop(current, affines[i], size) for i in chosen])
+        out = transform_crops(backend, crops, np.stack([masks[i] for i in chosen]), [nonces[i] for i in chosen],
+                              k_flip, steps, callback)
+        for crop, i in zip(out, chosen):
+            current = paste_back(current, crop, affines[i], masks[i])
+    return current
+
+
+def face_masks_for_crops(masker, crops: np.ndarray, landmarks: list, relative, latent_hw) -> list[np.ndarray]:
+    if getattr(masker, "name", "") == "landmarks":
+        maps = [masker.face_map_from_landmarks(lm, crops.shape[1]) for lm in landmarks]
+    else:
+        maps = list(masker.face_maps(crops, [relative] * len(crops)))
+    return [latent_mask(m, latent_hw) for m in maps]
+
+
+def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, masker, secret: Secret,
+                    opts: Options, relative, *, detector=None, selection: Selection | None = None,
+                    planned: list[PlannedFace] | None = None, nonces: list[bytes] | None = None,
+                    salt: bytes | None = None, callback=None) -> Output:
+    """Anonymize every selected face of a photo. `planned` replaces detection (tests, tools);
+    `nonces` and `salt` may be fixed for bit-for-bit comparisons."""
+    if existing_metadata is not None and not opts.force:
+        raise StateError(f"{image.path}: already carries revanon metadata; anonymizing it twice needs --force")
+    key, kdf = secret.for_anonymize(salt)
+    size = backend.image_size
+    if planned is None:
+        planned = plan_faces(detector.detect(image.rgb), size, selection or Selection())
+    notes = [] if planned else [f"{image.path}: no faces found; the pixels pass through unchanged"]
+    affines = [p.affine for p in planned]
+    crops = np.stack([sample_crop(image.rgb, a, size) for a in affines]) if planned else None
+    masks = (face_masks_for_crops(masker, crops, [crop_landmarks(p.landmarks, p.affine) if p.landmarks is not None
+                                                  else None for p in planned], relative, backend.latent_shape[1:])
+             if planned else [])
+    if opts.insecure_key_reuse:
+        used, stored = [ZERO_NONCE] * len(planned), [None] * len(planned)
+    else:
+        used = list(nonces) if nonces is not None else [new_nonce() for _ in planned]
+        stored = used
+    rgb = _run_faces(backend, image.rgb, affines, masks, used, flip_subkey(key), opts.steps,
+                     list(range(len(planned))), callback) if planned else image.rgb.copy()
+    records = [{"box": p.box, "affine": p.affine.tolist(),
+                "nonce": None if n is None else b64encode(n), "mask": pack_mask(m)}
+               for p, n, m in zip(planned, stored, masks)]
+    header = container.new_header(steps=opts.steps, mode="photo", masker=masker.name, fingerprint=backend.fingerprint,
+                                  image_size=size, kdf=kdf, faces=records)
+    header["auth"] = container.compute_auth(mac_subkey(key), header, rgb)
+    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), header, notes,
+                  detail=f"{len(planned)} face(s)")
+
+
+def deanonymize_photo(image: LoadedImage, header: dict, key: bytes, source: str, backend, opts: Options,
+                      verified: bool, notes: list[str], callback=None) -> Output:
+    """Recover the faces of a photo from its records, in reverse order. The caller has already
+    checked auth, state and model (pipeline.deanonymize_image)."""
+    size = backend.image_size
+    latent_hw = tuple(backend.latent_shape[1:])
+    affines, masks, nonces = [], [], []
+    for index, face in enumerate(header["faces"]):
+        affine = np.array(face["affine"], dtype=np.float64)
+        if abs(np.linalg.det(affine[:, :2])) < 1e-9:
+            raise MetadataError(f"{source} (face {index}): the affine is not invertible")
+        mask = unpack_mask(face["mask"], source)
+        if mask.shape != latent_hw:
+            raise MetadataError(f"{source} (face {index}): the stored mask is {mask.shape[0]}x{mask.shape[1]}, "
+                                f"the model's latent grid is {latent_hw[0]}x{latent_hw[1]}")
+        affines.append(affine)
+        masks.append(mask)
+        nonces.append(container.face_nonce(face) or ZERO_NONCE)
+    order = list(range(len(affines)))[::-1]
+    rgb = _run_faces(backend, image.rgb, affines, masks, nonces, flip_subkey(key), header["steps"], order,
+                     callback) if order else image.rgb.copy()
+    out = {k: v for k, v in header.items() if k != "auth"}
+    out["state"] = "recovered"
+    if not verified:
+        out["unverified"] = True
+    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), out, notes,
+                  detail=f"{len(affines)} face(s)")
+
+
+def draw_faces(rgb: np.ndarray, found, selection: Selection) -> np.ndarray:
+    """--dry-run: every detected face boxed and numbered as --skip counts them; skipped ones in grey."""
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(rgb).convert("RGB")
+    draw = ImageDraw.Draw(im)
+    eligible = [f for f in found if f.size >= selection.min_face]
+    kept = {id(p) for p in eligible if eligible.index(p) not in selection.skip}
+    if selection.faces == "largest" and kept:
+        largest = max((f for f in eligible if id(f) in kept), key=lambda f: f.size)
+        kept = {id(largest)}
+    width = max(2, rgb.shape[1] // 300)
+    for i, face in enumerate(eligible):
+        colour = (255, 40, 40) if id(face) in kept else (150, 150, 150)
+        draw.rectangle(face.box, outline=colour, width=width)
+        draw.text((face.box[0] + width, face.box[1] + width), str(i), fill=colour)
+    for face in found:
+        if face not in eligible:
+            draw.rectangle(face.box, outline=(150, 150, 150), width=1)
+    return np.asarray(im)
