@@ -493,6 +493,134 @@ def _fmt(value) -> str:
     return str(value)
 
 
+@app.command("train")
+def train_cmd(
+    data: Path = typer.Option(..., "--data", help="A zip of aligned face crops (for example train-128.zip)."),
+    out: Path = typer.Option(..., "--out", help="The model folder to create (or to continue with --resume)."),
+    resolution: int = typer.Option(128, "--resolution", min=16, max=512),
+    minutes: float = typer.Option(9.0, "--minutes", min=0.01, help="Train for this long, then checkpoint and save."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
+    architecture: str = typer.Option("small", "--architecture", help="small (6.9 M parameters) or tiny."),
+    batch: int = typer.Option(64, "--batch", min=1),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in total."),
+    samples: int = typer.Option(16, "--samples", min=0, help="Faces to sample for the model card."),
+    device: str = DEVICE,
+) -> None:
+    """Train the small pixel-space demo face model, in resumable pieces."""
+    try:
+        from .train import ARCHITECTURES, TrainConfig, train, write_model_card
+    except ImportError as exc:
+        _fail(UsageError(f"train needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
+    try:
+        if architecture not in ARCHITECTURES:
+            raise UsageError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
+        result = train(data, out, minutes, resume, TrainConfig(resolution=resolution, architecture=architecture,
+                                                                batch=batch), device=device, max_steps=max_steps,
+                       log=err.print)
+        write_model_card(out, data, result, samples, _device(device))
+    except RevanonError as exc:
+        _fail(exc)
+    err.print(f"model ready: {out} (load it with --model {out})")
+
+
+class EvalStage(str, Enum):
+    all = "all"
+    transform = "transform"
+    score = "score"
+
+
+@app.command("eval")
+def eval_cmd(
+    pairs: Path = typer.Option(..., "--pairs", help="LFW pairs file (dev_pairs.txt)."),
+    images: Path = typer.Option(..., "--images", help="Zip of the aligned crops the pairs name (dev-128.zip)."),
+    model: Optional[Path] = MODEL, engine: Optional[Path] = ENGINE,
+    masker: MaskerName = typer.Option(MaskerName.landmarks, "--masker"), parser: Optional[Path] = PARSER,
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Precomputed 512x512 face maps named like the zip members."),
+    landmarks: int = LANDMARKS,
+    start: int = typer.Option(0, "--start", min=0, help="First pair of this chunk."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Pairs in this chunk (default: all)."),
+    out: Path = typer.Option(Path("eval-out"), "--out", help="Folder for the chunk folders and the summary."),
+    steps: int = typer.Option(50, "--steps", min=1, max=1000), batch: int = typer.Option(16, "--batch", min=1),
+    candidates: int = typer.Option(100, "--candidates", min=2, help="Linkage: candidate originals per image."),
+    stage: EvalStage = typer.Option(EvalStage.all, "--stage", help="transform (model), score (dlib), or all."),
+    device: str = DEVICE,
+) -> None:
+    """Identity evaluation on LFW pairs: TAR@FAR=0.1% for anonymized, recovered and wrong-key images, and attacks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .evaluate import ZipImages, contact_sheet, markdown, read_pairs, run_score, run_transform, summarize
+    from .images import encode_png, write_atomic
+
+    try:
+        all_pairs = read_pairs(pairs)
+        chosen = all_pairs[start: start + limit if limit else None]
+        if not chosen:
+            raise UsageError(f"--start {start} is past the {len(all_pairs)} pairs of {pairs}")
+        end = start + len(chosen)
+        chunk = out / f"chunk-{start:05d}-{end:05d}"
+        backend = None
+        if stage != EvalStage.score:
+            backend = open_backend(model, engine, device, parser)
+            if mask is None:
+                chosen_masker = _anonymize_masker(backend, _masker_name(masker, None, parser, engine), None, landmarks)
+            else:
+                chosen_masker = None
+        size = backend.image_size if backend else json.loads((chunk / "transform.json").read_text())["image_size"]
+        zip_images = ZipImages(images, size)
+        recognizer = None
+        if stage != EvalStage.transform:
+            from .faces import Recognizer
+
+            recognizer = Recognizer()
+    except RevanonError as exc:
+        _fail(exc)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+        tasks = {}
+
+        def tick(phase: str, n: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=None)
+            progress.advance(tasks[phase], n)
+
+        try:
+            if stage != EvalStage.score:
+                run_transform(backend, chosen, zip_images, chunk, masker=chosen_masker, mask_dir=mask, steps=steps,
+                              batch=batch, candidates=candidates, progress=tick)
+            if stage != EvalStage.transform:
+                run_score(chunk, zip_images, recognizer, progress=tick)
+        except RevanonError as exc:
+            _fail(exc)
+    if stage == EvalStage.transform:
+        err.print(f"transforms written to {chunk}; score them with --stage score")
+        return
+    summary = summarize([chunk / "features.npz"])
+    (chunk / "metrics.json").write_text(json.dumps(summary, indent=1))
+    (chunk / "metrics.md").write_text(markdown(summary, f"LFW pairs {start}..{end - 1}"))
+    write_atomic(chunk / "contact_sheet.png", encode_png(contact_sheet(chunk), None, None, {}), overwrite=True)
+    err.print(markdown(summary, f"LFW pairs {start}..{end - 1}"))
+    typer.echo(json.dumps(summary))
+
+
+@app.command("eval-merge")
+def eval_merge_cmd(
+    folder: Path = typer.Argument(..., help="An eval --out folder holding chunk-*/features.npz."),
+    title: str = typer.Option("LFW identity evaluation", "--title"),
+) -> None:
+    """Combine the chunks of an evaluation into one summary (metrics.json, metrics.md)."""
+    from .evaluate import markdown, summarize
+
+    files = sorted(folder.glob("chunk-*/features.npz"))
+    if not files:
+        _fail(UsageError(f"{folder}: no chunk-*/features.npz to merge; run eval with --stage score first"))
+    summary = summarize(files)
+    summary["chunks"] = [str(f.parent.name) for f in files]
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
+    (folder / "metrics.md").write_text(markdown(summary, title))
+    err.print(markdown(summary, title))
+    typer.echo(json.dumps(summary))
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's files."),

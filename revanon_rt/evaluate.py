@@ -1,0 +1,371 @@
+"""`revanon-rt eval`: identity evaluation on LFW pairs, the reference paper's protocol.
+
+For every pair the second image is transformed (anonymized; recovered with the right key, with a
+random key, with a key one bit away; two known-plaintext attacks) and compared with the first image
+using dlib's 128-D descriptor (cosine). The threshold is set at FAR = 0.1% on clean impostor scores.
+
+Two stages, so that the heavy one can run where the model runs and the other where dlib is:
+    transform: masks, every transformed image (PNG), attack outputs, linkage ranks
+    score:     descriptors of all images, then the metrics
+A chunk (--start/--limit) writes its own folder; `eval-merge` summarizes all chunks of a folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError, UsageError
+from .faces import TEMPLATE_5, face_region
+from .images import encode_png, write_atomic
+from .keys import ZERO_NONCE, flip_pattern, flip_subkey
+from .masks import face_map_from_file, latent_mask
+from .pixels import to_model, to_u8
+from .pipeline import transform_crops
+from .sampler import denoise, invert, keyed_flip
+
+CONDITIONS = ("original", "anonymized", "recovered", "random_key", "one_bit_key", "attack_nonce", "attack_reuse")
+FAR = 0.001
+
+
+@dataclass(frozen=True)
+class Pair:
+    first: str
+    second: str
+    same: bool
+
+
+def member(name: str, number: int) -> str:
+    return f"{name}/{name}_{int(number):04d}.jpg"
+
+
+def identity(name: str) -> str:
+    return name.split("/")[0]
+
+
+def read_pairs(path: Path) -> list[Pair]:
+    """LFW pairs.txt: a header line, then `name i j` (same person) or `name1 i name2 j`."""
+    try:
+        lines = [line.split() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the pairs file ({exc})") from None
+    pairs = []
+    for fields in lines[1:]:
+        if len(fields) == 3:
+            pairs.append(Pair(member(fields[0], fields[1]), member(fields[0], fields[2]), True))
+        elif len(fields) == 4:
+            pairs.append(Pair(member(fields[0], fields[1]), member(fields[2], fields[3]), False))
+        else:
+            raise UsageError(f"{path}: a pair line has 3 or 4 fields, not {fields!r}")
+    return pairs
+
+
+class ZipImages:
+    """Crops from the zip at the model's size (Lanczos when the sizes differ), cached."""
+
+    def __init__(self, path: Path, size: int):
+        try:
+            self.archive = zipfile.ZipFile(path)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise UsageError(f"{path}: not a readable zip ({exc})") from None
+        self.names = set(self.archive.namelist())
+        self.size = size
+        self._cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            if name not in self.names:
+                raise UsageError(f"{name}: not in the images zip")
+            im = Image.open(io.BytesIO(self.archive.read(name))).convert("RGB")
+            if im.size != (self.size, self.size):
+                im = im.resize((self.size, self.size), Image.Resampling.LANCZOS)
+            self._cache[name] = np.asarray(im).copy()
+        return self._cache[name]
+
+
+def _png_name(name: str) -> str:
+    return name.rsplit(".", 1)[0] + ".png"
+
+
+def _save(folder: Path, name: str, rgb: np.ndarray) -> None:
+    write_atomic(folder / _png_name(name), encode_png(rgb, None, None, {}), overwrite=True)
+
+
+def _load(folder: Path, name: str) -> np.ndarray:
+    with Image.open(folder / _png_name(name)) as im:
+        return np.asarray(im.convert("RGB")).copy()
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+# -- the transform stage --------------------------------------------------------------------------
+
+def _inverted(backend, rgbs: np.ndarray, steps: int) -> list[np.ndarray]:
+    """keep lists of DDIM inversion, one batch."""
+    return invert(backend.eps, backend.encode(to_model(rgbs)), backend.schedule(steps))
+
+
+def _attack(backend, targets: np.ndarray, target_masks: np.ndarray, estimate: np.ndarray, steps: int) -> np.ndarray:
+    """The attacker's recovery of anonymized images with an estimated flip pattern."""
+    keep = _inverted(backend, targets, steps)
+    m = target_masks[:, None].astype(np.float32)
+    z = keyed_flip(keep.pop(), m, estimate)
+    return to_u8(backend.decode(denoise(backend.eps, z, backend.schedule(steps), m, keep)))
+
+
+def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, masker=None, mask_dir: Path | None = None,
+                  steps: int = 50, batch: int = 16, candidates: int = 100, seed: int = 0, progress=None) -> dict:
+    """Write masks and every transformed second image; return the run's facts (no secrets)."""
+    rng = np.random.default_rng(seed)
+    # throwaway keys drawn from the seed, so that an evaluation can be repeated exactly
+    key = bytes(rng.integers(0, 256, 32, dtype=np.uint8))
+    random_key = bytes(rng.integers(0, 256, 32, dtype=np.uint8))
+    one_bit_key = bytes([key[0] ^ 0x01]) + key[1:]
+    targets = sorted({p.second for p in pairs})
+    c, h, w = backend.latent_shape
+    started = time.perf_counter()
+    tick = progress or (lambda phase, n: None)
+
+    rgbs = np.stack([images(n) for n in targets])
+    maps, fallbacks = [], 0
+    for name, rgb in zip(targets, rgbs):
+        if mask_dir is not None:
+            face_map = face_map_from_file(mask_dir / _png_name(name))
+        else:
+            try:
+                face_map = masker.face_maps(rgb[None], [name])[0]
+            except InputError:
+                if masker.name != "landmarks":
+                    raise
+                # the crops are aligned: where dlib finds no face, the template says where it is
+                face_map, fallbacks = face_region(TEMPLATE_5 * images.size - 0.5, images.size), fallbacks + 1
+        _save(out / "masks", name, np.repeat((face_map * 255).astype(np.uint8)[..., None], 3, axis=2))
+        maps.append(face_map)
+        tick("masks", 1)
+    masks = np.stack([latent_mask(f, (h, w)) for f in maps])
+    nonces = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in targets]
+
+    def run(inputs, k, nonce_list):
+        out_rgbs = []
+        for idx in _chunks(list(range(len(targets))), batch):
+            out_rgbs.append(transform_crops(backend, inputs[idx], masks[idx], [nonce_list[i] for i in idx],
+                                            flip_subkey(k), steps))
+            tick("transform", len(idx))
+        return np.concatenate(out_rgbs)
+
+    anonymized = run(rgbs, key, nonces)
+    results = {"original": rgbs, "anonymized": anonymized, "recovered": run(anonymized, key, nonces),
+               "random_key": run(anonymized, random_key, nonces), "one_bit_key": run(anonymized, one_bit_key, nonces)}
+    reuse = run(rgbs, key, [ZERO_NONCE] * len(targets))
+
+    # Known plaintext: the attacker holds A = the next target's original and anonymized image, and
+    # estimates the flips as sign(z_T(anonymized A)) * sign(z_T(original A)) inside A's mask.
+    def z_t(stack):
+        return np.concatenate([_inverted(backend, stack[idx], steps)[-1] for idx in _chunks(list(range(len(stack))), batch)])
+
+    z_orig = z_t(rgbs)
+    tick("invert", len(targets))
+    z_anonymized = {}
+    for condition, anon in (("attack_nonce", anonymized), ("attack_reuse", reuse)):
+        z_anon = z_anonymized[condition] = z_t(anon)
+        order = [(i + 1) % len(targets) for i in range(len(targets))]
+        estimates = np.stack([np.where(masks[a][None] > 0, np.sign(z_anon[a]) * np.sign(z_orig[a]), 1.0)
+                              for a in order]).astype(np.float32)
+        outs = [_attack(backend, anon[idx], masks[idx], estimates[idx], steps) for idx in _chunks(list(range(len(targets))), batch)]
+        results[condition] = np.concatenate(outs)
+        tick("attack", len(targets))
+
+    # Key-free linkage: rank 100 candidate originals by the correlation of |z_T| inside the mask.
+    pool = _distractors(images, targets, candidates - 1, rng)
+    z_pool = z_t(np.stack([images(n) for n in pool])) if pool else np.zeros((0, c, h, w), np.float32)
+    z_anon = z_anonymized["attack_nonce"]
+    ranks = []
+    for i, name in enumerate(targets):
+        others = [j for j, p in enumerate(pool) if identity(p) != identity(name)][: candidates - 1]
+        cands = np.concatenate([z_orig[i:i + 1], z_pool[others]])
+        m = np.broadcast_to(masks[i][None] > 0, (c, h, w))
+        probe = np.abs(z_anon[i])[m]
+        scores = [np.corrcoef(probe, np.abs(cand)[m])[0, 1] for cand in cands]
+        ranks.append(int(np.sum(np.array(scores) > scores[0])))  # 0 = the true source ranked first
+    tick("linkage", len(targets))
+
+    for condition, stack in results.items():
+        for name, rgb in zip(targets, stack):
+            _save(out / "images" / condition, name, rgb)
+    facts = {"targets": targets, "steps": steps, "model_fingerprint": backend.fingerprint,
+             "image_size": backend.image_size, "linkage_ranks": ranks, "linkage_candidates": 1 + min(len(pool), candidates - 1),
+             "transform_seconds": time.perf_counter() - started, "mask_fallbacks": fallbacks,
+             "pairs": [[p.first, p.second, p.same] for p in pairs]}
+    (out / "transform.json").write_text(json.dumps(facts, indent=1))
+    return facts
+
+
+def _distractors(images: ZipImages, targets: list[str], count: int, rng) -> list[str]:
+    exclude = set(targets)
+    pool = sorted(n for n in images.names if n.lower().endswith((".jpg", ".png")) and n not in exclude)
+    if len(pool) > count + 20:
+        pool = [pool[i] for i in sorted(rng.choice(len(pool), count + 20, replace=False))]
+    return pool
+
+
+# -- the score stage -----------------------------------------------------------------------------
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM over channels, Gaussian window 11 (σ 1.5), as in Wang et al. 2004."""
+    radius, sigma = 5, 1.5
+    g = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    g /= g.sum()
+
+    def blur(x):
+        x = np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 0, x)
+        return np.apply_along_axis(lambda r: np.convolve(r, g, mode="valid"), 1, x)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for ch in range(a.shape[2]):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+        mx, my = blur(x), blur(y)
+        sxx, syy, sxy = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+        values.append(np.mean(((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))))
+    return float(np.mean(values))
+
+
+def run_score(out: Path, images: ZipImages, recognizer, progress=None) -> Path:
+    """Descriptors of the first images and of every condition of the second ones, saved in features.npz."""
+    facts = json.loads((out / "transform.json").read_text())
+    pairs = [Pair(*p) for p in facts["pairs"]]
+    firsts = sorted({p.first for p in pairs})
+    tick = progress or (lambda phase, n: None)
+    started = time.perf_counter()
+    descriptors, found = {}, {}
+    for name in firsts:
+        descriptors[("clean", name)], found[("clean", name)] = recognizer.describe(images(name))
+        tick("score", 1)
+    quality = {"psnr": [], "ssim": []}
+    for condition in CONDITIONS:
+        for name in facts["targets"]:
+            rgb = _load(out / "images" / condition, name)
+            descriptors[(condition, name)], found[(condition, name)] = recognizer.describe(rgb)
+            if condition == "recovered":
+                original = _load(out / "images" / "original", name)
+                quality["psnr"].append(psnr(rgb, original))
+                quality["ssim"].append(ssim(rgb, original))
+            tick("score", 1)
+    keys = sorted(descriptors)
+    np.savez(out / "features.npz", keys=np.array(["\t".join(k) for k in keys]),
+             descriptors=np.stack([descriptors[k] for k in keys]), found=np.array([found[k] for k in keys]),
+             psnr=np.array(quality["psnr"]), ssim=np.array(quality["ssim"]),
+             linkage_ranks=np.array(facts["linkage_ranks"]), linkage_candidates=facts["linkage_candidates"],
+             pairs=np.array(["\t".join([p.first, p.second, "1" if p.same else "0"]) for p in pairs]),
+             transform_seconds=facts["transform_seconds"], score_seconds=time.perf_counter() - started)
+    return out / "features.npz"
+
+
+def summarize(feature_files: list[Path]) -> dict:
+    """TAR@FAR=0.1% per condition and the other figures, over every chunk given."""
+    desc: dict[tuple[str, str], np.ndarray] = {}
+    found: dict[tuple[str, str], bool] = {}
+    pairs, psnrs, ssims, ranks = [], [], [], []
+    seconds = 0.0
+    candidates = 0
+    for path in feature_files:
+        data = np.load(path)
+        for key, d, f in zip(data["keys"], data["descriptors"], data["found"]):
+            condition, name = str(key).split("\t")
+            desc[(condition, name)], found[(condition, name)] = d, bool(f)
+        pairs += [tuple(str(p).split("\t")) for p in data["pairs"]]
+        psnrs += list(data["psnr"])
+        ssims += list(data["ssim"])
+        ranks += list(data["linkage_ranks"])
+        candidates = int(data["linkage_candidates"])
+        seconds += float(data["transform_seconds"]) + float(data["score_seconds"])
+    pairs = sorted(set(pairs))
+    # clean impostor scores: every cross-identity combination of clean images
+    clean = {}
+    for first, second, _same in pairs:
+        clean[first] = desc[("clean", first)]
+        clean[second] = desc[("original", second)]
+    names = sorted(clean)
+    matrix = np.stack([clean[n] for n in names])
+    sims = matrix @ matrix.T
+    ids = np.array([identity(n) for n in names])
+    upper = np.triu(np.ones_like(sims, dtype=bool), 1)
+    impostor = sims[upper & (ids[:, None] != ids[None, :])]
+    threshold = float(np.quantile(impostor, 1 - FAR, method="higher")) if len(impostor) else 1.0
+    genuine = [(f, s) for f, s, same in pairs if same == "1"]
+    tar = {}
+    for condition in CONDITIONS:
+        scores = [float(desc[("clean", f)] @ desc[(condition, s)]) for f, s in genuine]
+        tar[condition] = float(np.mean(np.array(scores) > threshold)) if scores else None
+    seconds_targets = sorted({s for _f, s, _ in pairs})
+    same_image = [float(desc[("original", s)] @ desc[("anonymized", s)]) for s in seconds_targets]
+    ranks_arr = np.array(ranks)
+    return {
+        "pairs": len(pairs), "genuine_pairs": len(genuine), "impostor_scores": int(len(impostor)),
+        "threshold_cosine_far_0.1%": threshold,
+        "tar_at_far_0.1%": {("clean" if k == "original" else k): v for k, v in tar.items()},
+        "cosine_original_vs_anonymized": {"mean": float(np.mean(same_image)), "std": float(np.std(same_image))},
+        "recovery_psnr_db": {"mean": float(np.mean(psnrs)), "std": float(np.std(psnrs))} if psnrs else None,
+        "recovery_ssim": {"mean": float(np.mean(ssims)), "std": float(np.std(ssims))} if ssims else None,
+        "face_detection_rate": {c: float(np.mean([found[(c, s)] for s in seconds_targets]))
+                                for c in ("original", "anonymized", "recovered")},
+        "linkage": {"candidates": candidates, "top1": float(np.mean(ranks_arr < 1)), "top5": float(np.mean(ranks_arr < 5)),
+                    "chance_top1": 1 / max(1, candidates), "chance_top5": min(1.0, 5 / max(1, candidates))},
+        "wall_seconds": seconds,
+    }
+
+
+def markdown(summary: dict, title: str) -> str:
+    t = summary["tar_at_far_0.1%"]
+    rows = [("clean second image", t["clean"]), ("anonymized", t["anonymized"]),
+            ("recovered, right key", t["recovered"]), ("recovered, random key (--skip-auth)", t["random_key"]),
+            ("recovered, key one bit away (--skip-auth)", t["one_bit_key"]),
+            ("known-plaintext attack, per-face nonce", t["attack_nonce"]),
+            ("known-plaintext attack, --insecure-key-reuse", t["attack_reuse"])]
+    lines = [f"# {title}", "", f"{summary['pairs']} pairs ({summary['genuine_pairs']} genuine), threshold at FAR 0.1% "
+             f"from {summary['impostor_scores']} clean impostor scores: cosine {summary['threshold_cosine_far_0.1%']:.3f}.",
+             "", "| second image | TAR@FAR=0.1% |", "|---|---:|"]
+    lines += [f"| {label} | {100 * value:.1f}% |" for label, value in rows if value is not None]
+    c = summary["cosine_original_vs_anonymized"]
+    lines += ["", f"- cosine, original vs its anonymized version: {c['mean']:.3f} ± {c['std']:.3f}"]
+    if summary["recovery_psnr_db"]:
+        p, s = summary["recovery_psnr_db"], summary["recovery_ssim"]
+        lines.append(f"- recovery: PSNR {p['mean']:.2f} ± {p['std']:.2f} dB, SSIM {s['mean']:.4f} ± {s['std']:.4f}")
+    d = summary["face_detection_rate"]
+    lines.append(f"- face detection rate: original {100 * d['original']:.1f}%, anonymized {100 * d['anonymized']:.1f}%, "
+                 f"recovered {100 * d['recovered']:.1f}%")
+    k = summary["linkage"]
+    lines.append(f"- key-free linkage among {k['candidates']} candidates: top-1 {100 * k['top1']:.1f}% "
+                 f"(chance {100 * k['chance_top1']:.1f}%), top-5 {100 * k['top5']:.1f}% (chance {100 * k['chance_top5']:.1f}%)")
+    lines.append(f"- wall time: {summary['wall_seconds']:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def contact_sheet(out: Path, count: int = 12) -> np.ndarray:
+    """original | mask overlay | anonymized | recovered | random key, for the first pairs. Not for committing."""
+    facts = json.loads((out / "transform.json").read_text())
+    rows = []
+    for name in facts["targets"][:count]:
+        original = _load(out / "images" / "original", name)
+        mask = _load(out / "masks", name)[..., 0]
+        small = np.asarray(Image.fromarray(mask).resize(original.shape[:2][::-1], Image.Resampling.NEAREST)) > 127
+        overlay = original.copy()
+        overlay[small] = (0.65 * overlay[small] + [0, 89, 0]).astype(np.uint8)
+        rows.append(np.concatenate([original, overlay] + [_load(out / "images" / c, name)
+                                                          for c in ("anonymized", "recovered", "random_key")], axis=1))
+    return np.concatenate(rows, axis=0) if rows else np.zeros((1, 1, 3), np.uint8)

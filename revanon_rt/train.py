@@ -1,0 +1,262 @@
+"""`revanon-rt train`: a small unconditional ε-prediction face model in pixel space, trained on a
+zip of aligned crops, in time-boxed pieces that resume from local checkpoints.
+
+The result is a diffusers folder (unet/ in fp16 safetensors, scheduler/) that the core engine
+loads as a pixel-space model (spec §1), with a model card, the loss curve and samples drawn
+from the model itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import UsageError
+
+# DDPM's linear schedule: a pixel-space model needs ā(T) near 0.
+SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
+             "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": False, "prediction_type": "epsilon",
+             "set_alpha_to_one": True, "steps_offset": 0, "timestep_spacing": "leading"}
+ARCHITECTURES = {
+    # 6.9 M parameters, 13.1 MiB in fp16: under the 15 MB a committed demo model may take
+    "small": {"block_out_channels": (64, 96, 128, 160), "layers_per_block": 1,
+              "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+              "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+              "attention_head_dim": 32, "norm_num_groups": 32},
+    # for tests and CPU smoke runs
+    "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1,
+             "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+             "attention_head_dim": 8, "norm_num_groups": 8},
+}
+MAX_WEIGHTS_BYTES = 15 * 1000 * 1000
+
+
+@dataclass
+class TrainConfig:
+    resolution: int = 128
+    architecture: str = "small"
+    batch: int = 64
+    lr: float = 2e-4
+    warmup: int = 500
+    ema_decay: float = 0.9995
+    seed: int = 0
+    checkpoint_minutes: float = 2.0
+
+
+def load_crops(zip_path: Path, resolution: int) -> np.ndarray:
+    """Every image of the zip as N x H x W x 3 uint8, resized (Lanczos) when needed."""
+    try:
+        archive = zipfile.ZipFile(zip_path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"{zip_path}: not a readable zip of face crops ({exc})") from None
+    names = sorted(n for n in archive.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png")))
+    if not names:
+        raise UsageError(f"{zip_path}: holds no .jpg or .png images")
+    out = np.empty((len(names), resolution, resolution, 3), np.uint8)
+    for i, name in enumerate(names):
+        im = Image.open(io.BytesIO(archive.read(name))).convert("RGB")
+        if im.size != (resolution, resolution):
+            im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
+        out[i] = np.asarray(im)
+    return out
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig, device: str = "auto",
+          max_steps: int | None = None, log=print) -> dict:
+    import torch
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    out = Path(out)
+    state_path = out / "checkpoint" / "state.pt"
+    if resume and not state_path.exists():
+        raise UsageError(f"{state_path}: no checkpoint to resume from")
+    if not resume and (out / "unet").exists():
+        raise UsageError(f"{out}: already holds a model; --resume continues it, or choose another --out")
+    if resume:
+        saved_cfg = json.loads((out / "checkpoint" / "config.json").read_text())
+        cfg = TrainConfig(**saved_cfg)
+    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    images = load_crops(data, cfg.resolution)
+    log(f"{len(images)} crops at {cfg.resolution}px from {data}; training on {dev}")
+    unet = UNet2DModel(sample_size=cfg.resolution, in_channels=3, out_channels=3, **ARCHITECTURES[cfg.architecture]).to(dev)
+    ema = UNet2DModel(sample_size=cfg.resolution, in_channels=3, out_channels=3, **ARCHITECTURES[cfg.architecture]).to(dev)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    scheduler = DDIMScheduler.from_config({k: v for k, v in SCHEDULER.items() if not k.startswith("_")})
+    abar = scheduler.alphas_cumprod.to(dev)
+    step, rng_state = 0, None
+    if resume:
+        state = torch.load(state_path, map_location=dev, weights_only=False)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, rng_state = state["step"], state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
+        log(f"resumed at step {step}")
+    rng = np.random.default_rng(cfg.seed)
+    if rng_state is not None:
+        rng.bit_generator.state = rng_state
+    (out / "checkpoint").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoint" / "config.json").write_text(json.dumps(asdict(cfg)))
+    loss_log = out / "checkpoint" / "loss.csv"
+    new_log = not loss_log.exists()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    started = last_ckpt = time.monotonic()
+    window: list[float] = []
+    with open(loss_log, "a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new_log:
+            writer.writerow(["step", "loss", "lr", "seconds"])
+        unet.train()
+        while time.monotonic() - started < minutes * 60 and (max_steps is None or step < max_steps):
+            idx = rng.integers(0, len(images), cfg.batch)
+            batch = images[idx]
+            flip = rng.random(cfg.batch) < 0.5
+            batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
+            x0 = torch.from_numpy(np.ascontiguousarray(batch)).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+            t = torch.from_numpy(rng.integers(0, 1000, cfg.batch)).to(dev)
+            noise = torch.randn_like(x0)
+            a = abar[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, cfg)
+            with autocast:
+                pred = unet(xt, t).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), unet.parameters()):
+                    e.lerp_(p, 1 - decay)
+            step += 1
+            window.append(float(loss))
+            if step % 100 == 0 or step == max_steps:
+                writer.writerow([step, round(float(np.mean(window)), 5), _lr_at(step, cfg),
+                                 round(time.monotonic() - started, 1)])
+                fh.flush()
+                log(f"step {step}: loss {np.mean(window):.4f}")
+                window = []
+            if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
+                _checkpoint(state_path, unet, ema, optimizer, step, rng, dev)
+                last_ckpt = time.monotonic()
+    _checkpoint(state_path, unet, ema, optimizer, step, rng, dev)
+    save_model(ema, out)
+    log(f"{step} steps; weights in {out / 'unet'}")
+    return {"steps": step, "seconds": time.monotonic() - started}
+
+
+def _checkpoint(path: Path, unet, ema, optimizer, step: int, rng, dev) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if dev.type == "cuda" else None}, tmp)
+    tmp.replace(path)
+
+
+def save_model(ema, out: Path) -> None:
+    """The EMA weights in fp16 safetensors (one file under 15 MB) and the DDIM scheduler config."""
+    import copy
+
+    model = copy.deepcopy(ema).to("cpu").half()
+    model.save_pretrained(out / "unet", safe_serialization=True)
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    if weights.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise UsageError(f"{weights}: {weights.stat().st_size} bytes, over the 15 MB a demo model may take")
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
+
+
+def sample_grid(model_dir: Path, count: int = 16, steps: int = 50, seed: int = 0, device: str = "cpu") -> np.ndarray:
+    """Faces sampled from the model with DDIM (η = 0): never training images."""
+    from .pixels import to_u8
+    from .reference import TorchReference
+    from .sampler import ddim_step
+
+    backend = TorchReference(model_dir, device=device)
+    sched = backend.schedule(steps)
+    gen = np.random.default_rng(seed)
+    z = gen.standard_normal((count, *backend.latent_shape)).astype(np.float32)
+    for i in range(sched.steps):
+        z = ddim_step(z, backend.eps(z, sched.timesteps[i]), sched.levels[i], sched.levels[i + 1])
+    faces = to_u8(z)
+    side = int(math.ceil(math.sqrt(count)))
+    size = backend.image_size
+    grid = np.full((side * size, side * size, 3), 255, np.uint8)
+    for k, face in enumerate(faces):
+        r, c = divmod(k, side)
+        grid[r * size:(r + 1) * size, c * size:(c + 1) * size] = face
+    return grid
+
+
+def loss_curve_png(loss_csv: Path, width: int = 640, height: int = 240) -> np.ndarray:
+    """The training loss on a log scale, drawn with Pillow (no plotting dependency)."""
+    from PIL import ImageDraw
+
+    rows = list(csv.DictReader(open(loss_csv)))
+    steps = np.array([float(r["step"]) for r in rows])
+    losses = np.log10(np.array([float(r["loss"]) for r in rows]))
+    im = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(im)
+    if len(rows) >= 2:
+        lo, hi = losses.min(), losses.max() if losses.max() > losses.min() else losses.min() + 1
+        xs = 40 + (steps - steps.min()) / max(1, steps.max() - steps.min()) * (width - 60)
+        ys = 20 + (hi - losses) / (hi - lo) * (height - 50)
+        draw.line(list(zip(xs, ys)), fill=(200, 40, 40), width=2)
+        draw.text((5, 5), f"loss {10 ** hi:.3f}", fill="black")
+        draw.text((5, height - 25), f"loss {10 ** lo:.3f}   steps {int(steps.min())}..{int(steps.max())}", fill="black")
+    return np.asarray(im)
+
+
+def write_model_card(out: Path, data: Path, result: dict, samples: int, device: str) -> None:
+    """README.md, loss.png and samples.png beside the weights."""
+    from .images import encode_png, write_atomic
+
+    out = Path(out)
+    loss_csv = out / "checkpoint" / "loss.csv"
+    write_atomic(out / "loss.png", encode_png(loss_curve_png(loss_csv), None, None, {}), overwrite=True)
+    if samples:
+        write_atomic(out / "samples.png", encode_png(sample_grid(out, samples, device=device), None, None, {}),
+                     overwrite=True)
+    cfg = json.loads((out / "checkpoint" / "config.json").read_text())
+    rows = list(csv.DictReader(open(loss_csv)))
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    card = f"""# revanon-rt demo face model
+
+An unconditional ε-prediction diffusion model of aligned face crops, in pixel space
+({cfg['resolution']}×{cfg['resolution']}), trained by `revanon-rt train` for the project's demo, tests and evaluation.
+It loads as a revanon v1 pixel-space model (spec §1): `unet/` (diffusers UNet2DModel, EMA weights,
+fp16 safetensors, {weights.stat().st_size / 1e6:.1f} MB) and `scheduler/` (DDIM, linear betas 1e-4..0.02, 1000 steps).
+
+- **Data:** `{Path(data).name}`: LFW crops (centre 196 of 250 px, resized), 4,085 people who appear in
+  none of the evaluation folds, with horizontal flips.
+- **Training:** {result.get('steps', rows[-1]['step'] if rows else 0)} steps, batch {cfg['batch']}, AdamW lr {cfg['lr']} with
+  {cfg['warmup']} warm-up steps, EMA {cfg['ema_decay']}, bf16 autocast on GPU, seed {cfg['seed']}, architecture
+  `{cfg['architecture']}`. Final loss {rows[-1]['loss'] if rows else 'n/a'}.
+- **Loss curve:** `loss.png`. **Samples:** `samples.png` shows faces *sampled from the model* (DDIM, 50 steps),
+  not training images.
+- **License:** the weights derive from Labeled Faces in the Wild, a research data set: use this model for
+  research and testing only. It is small and blurry by design; it is not a product model.
+"""
+    (out / "README.md").write_text(card)

@@ -1,0 +1,110 @@
+"""Issue 5 on CPU: training in resumable pieces, the landmark masker, and the LFW evaluation's plumbing."""
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import SHARED, cli, random_image, save_png
+
+LFW = SHARED / "data" / "lfw"
+
+
+def _lfw_crop(index: int, size: int) -> np.ndarray:
+    with zipfile.ZipFile(LFW / "dev-128.zip") as z:
+        name = sorted(n for n in z.namelist() if n.endswith(".jpg"))[index]
+        im = Image.open(io.BytesIO(z.read(name))).convert("RGB")
+    return np.asarray(im.resize((size, size), Image.Resampling.LANCZOS))
+
+
+def test_train_resume_and_load(tmp_path):
+    data = tmp_path / "crops.zip"
+    with zipfile.ZipFile(data, "w") as z:
+        for i in range(12):
+            buf = io.BytesIO()
+            Image.fromarray(random_image(40, seed=80 + i)).save(buf, format="JPEG")
+            z.writestr(f"P{i}/P{i}_0001.jpg", buf.getvalue())
+    out = tmp_path / "model"
+    args = ("train", "--data", data, "--out", out, "--resolution", "32", "--architecture", "tiny", "--batch", "4",
+            "--samples", "4", "--device", "cpu")
+    first = cli(*args, "--max-steps", "100")
+    assert first.returncode == 0, first.stderr
+    again = cli(*args, "--max-steps", "100")
+    assert again.returncode == 2 and "--resume" in again.stderr, "never overwrite a trained model"
+    second = cli(*args, "--max-steps", "200", "--resume")
+    assert second.returncode == 0 and "resumed at step 100" in second.stderr
+    rows = (out / "checkpoint" / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,seconds" and rows[-1].startswith("200,")
+    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size < 15_000_000
+    header_len = int.from_bytes(weights.read_bytes()[:8], "little")
+    header = json.loads(weights.read_bytes()[8:8 + header_len])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+    for name in ("README.md", "loss.png", "samples.png"):
+        assert (out / name).exists(), name
+    assert "research" in (out / "README.md").read_text()
+
+    from revanon_rt.reference import TorchReference
+
+    backend = TorchReference(out)
+    assert backend.image_size == 32 and backend.latent_shape == (3, 32, 32)
+    assert np.isfinite(backend.eps(np.zeros((1, 3, 32, 32), np.float32), 500)).all()
+
+
+def test_landmarks_masker_finds_the_face_and_says_when_it_cannot(models, keyfile, tmp_path):
+    from revanon_rt.errors import InputError
+    from revanon_rt.faces import LandmarksMasker
+
+    masker = LandmarksMasker()
+    crop = _lfw_crop(0, 128)
+    face_map = masker.face_map(crop, "face")
+    assert face_map.shape == (512, 512) and 0.15 < face_map.mean() < 0.6
+    assert face_map[256, 256] == 1 and face_map[:40].sum() == 0 and face_map[:, :30].sum() == 0
+    with pytest.raises(InputError, match="no face found"):
+        masker.face_map(random_image(128, seed=81), "noise")
+
+    save_png(tmp_path / "in" / "face.png", _lfw_crop(1, 64))
+    result = cli("run", "anonymize", tmp_path / "in", "--out", tmp_path / "out", "--model", models["zero64"],
+                 "--masker", "landmarks", "--key", keyfile)
+    assert result.returncode == 0, result.stderr
+    from revanon_rt import container
+
+    assert json.loads(container.read_png_chunk(tmp_path / "out" / "face.png"))["masker"] == "landmarks"
+    note = cli("run", "anonymize", tmp_path / "in", "--out", tmp_path / "out68", "--model", models["zero64"],
+               "--masker", "landmarks", "--landmarks", "68", "--key", keyfile)
+    assert note.returncode == 0 and "bars commercial use" in note.stderr
+    noise = save_png(tmp_path / "noise" / "noise.png", random_image(64, seed=82))
+    failed = cli("run", "anonymize", noise, "--out", tmp_path / "o2", "--model", models["zero64"],
+                 "--masker", "landmarks", "--key", keyfile)
+    assert failed.returncode == 1 and "no face found" in failed.stderr and "--mask" in failed.stderr
+
+
+def test_eval_plumbing_on_a_few_pairs_and_merge(models, tmp_path):
+    common = ("--pairs", LFW / "dev_pairs.txt", "--images", LFW / "dev-128.zip", "--model", models["zero64"],
+              "--steps", "10", "--candidates", "10", "--out", tmp_path / "eval")
+    first = cli("eval", *common, "--limit", "4")
+    assert first.returncode == 0, first.stderr
+    metrics = json.loads((tmp_path / "eval" / "chunk-00000-00004" / "metrics.json").read_text())
+    tar = metrics["tar_at_far_0.1%"]
+    # ε ≡ 0: flips are exact sign changes, so the right key recovers exactly and any other key does not
+    assert tar["clean"] == tar["recovered"] == 1.0
+    for condition in ("anonymized", "random_key", "one_bit_key", "attack_nonce"):
+        # 4 pairs and a threshold from 16 impostor scores: one chance match is possible
+        assert tar[condition] <= 0.25, (condition, tar)
+    assert tar["attack_reuse"] == 1.0, "one pattern for every face: one known pair undoes the others"
+    assert metrics["recovery_psnr_db"]["mean"] == 100.0 and metrics["face_detection_rate"]["anonymized"] < 0.5
+    assert metrics["linkage"]["top1"] == 1.0, "sign flips keep |z_T|: key-free linkage is trivial here"
+    assert (tmp_path / "eval" / "chunk-00000-00004" / "contact_sheet.png").exists()
+
+    transform_only = cli("eval", *common, "--start", "4", "--limit", "2", "--stage", "transform")
+    assert transform_only.returncode == 0, transform_only.stderr
+    assert not (tmp_path / "eval" / "chunk-00004-00006" / "features.npz").exists()
+    score_only = cli("eval", *common, "--start", "4", "--limit", "2", "--stage", "score")
+    assert score_only.returncode == 0, score_only.stderr
+    merged = cli("eval-merge", tmp_path / "eval")
+    assert merged.returncode == 0, merged.stderr
+    summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert summary["pairs"] == 6 and summary["chunks"] == ["chunk-00000-00004", "chunk-00004-00006"]
