@@ -117,13 +117,14 @@ class TorchReference:
     name = "pytorch"
 
     def __init__(self, model_dir: Path, device: str = "cpu", parser: Path | None = None):
+        # the folder's structure and weight files are checked before diffusers is imported (seconds)
+        self.layout = inspect_model_dir(model_dir)
+        self.device = torch_device(device)
+        self.fingerprint = model_fingerprint(self.layout.root)
         use_strict_fp32()
         _quiet_diffusers()
         from diffusers import AutoencoderKL, UNet2DModel, VQModel
 
-        self.layout = inspect_model_dir(model_dir)
-        self.device = torch_device(device)
-        self.fingerprint = model_fingerprint(self.layout.root)
         self.noise = load_noise_schedule(self.layout)
         self.image_size = self.layout.image_size
         self.latent_shape = self.layout.latent_shape

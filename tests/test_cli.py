@@ -129,7 +129,7 @@ def test_tiny_ldm_round_trip_with_bisenet_matches_the_library(models, bisenet_pt
     assert not np.array_equal(anonymized.rgb, read_rgb(tmp_path / "in" / "face.png"))
 
 
-def test_wrong_key_or_edits_are_refused_and_nothing_is_written(models, zero_backend, keyfile, other_keyfile, tmp_path):
+def test_wrong_key_or_edits_are_refused_and_nothing_is_written(models, zero_engines, zero_backend, keyfile, other_keyfile, tmp_path):
     src = save_png(tmp_path / "face.png", random_image(32, seed=4))
     mask = save_png(tmp_path / "mask.png", box_mask(32))
     anon = _anonymize_with_library(zero_backend, src, tmp_path / "anon" / "face.png", keyfile, mask)
@@ -145,14 +145,16 @@ def test_wrong_key_or_edits_are_refused_and_nothing_is_written(models, zero_back
         h["faces"][0]["box"][0] = 1
     _rewrite_metadata(anon, edited / "meta.png", shift_box)
 
-    tampered = cli("run", "deanonymize", edited, "--out", tmp_path / "out1", "--model", models["zero"], "--key", keyfile)
+    tampered = cli("run", "deanonymize", edited, "--out", tmp_path / "out1", "--engine", zero_engines["zero"], "--key", keyfile)
     assert tampered.returncode == 1
-    assert tampered.stderr.count(AUTH_MESSAGE) == 2 and "pixel.png" in tampered.stderr and "meta.png" in tampered.stderr
-    wrong = cli("run", "deanonymize", anon, "--out", tmp_path / "out2", "--model", models["zero"], "--key", other_keyfile)
+    errors = [line for line in tampered.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all(AUTH_MESSAGE in line for line in errors)
+    assert "pixel.png" in tampered.stderr and "meta.png" in tampered.stderr
+    wrong = cli("run", "deanonymize", anon, "--out", tmp_path / "out2", "--engine", zero_engines["zero"], "--key", other_keyfile)
     assert wrong.returncode == 1 and AUTH_MESSAGE in wrong.stderr
     assert not any((tmp_path / "out1").rglob("*.png")) and not any((tmp_path / "out2").rglob("*.png"))
 
-    skipped = cli("run", "deanonymize", anon, "--out", tmp_path / "out3", "--model", models["zero"],
+    skipped = cli("run", "deanonymize", anon, "--out", tmp_path / "out3", "--engine", zero_engines["zero"],
                   "--key", other_keyfile, "--skip-auth")
     assert skipped.returncode == 0 and "unverified" in skipped.stderr
     header = json.loads(container.read_png_chunk(tmp_path / "out3" / "face.png"))
@@ -163,10 +165,10 @@ def test_wrong_key_or_edits_are_refused_and_nothing_is_written(models, zero_back
     assert (wrong_recovery[inside] != original[inside]).mean() > 0.3
 
 
-def test_double_runs_are_refused_unless_forced(models, keyfile, tmp_path):
+def test_double_runs_are_refused_unless_forced(models, zero_engines, keyfile, tmp_path):
     src = save_png(tmp_path / "face.png", random_image(32, seed=5))
     mask = save_png(tmp_path / "mask.png", box_mask(32))
-    common = ("--model", models["zero"], "--mask", mask, "--key", keyfile)
+    common = ("--engine", zero_engines["zero"], "--mask", mask, "--key", keyfile)
     assert cli("run", "anonymize", src, "--out", tmp_path / "a1", *common).returncode == 0
     again = cli("run", "anonymize", tmp_path / "a1" / "face.png", "--out", tmp_path / "a2", *common)
     assert again.returncode == 1 and "already carries revanon metadata" in again.stderr and "--force" in again.stderr
@@ -175,7 +177,7 @@ def test_double_runs_are_refused_unless_forced(models, keyfile, tmp_path):
     assert forced.returncode == 0 and (tmp_path / "a2" / "face.png").exists()
 
     rec = cli("run", "deanonymize", tmp_path / "a1" / "face.png", tmp_path / "a2" / "face.png", "--out",
-              tmp_path / "r", "--model", models["zero"], "--key", keyfile)
+              tmp_path / "r", "--engine", zero_engines["zero"], "--key", keyfile)
     # a1 and a2 share an output name, so the second keeps its extension
     assert rec.returncode == 0, rec.stderr
     twice = cli("run", "deanonymize", tmp_path / "r" / "face.png", "--out", tmp_path / "r2", "--model",
@@ -183,10 +185,10 @@ def test_double_runs_are_refused_unless_forced(models, keyfile, tmp_path):
     assert twice.returncode == 1 and "not 'anonymized'" in twice.stderr
 
 
-def test_existing_outputs_are_skipped_unless_overwrite(models, keyfile, tmp_path):
+def test_existing_outputs_are_skipped_unless_overwrite(models, zero_engines, keyfile, tmp_path):
     src = save_png(tmp_path / "face.png", random_image(32, seed=6))
     mask = save_png(tmp_path / "mask.png", box_mask(32))
-    common = (src, "--out", tmp_path / "out", "--model", models["zero"], "--mask", mask, "--key", keyfile)
+    common = (src, "--out", tmp_path / "out", "--engine", zero_engines["zero"], "--mask", mask, "--key", keyfile)
     assert cli("run", "anonymize", *common).returncode == 0
     first = (tmp_path / "out" / "face.png").read_bytes()
     second = cli("run", "anonymize", *common)
@@ -195,14 +197,12 @@ def test_existing_outputs_are_skipped_unless_overwrite(models, keyfile, tmp_path
     third = cli("run", "anonymize", *common, "--overwrite")
     assert third.returncode == 0 and "1 done" in third.stderr
     assert (tmp_path / "out" / "face.png").read_bytes() != first, "a fresh nonce makes new bytes"
-    into_input = cli("run", "anonymize", tmp_path / "out", "--out", tmp_path / "out", "--model", models["zero"],
+    into_input = cli("run", "anonymize", tmp_path / "out", "--out", tmp_path / "out", "--engine", zero_engines["zero"],
                      "--mask", mask, "--key", keyfile, "--overwrite", "--force")
     assert into_input.returncode == 1 and "would replace the input" in into_input.stderr
 
 
-def test_bad_inputs_fail_one_by_one_with_named_errors(models, keyfile, tmp_path):
-    from test_container import test_bad_images_name_the_file  # noqa: F401  (same fixtures of bad files)
-
+def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyfile, tmp_path):
     inputs = tmp_path / "in"
     save_png(inputs / "good.png", random_image(32, seed=7))
     save_png(inputs / "wrong_size.png", random_image(48, seed=7))
@@ -213,7 +213,7 @@ def test_bad_inputs_fail_one_by_one_with_named_errors(models, keyfile, tmp_path)
     mask = save_png(tmp_path / "mask.png", box_mask(32))
     before = tree_digest(inputs)
     result = cli("run", "anonymize", inputs, tmp_path / "missing.png", "--out", tmp_path / "out",
-                 "--model", models["zero"], "--mask", mask, "--key", keyfile)
+                 "--engine", zero_engines["zero"], "--mask", mask, "--key", keyfile)
     assert result.returncode == 1
     assert "1 done, 0 skipped, 5 failed" in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -291,12 +291,12 @@ def test_metadata_problems_on_deanonymize(models, zero_backend, keyfile, tmp_pat
     assert anyway.returncode == 0 and "fingerprint differs" in anyway.stderr
 
 
-def test_password_sidecar_and_meta_for_stripped_pngs(models, tmp_path):
+def test_password_sidecar_and_meta_for_stripped_pngs(models, zero_engines, tmp_path):
     src = save_png(tmp_path / "face.png", random_image(32, seed=11))
     mask = save_png(tmp_path / "mask.png", box_mask(32))
     password = tmp_path / "pw.txt"
     password.write_text("Caf\u00e9 au lait\n", encoding="utf-8")
-    anon = cli("run", "anonymize", src, "--out", tmp_path / "anon", "--model", models["zero"], "--mask", mask,
+    anon = cli("run", "anonymize", src, "--out", tmp_path / "anon", "--engine", zero_engines["zero"], "--mask", mask,
                "--password-file", password, "--sidecar")
     assert anon.returncode == 0, anon.stderr
     sidecar = tmp_path / "anon" / "face.png.revanon.json"
@@ -307,23 +307,23 @@ def test_password_sidecar_and_meta_for_stripped_pngs(models, tmp_path):
     assert container.read_png_chunk(stripped) is None
     decomposed = tmp_path / "pw2.txt"
     decomposed.write_text("Cafe\u0301 au lait", encoding="utf-8")  # NFD, no newline: the same password
-    rec = cli("run", "deanonymize", stripped, "--out", tmp_path / "rec", "--model", models["zero"],
+    rec = cli("run", "deanonymize", stripped, "--out", tmp_path / "rec", "--engine", zero_engines["zero"],
               "--password-file", decomposed, "--meta", sidecar)
     assert rec.returncode == 0, rec.stderr
     assert np.array_equal(read_rgb(tmp_path / "rec" / "stripped.png"), read_rgb(src))
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("cafe au lait")
-    refused = cli("run", "deanonymize", stripped, "--out", tmp_path / "rec2", "--model", models["zero"],
+    refused = cli("run", "deanonymize", stripped, "--out", tmp_path / "rec2", "--engine", zero_engines["zero"],
                   "--password-file", wrong, "--meta", sidecar)
     assert refused.returncode == 1 and AUTH_MESSAGE in refused.stderr
 
 
-def test_insecure_key_reuse_warns_and_records_a_null_nonce(models, keyfile, tmp_path):
+def test_insecure_key_reuse_warns_and_records_a_null_nonce(models, zero_engines, keyfile, tmp_path):
     inputs = tmp_path / "in"
     save_png(inputs / "a.png", random_image(32, seed=12))
     save_png(inputs / "b.png", random_image(32, seed=13))
     mask = save_png(tmp_path / "mask.png", np.full((32, 32), 255, np.uint8))
-    result = cli("run", "anonymize", inputs, "--out", tmp_path / "out", "--model", models["zero"], "--mask", mask,
+    result = cli("run", "anonymize", inputs, "--out", tmp_path / "out", "--engine", zero_engines["zero"], "--mask", mask,
                  "--key", keyfile, "--insecure-key-reuse")
     assert result.returncode == 0 and "WARNING: --insecure-key-reuse" in result.stderr
     assert "can undo every image" in result.stderr

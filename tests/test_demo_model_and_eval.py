@@ -30,14 +30,14 @@ def test_train_resume_and_load(tmp_path):
     out = tmp_path / "model"
     args = ("train", "--data", data, "--out", out, "--resolution", "32", "--architecture", "tiny", "--batch", "4",
             "--samples", "4", "--device", "cpu")
-    first = cli(*args, "--max-steps", "100")
+    first = cli(*args, "--max-steps", "30")
     assert first.returncode == 0, first.stderr
-    again = cli(*args, "--max-steps", "100")
+    again = cli(*args, "--max-steps", "30")
     assert again.returncode == 2 and "--resume" in again.stderr, "never overwrite a trained model"
-    second = cli(*args, "--max-steps", "200", "--resume")
-    assert second.returncode == 0 and "resumed at step 100" in second.stderr
+    second = cli(*args, "--max-steps", "60", "--resume")
+    assert second.returncode == 0 and "resumed at step 30" in second.stderr
     rows = (out / "checkpoint" / "loss.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,lr,seconds" and rows[-1].startswith("200,")
+    assert rows[0] == "step,loss,lr,seconds" and rows[-1].startswith("60,")
     weights = out / "unet" / "diffusion_pytorch_model.safetensors"
     assert weights.stat().st_size < 15_000_000
     header_len = int.from_bytes(weights.read_bytes()[:8], "little")
@@ -54,7 +54,7 @@ def test_train_resume_and_load(tmp_path):
     assert np.isfinite(backend.eps(np.zeros((1, 3, 32, 32), np.float32), 500)).all()
 
 
-def test_landmarks_masker_finds_the_face_and_says_when_it_cannot(models, keyfile, tmp_path):
+def test_landmarks_masker_finds_the_face_and_says_when_it_cannot(zero_engines, keyfile, tmp_path):
     from revanon_rt.errors import InputError
     from revanon_rt.faces import LandmarksMasker
 
@@ -67,24 +67,24 @@ def test_landmarks_masker_finds_the_face_and_says_when_it_cannot(models, keyfile
         masker.face_map(random_image(128, seed=81), "noise")
 
     save_png(tmp_path / "in" / "face.png", _lfw_crop(1, 64))
-    result = cli("run", "anonymize", tmp_path / "in", "--out", tmp_path / "out", "--model", models["zero64"],
+    result = cli("run", "anonymize", tmp_path / "in", "--out", tmp_path / "out", "--engine", zero_engines["zero64"],
                  "--masker", "landmarks", "--key", keyfile)
     assert result.returncode == 0, result.stderr
     from revanon_rt import container
 
     assert json.loads(container.read_png_chunk(tmp_path / "out" / "face.png"))["masker"] == "landmarks"
-    note = cli("run", "anonymize", tmp_path / "in", "--out", tmp_path / "out68", "--model", models["zero64"],
+    note = cli("run", "anonymize", tmp_path / "in", "--out", tmp_path / "out68", "--engine", zero_engines["zero64"],
                "--masker", "landmarks", "--landmarks", "68", "--key", keyfile)
     assert note.returncode == 0 and "bars commercial use" in note.stderr
     noise = save_png(tmp_path / "noise" / "noise.png", random_image(64, seed=82))
-    failed = cli("run", "anonymize", noise, "--out", tmp_path / "o2", "--model", models["zero64"],
+    failed = cli("run", "anonymize", noise, "--out", tmp_path / "o2", "--engine", zero_engines["zero64"],
                  "--masker", "landmarks", "--key", keyfile)
     assert failed.returncode == 1 and "no face found" in failed.stderr and "--mask" in failed.stderr
 
 
-def test_eval_plumbing_on_a_few_pairs_and_merge(models, tmp_path):
-    common = ("--pairs", LFW / "dev_pairs.txt", "--images", LFW / "dev-128.zip", "--model", models["zero64"],
-              "--steps", "10", "--candidates", "10", "--out", tmp_path / "eval")
+def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path):
+    common = ("--pairs", LFW / "dev_pairs.txt", "--images", LFW / "dev-128.zip", "--engine", zero_engines["zero64"],
+              "--steps", "5", "--candidates", "8", "--out", tmp_path / "eval")
     first = cli("eval", *common, "--limit", "4")
     assert first.returncode == 0, first.stderr
     metrics = json.loads((tmp_path / "eval" / "chunk-00000-00004" / "metrics.json").read_text())

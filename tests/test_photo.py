@@ -122,9 +122,9 @@ def test_overlapping_faces_recover_in_reverse_order(models):
     assert np.array_equal(back.image.rgb, photo)
 
 
-def test_group_photo_every_face_found_background_untouched(models, group, keyfile, tmp_path):
+def test_group_photo_every_face_found_background_untouched(zero_engines, group, keyfile, tmp_path):
     out, rec = tmp_path / "anon", tmp_path / "rec"
-    result = cli("run", "anonymize", group, "--mode", "photo", "--out", out, "--model", models["zero64"],
+    result = cli("run", "anonymize", group, "--mode", "photo", "--out", out, "--engine", zero_engines["zero64"],
                  "--masker", "landmarks", "--key", keyfile)
     assert result.returncode == 0, result.stderr
     header = json.loads(container.read_png_chunk(out / "group.png"))
@@ -145,7 +145,7 @@ def test_group_photo_every_face_found_background_untouched(models, group, keyfil
         "import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
         "        if name.split('.')[0] in ('dlib', 'face_recognition_models'):\n"
         "            raise ImportError('detector out of reach')\nsys.meta_path.insert(0, B())\n")
-    back = cli("run", "deanonymize", out, "--out", rec, "--model", models["zero64"], "--key", keyfile,
+    back = cli("run", "deanonymize", out, "--out", rec, "--engine", zero_engines["zero64"], "--key", keyfile,
                env={"PYTHONPATH": str(blocked)})
     assert back.returncode == 0, back.stderr
     recovered = read_rgb(rec / "group.png")
@@ -156,17 +156,17 @@ def test_group_photo_every_face_found_background_untouched(models, group, keyfil
     assert close < far / 2, (close, far)
 
 
-def test_no_faces_tampering_and_wrong_key(models, group, keyfile, other_keyfile, tmp_path):
+def test_no_faces_tampering_and_wrong_key(zero_engines, group, keyfile, other_keyfile, tmp_path):
     landscape = tmp_path / "in" / "landscape.png"
     landscape.parent.mkdir()
     Image.fromarray(random_image(300, seed=73)).save(landscape)
-    result = cli("run", "anonymize", landscape, "--mode", "photo", "--out", tmp_path / "a", "--model",
-                 models["zero64"], "--masker", "landmarks", "--key", keyfile)
+    result = cli("run", "anonymize", landscape, "--mode", "photo", "--out", tmp_path / "a", "--engine",
+                 zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
     assert result.returncode == 0 and "no faces found" in result.stderr
     assert np.array_equal(read_rgb(tmp_path / "a" / "landscape.png"), read_rgb(landscape))
     assert json.loads(container.read_png_chunk(tmp_path / "a" / "landscape.png"))["faces"] == []
 
-    anon = cli("run", "anonymize", group, "--mode", "photo", "--out", tmp_path / "g", "--model", models["zero64"],
+    anon = cli("run", "anonymize", group, "--mode", "photo", "--out", tmp_path / "g", "--engine", zero_engines["zero64"],
                "--masker", "landmarks", "--key", keyfile)
     assert anon.returncode == 0, anon.stderr
     header = json.loads(container.read_png_chunk(tmp_path / "g" / "group.png"))
@@ -179,16 +179,16 @@ def test_no_faces_tampering_and_wrong_key(models, group, keyfile, other_keyfile,
     edited.parent.mkdir()
     Image.open(tmp_path / "g" / "group.png").save(edited, pnginfo=info)
     for target, key in ((edited, keyfile), (tmp_path / "g" / "group.png", other_keyfile)):
-        refused = cli("run", "deanonymize", target, "--out", tmp_path / "r", "--model", models["zero64"], "--key", key)
+        refused = cli("run", "deanonymize", target, "--out", tmp_path / "r", "--engine", zero_engines["zero64"], "--key", key)
         assert refused.returncode == 1 and "wrong key, or the image or its metadata was changed" in refused.stderr
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("*.png"))
 
 
-def test_photo_options(models, group, keyfile, tmp_path):
+def test_photo_options(zero_engines, group, keyfile, tmp_path):
     dry = cli("run", "anonymize", group, "--mode", "photo", "--dry-run", "--out", tmp_path / "dry")
     assert dry.returncode == 0 and (tmp_path / "dry" / "group.faces.png").exists()
     assert sorted(p.name for p in (tmp_path / "dry").iterdir()) == ["group.faces.png"]
-    common = ("--mode", "photo", "--model", models["zero64"], "--masker", "landmarks", "--key", keyfile)
+    common = ("--mode", "photo", "--engine", zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
     largest = cli("run", "anonymize", group, "--out", tmp_path / "l", "--faces", "largest", *common)
     assert largest.returncode == 0
     faces = json.loads(container.read_png_chunk(tmp_path / "l" / "group.png"))["faces"]
@@ -202,17 +202,17 @@ def test_photo_options(models, group, keyfile, tmp_path):
     assert json.loads((tmp_path / "map.json").read_text()) == {str(group): str(tmp_path / "n" / "000001.png")}
     jpeg = cli("run", "anonymize", group, "--out", tmp_path / "j", "--output-format", "jpeg", *common)
     assert jpeg.returncode == 2 and "recovery needs every pixel" in jpeg.stderr
-    crop_flag = cli("run", "anonymize", group, "--out", tmp_path / "c", "--faces", "largest", "--model",
-                    models["zero64"], "--masker", "landmarks", "--key", keyfile)
+    crop_flag = cli("run", "anonymize", group, "--out", tmp_path / "c", "--faces", "largest", "--engine",
+                    zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
     assert crop_flag.returncode == 2 and "--mode photo" in crop_flag.stderr
 
 
-def test_large_photo_is_detected_on_a_downscaled_copy(models, keyfile, tmp_path):
+def test_large_photo_is_detected_on_a_downscaled_copy(zero_engines, keyfile, tmp_path):
     big = compose([(200, 300, 4.0, 0), (1500, 500, 3.0, 5)], size=(3000, 2000), picks=(3, 10))
     path = tmp_path / "in" / "big.jpg"
     path.parent.mkdir()
     Image.fromarray(big).save(path, quality=92)
-    result = cli("run", "anonymize", path, "--mode", "photo", "--out", tmp_path / "a", "--model", models["zero64"],
+    result = cli("run", "anonymize", path, "--mode", "photo", "--out", tmp_path / "a", "--engine", zero_engines["zero64"],
                  "--masker", "landmarks", "--key", keyfile)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(container.read_png_chunk(tmp_path / "a" / "big.png"))["faces"]) == 2
