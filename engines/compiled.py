@@ -11,34 +11,29 @@ sampler.reinject, compiled; `verify` compares the fused loop with the plain func
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UsageError
+
+try:
+    import torch
+except ImportError:
+    raise UsageError("the compiled backend needs torch: pip install 'revanon-rt[torch]'") from None
+
 from ..sampler import ddim_coefficients, ddim_update, keyed_flip, reinject
 from .manifest import EngineManifest, rebuild_hint
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-
-
-def _torch():
-    import logging
-
-    try:
-        import torch
-    except ImportError:
-        raise UsageError("the compiled backend needs torch: pip install 'revanon-rt[torch]'") from None
-    # on CPU-only machines Inductor's C++ toolchain probe warns about CUDA_HOME on every build
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    return torch
+# on CPU-only machines Inductor's C++ toolchain probe warns about CUDA_HOME on every build
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def apply_precision(precision: str) -> None:
     """Strict fp32 unless TF32 is asked for; deterministic kernels in every mode."""
     import os
-
-    torch = _torch()
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -50,7 +45,6 @@ def apply_precision(precision: str) -> None:
 
 
 def compute_dtype(precision: str):
-    torch = _torch()
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
 
@@ -63,23 +57,17 @@ def inductor_configs() -> dict:
     return {key: value for key, value in wanted.items() if hasattr(config, key)}
 
 
-class _CastIO:
+class CastIO(torch.nn.Module):
     """float32 in and out whatever the compute precision, so the loop math stays fp32."""
 
-    def __new__(cls, module, dtype):
-        torch = _torch()
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner = copy.deepcopy(module).to(dtype) if dtype != torch.float32 else module
 
-        class CastIO(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.inner = copy.deepcopy(module).to(dtype) if dtype != torch.float32 else module
-
-            def forward(self, *args):
-                cast = [a.to(dtype) if a.is_floating_point() else a for a in args]
-                out = self.inner(*cast)
-                return out.float() if out.is_floating_point() else out
-
-        return CastIO().eval()
+    def forward(self, *args):
+        dtype = next(self.inner.parameters()).dtype
+        out = self.inner(*(a.to(dtype) if a.is_floating_point() else a for a in args))
+        return out.float() if out.is_floating_point() else out
 
 
 class CompiledEngine:
@@ -89,7 +77,6 @@ class CompiledEngine:
     @classmethod
     def reference_device(cls, device: str) -> str:
         """Packages are compiled for the device they will run on, from modules living there."""
-        torch = _torch()
         if device in ("auto", "cuda") and torch.cuda.is_available():
             return "cuda"
         if device == "cuda":
@@ -98,12 +85,11 @@ class CompiledEngine:
 
     @classmethod
     def export_graph(cls, descriptor, staging_dir: Path, precision: str) -> list[Path]:
-        torch = _torch()
         apply_precision(precision)
         device = next(descriptor.module.parameters()).device
         # the parser stays fp32: the mask it draws is stored and must not depend on the precision
         dtype = torch.float32 if descriptor.name == "parser" else compute_dtype(precision)
-        module = _CastIO(descriptor.module, dtype)
+        module = CastIO(descriptor.module, dtype).eval()
         args = descriptor.torch_args(device)
         path = staging_dir / f"{descriptor.name}.pt2"
         with torch.no_grad():
@@ -114,7 +100,6 @@ class CompiledEngine:
 
     @classmethod
     def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict:
-        torch = _torch()
         facts = {"torch": torch.__version__, "device": cls.reference_device(device),
                  "packager": "torch._inductor.aoti_compile_and_package", "inductor_configs": inductor_configs()}
         if torch.cuda.is_available():
@@ -122,7 +107,6 @@ class CompiledEngine:
         return {"compiled": facts}
 
     def __init__(self, manifest: EngineManifest, device: str = "auto", options=None):
-        torch = _torch()
         facts = manifest.data.get("compiled", {})
         if facts.get("torch") != torch.__version__:
             raise UsageError(f"{manifest.engine_dir}: compiled with torch {facts.get('torch')}, this is torch "
@@ -150,7 +134,6 @@ class CompiledEngine:
         return out[0] if isinstance(out, (list, tuple)) else out
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        torch = _torch()
         names = [spec["name"] for spec in self.manifest.graphs[graph]["inputs"]]
         with torch.inference_mode():
             out = self.call(graph, *(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in names))
@@ -169,9 +152,8 @@ class FusedLoop:
     as device tensors, and the two fused update kernels."""
 
     def __init__(self, engine: CompiledEngine, schedule):
-        torch = _torch()
         m = engine.manifest
-        self.engine, self.torch = engine, torch
+        self.engine = engine
         b, (c, h, w), size = m.batch, m.latent_shape, m.image_size
         dev = engine.device
         steps, levels = schedule.steps, schedule.levels
@@ -205,7 +187,6 @@ class FusedLoop:
         self.x_out.copy_(e.call("decoder", z) if self.has_autoencoder else z)
 
     def run(self, x: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
-        torch = self.torch
         with torch.inference_mode():
             self.x_in.copy_(torch.from_numpy(x))
             self.mask.copy_(torch.from_numpy(mask))
@@ -219,7 +200,6 @@ class FusedLoop:
             return self.x_out.cpu().numpy()
 
     def _capture(self) -> None:
-        torch = self.torch
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph: lazy inits, compilation
