@@ -17,6 +17,7 @@ from .images import LoadedImage, encode_png, write_atomic
 from .keys import Secret, keygen, read_key_file
 from .masks import FileMasker
 from .pipeline import Options, anonymize_image, deanonymize_image
+from .pixels import psnr
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
 DEMO_MODEL = REPO_MODELS / "demo-lfw128"
@@ -47,11 +48,6 @@ def synthetic_face(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     mask = Image.new("L", (size, size))
     ImageDraw.Draw(mask).ellipse([34 * s, 24 * s, 94 * s, 108 * s], fill=255)
     return np.asarray(im).copy(), np.asarray(mask).copy()
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def _side_by_side(panels: list[np.ndarray], scale: int) -> np.ndarray:
@@ -104,8 +100,8 @@ def run_demo(out: Path, model: Path | None = None, device: str = "cpu", steps: i
     report = {
         "model": str(model), "image_size": size, "steps": steps,
         "anonymize_seconds": round(t1 - t0, 2), "recover_seconds": round(t2 - t1, 2),
-        "psnr_anonymized_db": round(_psnr(anonymized.image.rgb, rgb), 2),
-        "psnr_recovered_db": None if np.array_equal(recovered.image.rgb, rgb) else round(_psnr(recovered.image.rgb, rgb), 2),
+        "psnr_anonymized_db": round(psnr(anonymized.image.rgb, rgb), 2),
+        "psnr_recovered_db": None if np.array_equal(recovered.image.rgb, rgb) else round(psnr(recovered.image.rgb, rgb), 2),
         "recovered_bit_exact": bool(np.array_equal(recovered.image.rgb, rgb)),
     }
     log(f"original | mask | anonymized | recovered -> {out / 'side_by_side.png'}")

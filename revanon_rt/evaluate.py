@@ -27,7 +27,7 @@ from .faces import TEMPLATE_5, face_region
 from .images import encode_png, write_atomic
 from .keys import ZERO_NONCE, flip_pattern, flip_subkey
 from .masks import face_map_from_file, latent_mask
-from .pixels import to_model, to_u8
+from .pixels import psnr, to_model, to_u8
 from .pipeline import transform_crops
 from .sampler import denoise, invert, keyed_flip
 
@@ -219,11 +219,6 @@ def _distractors(images: ZipImages, targets: list[str], count: int, rng) -> list
 
 
 # -- the score stage -----------------------------------------------------------------------------
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM over channels, Gaussian window 11 (σ 1.5), as in Wang et al. 2004."""

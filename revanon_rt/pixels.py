@@ -25,3 +25,9 @@ def to_unit(rgb: np.ndarray) -> np.ndarray:
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [0, 1], the face parser's input (spec §4)."""
     x = rgb.astype(np.float32) / np.float32(255.0)
     return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of two 8-bit images in dB; identical images report 100 dB rather than infinity."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else float(10 * np.log10(255.0**2 / mse))

@@ -12,7 +12,7 @@ import numpy as np
 from .errors import UsageError
 from .keys import flip_pattern, flip_subkey
 from .masks import latent_mask
-from .pixels import to_model, to_u8, to_unit
+from .pixels import psnr, to_model, to_u8, to_unit
 from .sampler import ddim_step, invert, keyed_flip, reinject
 
 VERIFY_KEY = bytes(range(32))
@@ -31,11 +31,6 @@ def _errors(reference: np.ndarray, other: np.ndarray) -> dict:
     a, b = reference.astype(np.float64), other.astype(np.float64)
     norm = float(np.linalg.norm(a))
     return {"max_abs": float(np.abs(a - b).max()), "rel_l2": float(np.linalg.norm(a - b) / norm) if norm else 0.0}
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else float(10 * np.log10(255.0**2 / mse))
 
 
 def _anonymize_tracked(backend, rgb: np.ndarray, mask: np.ndarray, steps: int, probe: tuple[int, ...]):
@@ -144,7 +139,7 @@ def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
         "pytorch -> engine": _recover(engine, ref["rgb"], mask, steps),
     }
     for name, rec in recovery.items():
-        rows[f"recovery {name}"] = {"psnr_db": _psnr(rec, rgb), "identical_to_original": float(np.mean(rec == rgb))}
+        rows[f"recovery {name}"] = {"psnr_db": psnr(rec, rgb), "identical_to_original": float(np.mean(rec == rgb))}
 
     same = [rows["recovery pytorch -> pytorch"]["psnr_db"], rows["recovery engine -> engine"]["psnr_db"]]
     noise = max(thresholds.recovery_tolerance_db, abs(same[0] - same[1]))

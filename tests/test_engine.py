@@ -109,7 +109,7 @@ def test_engine_anonymizes_and_the_reference_recovers(engines, models, bisenet_p
     reference_header = json.loads(container.read_png_chunk(tmp_path / "anon.png"))
     assert reference_header["faces"][0]["mask"] == header["faces"][0]["mask"], "engine and reference masks agree"
     assert np.mean(read_rgb(tmp_path / "anon" / "face.png") == read_rgb(tmp_path / "anon.png")) >= 0.995
-    from revanon_rt.verify import _psnr
+    from revanon_rt.pixels import psnr as _psnr
 
     original = read_rgb(src)
     cross = _psnr(read_rgb(tmp_path / "rec" / "face.png"), original)
