@@ -500,8 +500,14 @@ def train_cmd(
     resolution: int = typer.Option(128, "--resolution", min=16, max=512),
     minutes: float = typer.Option(9.0, "--minutes", min=0.01, help="Train for this long, then checkpoint and save."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
-    architecture: str = typer.Option("small", "--architecture", help="small (6.9 M parameters) or tiny."),
+    architecture: str = typer.Option("small", "--architecture",
+                                     help="small (6.9 M parameters, GPU), compact (3.7 M, CPU at 64 px) or tiny."),
     batch: int = typer.Option(64, "--batch", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0,
+                                       help="Peak AdamW learning rate (default 2e-4); with --resume, the rate from here on."),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", min=0.0, max=1.0,
+                                              help="EMA decay (default 0.9995; short runs want 0.999); with --resume, "
+                                                   "the decay from here on."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in total."),
     samples: int = typer.Option(16, "--samples", min=0, help="Faces to sample for the model card."),
     device: str = DEVICE,
@@ -514,9 +520,10 @@ def train_cmd(
     try:
         if architecture not in ARCHITECTURES:
             raise UsageError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
+        changes = {k: v for k, v in (("lr", lr), ("ema_decay", ema_decay)) if v is not None}
         result = train(data, out, minutes, resume, TrainConfig(resolution=resolution, architecture=architecture,
-                                                                batch=batch), device=device, max_steps=max_steps,
-                       log=err.print)
+                                                                batch=batch, **changes), device=device,
+                       max_steps=max_steps, log=err.print, resume_changes=changes)
         write_model_card(out, data, result, samples, _device(device))
     except RevanonError as exc:
         _fail(exc)
@@ -621,11 +628,21 @@ def eval_merge_cmd(
     typer.echo(json.dumps(summary))
 
 
+class DemoFace(str, Enum):
+    auto = "auto"
+    sampled = "sampled"
+    drawn = "drawn"
+
+
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's files."),
     model: Optional[Path] = typer.Option(None, "--model", help="Default: the demo model, or a tiny one built here."),
     device: str = DEVICE, steps: int = typer.Option(50, "--steps", min=1, max=1000),
+    face: DemoFace = typer.Option(DemoFace.auto, "--face",
+                                  help="sampled: a face sampled from the model; drawn: a drawn face. "
+                                       "auto: sampled, except on the tiny model built when no demo model exists."),
+    seed: int = typer.Option(0, "--seed", help="Which sampled or drawn face."),
 ) -> None:
     """The main job: anonymize and recover a synthetic face, and write a side-by-side PNG."""
     try:
@@ -633,7 +650,8 @@ def demo_cmd(
     except ImportError as exc:
         _fail(UsageError(f"the demo needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
     try:
-        report = run_demo(out, model, _device(device), steps, log=err.print)
+        report = run_demo(out, model, _device(device), steps, seed=seed,
+                          face=None if face is DemoFace.auto else face.value, log=err.print)
     except RevanonError as exc:
         _fail(exc)
     typer.echo(json.dumps(report))

@@ -1,8 +1,9 @@
 """The main job: a synthetic face, anonymized with a fresh key, recovered, shown side by side.
 
-It runs on the project's demo model when one is present (models/demo-lfw128), and otherwise
-on a tiny ε ≡ 0 pixel model it builds, which recovers exactly but only sign-flips pixels
-where a trained model would paint a new face.
+It runs on the project's demo model when one is present (models/demo-lfw128): the face is
+sampled from the model itself (no real person) and masked where the crop template puts a face. Otherwise it runs on a tiny ε ≡ 0 pixel model it builds, on a
+drawn face; that model recovers exactly but only sign-flips pixels where a trained model would
+paint a new face.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from .pixels import psnr
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
 DEMO_MODEL = REPO_MODELS / "demo-lfw128"
+
+
+def demo_model() -> Path | None:
+    return DEMO_MODEL if (DEMO_MODEL / "unet").is_dir() else None
 
 
 def synthetic_face(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +55,13 @@ def synthetic_face(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(im).copy(), np.asarray(mask).copy()
 
 
+def template_face_mask(size: int) -> np.ndarray:
+    """Where an aligned crop holds its face: the landmark masker's region around the template's points."""
+    from .faces import TEMPLATE_5, face_region
+
+    return face_region(TEMPLATE_5 * size - 0.5, size, out=size) * np.uint8(255)
+
+
 def _side_by_side(panels: list[np.ndarray], scale: int) -> np.ndarray:
     gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
     row = np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
@@ -57,23 +69,32 @@ def _side_by_side(panels: list[np.ndarray], scale: int) -> np.ndarray:
                                                   Image.Resampling.NEAREST))
 
 
-def run_demo(out: Path, model: Path | None = None, device: str = "cpu", steps: int = 50, log=print) -> dict:
+def run_demo(out: Path, model: Path | None = None, device: str = "cpu", steps: int = 50, seed: int = 0,
+             face: str | None = None, log=print) -> dict:
+    """`face` is "sampled" or "drawn"; None picks sampled for a trained model, drawn for the tiny one."""
     from .reference import TorchReference
     from .tiny import save_tiny_pixel
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    drawn = face == "drawn"
     if model is None:
-        if DEMO_MODEL.is_dir():
-            model = DEMO_MODEL
-        else:
+        model = demo_model()
+        if model is None:
+            drawn = face != "sampled"
             model = out / "tiny-zero-eps-128"
             if not model.is_dir():
                 log(f"no demo model yet: building a tiny ε ≡ 0 pixel model in {model}")
                 save_tiny_pixel(model, image_size=128, zero_eps=True)
     backend = TorchReference(model, device=device)
     size = backend.image_size
-    rgb, mask = synthetic_face(size)
+    if drawn:
+        rgb, mask = synthetic_face(size, seed)
+    else:
+        from .train import sample_faces
+
+        log(f"sampling a face from {model} (50 DDIM steps)")
+        rgb, mask = sample_faces(backend, 1, steps=50, seed=seed)[0], template_face_mask(size)
     face_path, mask_path, key_path = out / "face.png", out / "face_mask.png", out / "demo.key"
     write_atomic(face_path, encode_png(rgb, None, None, {}), overwrite=True)
     write_atomic(mask_path, encode_png(np.repeat(mask[..., None], 3, axis=2), None, None, {}), overwrite=True)
@@ -98,7 +119,7 @@ def run_demo(out: Path, model: Path | None = None, device: str = "cpu", steps: i
     sheet = _side_by_side([rgb, overlay, anonymized.image.rgb, recovered.image.rgb], scale=max(1, 256 // size))
     write_atomic(out / "side_by_side.png", encode_png(sheet, None, None, {}), overwrite=True)
     report = {
-        "model": str(model), "image_size": size, "steps": steps,
+        "model": str(model), "face": "drawn" if drawn else f"sampled from the model (seed {seed})", "image_size": size, "steps": steps,
         "anonymize_seconds": round(t1 - t0, 2), "recover_seconds": round(t2 - t1, 2),
         "psnr_anonymized_db": round(psnr(anonymized.image.rgb, rgb), 2),
         "psnr_recovered_db": None if np.array_equal(recovered.image.rgb, rgb) else round(psnr(recovered.image.rgb, rgb), 2),
