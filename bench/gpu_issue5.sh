@@ -9,9 +9,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site:$PWD/.data/face-models
 export OUT=${OUT:-/tmp/out}
-WORK=/tmp/rt
-MODEL=$WORK/models/demo-lfw128
-RT="python3 -m revanon_rt"
+# overridable for a CPU smoke run of this script: PYTHON, DEVICE, WORK, MODEL, EVAL_PAIRS, EVAL_CHUNK, PHOTOS
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+WORK=${WORK:-/tmp/rt}
+MODEL=${MODEL:-$WORK/models/demo-lfw128}
+EVAL_PAIRS=${EVAL_PAIRS:-1200}
+EVAL_CHUNK=${EVAL_CHUNK:-200}
+PHOTOS=${PHOTOS:-12}
+RT="$PYTHON -m revanon_rt"
+name=$(basename "$MODEL")
 stage=$1; shift
 
 case $stage in
@@ -25,7 +32,7 @@ install)
   ;;
 train)
   minutes=$1; shift
-  $RT train --data .data/lfw-train/train-128.zip --out $MODEL --minutes "$minutes" --device cuda "$@"
+  $RT train --data .data/lfw-train/train-128.zip --out $MODEL --minutes "$minutes" --device $DEVICE "$@"
   mkdir -p $OUT/demo-lfw128
   cp -r $MODEL/unet $MODEL/scheduler $MODEL/README.md $MODEL/loss.png $MODEL/samples.png $OUT/demo-lfw128/
   cp $MODEL/checkpoint/loss.csv $MODEL/checkpoint/pieces.jsonl $OUT/demo-lfw128/
@@ -33,23 +40,30 @@ train)
 eval)
   dev=.data/lfw-dev
   rm -rf $WORK/eval && mkdir -p $WORK/eval
-  for start in 0 200 400 600 800 1000; do   # the model work, one process on the GPU
+  starts=$(seq 0 $EVAL_CHUNK $((EVAL_PAIRS - 1)))
+  for start in $starts; do   # the model work, one process on the GPU
     $RT eval --pairs $dev/dev_pairs.txt --images $dev/dev-128.zip --model $MODEL --masker landmarks \
-      --stage transform --start $start --limit 200 --batch 64 --device cuda --out $WORK/eval
+      --stage transform --start $start --limit $EVAL_CHUNK --batch 64 --device $DEVICE --out $WORK/eval
   done
-  for start in 0 200 400 600 800 1000; do   # dlib, one process per chunk on the CPU cores
+  pids=()
+  for start in $starts; do   # dlib, one process per chunk on the CPU cores
     $RT eval --pairs $dev/dev_pairs.txt --images $dev/dev-128.zip --model $MODEL --masker landmarks \
-      --stage score --start $start --limit 200 --out $WORK/eval > $WORK/eval/score-$start.log 2>&1 &
+      --stage score --start $start --limit $EVAL_CHUNK --out $WORK/eval > $WORK/eval/score-$start.log 2>&1 &
+    pids+=($!)
   done
-  wait
+  for pid in "${pids[@]}"; do wait "$pid" || { tail -n 20 $WORK/eval/score-*.log; exit 1; }; done
   $RT eval-merge $WORK/eval
   mkdir -p $OUT/eval && cp $WORK/eval/metrics.json $WORK/eval/metrics.md $OUT/eval/
   ;;
 photos)
-  python3 bench/photo_recovery.py --model $MODEL --device cuda --photos 12 --originals .data/lfw-dev/dev-250-originals.zip
-  python3 bench/recovery_budget.py --model $MODEL --device cuda --images .data/lfw-dev/dev-128.zip --count 32 --steps 50 200
-  python3 docs/draw_photo_example.py --model $MODEL --device cuda --out $OUT/photo-example.png
-  mkdir -p $OUT/results && cp bench/results/photo-recovery-demo-lfw128.* bench/results/recovery-budget-demo-lfw128.* $OUT/results/
+  mkdir -p $OUT/results
+  $PYTHON bench/photo_recovery.py --model $MODEL --device $DEVICE --photos $PHOTOS \
+    --originals .data/lfw-dev/dev-250-originals.zip
+  cp bench/results/photo-recovery-$name.* $OUT/results/
+  $PYTHON bench/recovery_budget.py --model $MODEL --device $DEVICE --images .data/lfw-dev/dev-128.zip --count 32 \
+    --steps 50 200
+  cp bench/results/recovery-budget-$name.* $OUT/results/
+  $PYTHON docs/draw_photo_example.py --model $MODEL --device $DEVICE --out $OUT/photo-example.png
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -23,11 +23,11 @@ from PIL import Image, ImageDraw
 HERE = Path(__file__).resolve().parent
 BACKGROUND = (196, 204, 212)
 # (side in the photo, tilt in degrees, top-left corner)
-PLACES = [(150, -6.0, (30, 50)), (200, 4.0, (215, 20)), (120, 8.0, (450, 85))]
+PLACES = [(170, -6.0, (25, 45)), (215, 4.0, (220, 20)), (160, 8.0, (465, 60))]
 
 
 def compose(faces: np.ndarray) -> np.ndarray:
-    canvas = Image.new("RGB", (600, 250), BACKGROUND)
+    canvas = Image.new("RGB", (650, 250), BACKGROUND)
     for face, (side, tilt, corner) in zip(faces, PLACES):
         im = Image.fromarray(face).resize((side, side), Image.Resampling.BICUBIC)
         im = im.rotate(tilt, Image.Resampling.BICUBIC, expand=False, fillcolor=BACKGROUND)
@@ -38,7 +38,9 @@ def compose(faces: np.ndarray) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=HERE.parent / "models" / "demo-lfw128")
-    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=3, help="first seed to try; the next ones follow until "
+                        "dlib finds every sampled face")
+    parser.add_argument("--tries", type=int, default=10)
     parser.add_argument("--out", type=Path, default=HERE / "photo-example.png")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -46,8 +48,16 @@ def main() -> None:
     from revanon_rt.reference import TorchReference
     from revanon_rt.train import sample_faces
 
-    faces = sample_faces(TorchReference(args.model, device=args.device), len(PLACES), seed=args.seed)
-    photo = compose(faces)
+    from revanon_rt.faces import DlibFaces
+
+    backend, detector = TorchReference(args.model, device=args.device), DlibFaces(detector="cnn")
+    for seed in range(args.seed, args.seed + args.tries):
+        photo = compose(sample_faces(backend, len(PLACES), seed=seed))
+        if len(detector.detect(photo)) == len(PLACES):
+            break
+    else:
+        raise SystemExit(f"dlib did not find all {len(PLACES)} sampled faces for seeds {args.seed}.."
+                         f"{args.seed + args.tries - 1}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "in").mkdir()
@@ -61,7 +71,7 @@ def main() -> None:
 
         tool("keygen", tmp / "k.key")
         tool("run", "anonymize", tmp / "in", "--out", tmp / "anon", "--mode", "photo", "--model", args.model,
-             "--masker", "landmarks", "--key", tmp / "k.key", "--device", args.device)
+             "--masker", "landmarks", "--detector", "cnn", "--key", tmp / "k.key", "--device", args.device)
         tool("run", "deanonymize", tmp / "anon", "--out", tmp / "rec", "--model", args.model, "--key", tmp / "k.key",
              "--device", args.device)
         info = json.loads(tool("info", tmp / "anon" / "group.png").stdout)
@@ -75,7 +85,7 @@ def main() -> None:
     for k, label in enumerate(["before (faces sampled from the demo model)", "anonymized", "recovered with the key"]):
         draw.text((k * (photo.shape[1] + 6) + 6, photo.shape[0] - 16), label, fill=(20, 20, 20))
     figure.save(args.out)
-    print(f"{args.out}: {len(info['faces'])} faces")
+    print(f"{args.out}: {len(info['faces'])} faces (seed {seed})")
 
 
 if __name__ == "__main__":
