@@ -49,9 +49,9 @@ def compose(names: list[str], archive: zipfile.ZipFile, rng) -> np.ndarray:
 
 
 def region_psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
-    diff = a[where].astype(np.float64) - b[where].astype(np.float64)
-    mse = float(np.mean(diff ** 2)) if diff.size else 0.0
-    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    from revanon_rt.pixels import psnr
+
+    return psnr(a[where], b[where])
 
 
 def scaled_affine(affine: np.ndarray, factor: float) -> np.ndarray:

@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     args = parser.parse_args()
 
-    from revanon_rt.faces import TEMPLATE_5, face_region
+    from revanon_rt.faces import template_region
     from revanon_rt.keys import flip_pattern, flip_subkey
     from revanon_rt.masks import latent_mask
     from revanon_rt.pixels import psnr, to_model, to_u8
@@ -57,7 +57,7 @@ def main() -> None:
     names = sorted(n for n in archive.namelist() if n.endswith((".jpg", ".png")))[: args.count]
     rgb = np.stack([np.asarray(Image.open(io.BytesIO(archive.read(n))).convert("RGB")
                                .resize((size, size), Image.Resampling.LANCZOS)) for n in names])
-    mask = latent_mask(face_region(TEMPLATE_5 * size - 0.5, size), (h, w))
+    mask = latent_mask(template_region(size), (h, w))
     masks = np.repeat(mask[None, None].astype(np.float32), len(rgb), axis=0)
     k_flip = flip_subkey(bytes(32))
     flips = np.stack([flip_pattern(k_flip, bytes([i]) * 16, (c, h, w)) for i in range(len(rgb))])

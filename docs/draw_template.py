@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from revanon_rt.faces import TEMPLATE_5, face_region
+from revanon_rt.faces import TEMPLATE_5, template_region
 
 SIZE = 256
-region = face_region(TEMPLATE_5 * SIZE - 0.5, SIZE, out=SIZE)
+region = template_region(SIZE, out=SIZE)
 im = Image.new("RGB", (SIZE, SIZE), (235, 235, 235))
 pixels = np.asarray(im).copy()
 pixels[region > 0] = (180, 220, 180)

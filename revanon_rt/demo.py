@@ -57,9 +57,9 @@ def synthetic_face(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def template_face_mask(size: int) -> np.ndarray:
     """Where an aligned crop holds its face: the landmark masker's region around the template's points."""
-    from .faces import TEMPLATE_5, face_region
+    from .faces import template_region
 
-    return face_region(TEMPLATE_5 * size - 0.5, size, out=size) * np.uint8(255)
+    return template_region(size, out=size) * np.uint8(255)
 
 
 def _side_by_side(panels: list[np.ndarray], scale: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError, UsageError
-from .faces import TEMPLATE_5, face_region
+from .faces import template_region
 from .images import encode_png, write_atomic
 from .keys import ZERO_NONCE, flip_pattern, flip_subkey
 from .masks import face_map_from_file, latent_mask
@@ -148,7 +148,7 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
                 if masker.name != "landmarks":
                     raise
                 # the crops are aligned: where dlib finds no face, the template says where it is
-                face_map, fallbacks = face_region(TEMPLATE_5 * images.size - 0.5, images.size), fallbacks + 1
+                face_map, fallbacks = template_region(images.size), fallbacks + 1
         _save(out / "masks", name, np.repeat((face_map * 255).astype(np.uint8)[..., None], 3, axis=2))
         maps.append(face_map)
         tick("masks", 1)

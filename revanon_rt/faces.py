@@ -167,6 +167,11 @@ def face_region(points5: np.ndarray, side: int, out: int = FACE_MAP_SIZE) -> np.
     return ((a * a + b * b) <= 1.0).astype(np.uint8)
 
 
+def template_region(side: int, out: int = FACE_MAP_SIZE) -> np.ndarray:
+    """The face region where the crop template puts the face: an aligned crop's face with no detection."""
+    return face_region(TEMPLATE_5 * side - 0.5, side, out)
+
+
 def face_region_68(landmarks: np.ndarray, side: int, out: int = FACE_MAP_SIZE) -> np.ndarray:
     """Tighter outline from the 68-point jaw line and brows, brows raised to the hairline."""
     jaw, brows = landmarks[0:17], landmarks[17:27]
