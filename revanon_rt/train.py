@@ -217,15 +217,25 @@ def save_model(ema, out: Path) -> None:
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
 
 
-def sample_faces(backend, count: int, steps: int = 50, seed: int = 0) -> np.ndarray:
-    """Faces sampled from the model with DDIM (η = 0), as uint8 images: never training images."""
+def sample_faces(backend, count: int, steps: int = 50, seed: int = 0, clip: bool = True) -> np.ndarray:
+    """Faces sampled from a pixel-space model with DDIM (η = 0), as uint8 images: never training images.
+
+    `clip` bounds each predicted x0 to the pixel range, as diffusers' `clip_sample` does. A small or
+    short-trained model predicts ε poorly at low noise, and without the bound its samples drift into
+    saturated colour noise. This is for generating faces only: the transform never clips, because
+    clipping cannot be inverted."""
     from .pixels import to_u8
-    from .sampler import ddim_step
+    from .sampler import ddim_coefficients, ddim_update
 
     sched = backend.schedule(steps)
     z = np.random.default_rng(seed).standard_normal((count, *backend.latent_shape)).astype(np.float32)
     for i in range(sched.steps):
-        z = ddim_step(z, backend.eps(z, sched.timesteps[i]), sched.levels[i], sched.levels[i + 1])
+        eps = backend.eps(z, sched.timesteps[i])
+        s_from, r_from, s_to, r_to = ddim_coefficients(sched.levels[i], sched.levels[i + 1])
+        if clip:
+            x0 = np.clip((z - r_from * eps) / s_from, -1.0, 1.0)
+            eps = (z - s_from * x0) / r_from
+        z = ddim_update(z, eps, s_from, r_from, s_to, r_to)
     return to_u8(z)
 
 
@@ -262,6 +272,20 @@ def loss_curve_png(loss_csv: Path, width: int = 640, height: int = 240) -> np.nd
     return np.asarray(im)
 
 
+def _lr_history(pieces: list[dict], final_lr: float) -> str:
+    """'2e-04 to step 844, then 6e-04' from the pieces' records (a rate changed with --resume --lr)."""
+    spans: list[list] = []
+    for piece in pieces:
+        if spans and spans[-1][0] == piece["lr"]:
+            spans[-1][1] = piece["steps_to"]
+        else:
+            spans.append([piece["lr"], piece["steps_to"]])
+    if len(spans) < 2:
+        return f"{final_lr:.0e}"
+    return ", then ".join(f"{lr:.0e}" + (f" to step {end}" if i < len(spans) - 1 else "")
+                          for i, (lr, end) in enumerate(spans))
+
+
 def write_model_card(out: Path, data: Path, result: dict, samples: int, device: str) -> None:
     """README.md, loss.png and samples.png beside the weights."""
     from .images import encode_png, write_atomic
@@ -288,12 +312,13 @@ fp16 safetensors, {weights.stat().st_size / 1e6:.1f} MB) and `scheduler/` (DDIM,
 
 - **Data:** `{Path(data).name}`: LFW crops (centre 196 of 250 px, resized), 4,085 people who appear in
   none of the evaluation folds, with horizontal flips.
-- **Training:** {steps} steps, batch {cfg['batch']}, AdamW lr {cfg['lr']} with
+- **Training:** {steps} steps, batch {cfg['batch']}, AdamW lr {_lr_history(pieces, cfg['lr'])} with
   {cfg['warmup']} warm-up steps, EMA {cfg['ema_decay']}, bf16 autocast on GPU (fp32 on CPU), seed {cfg['seed']},
   architecture `{cfg['architecture']}`. Final loss {rows[-1]['loss'] if rows else 'n/a'}.
   Trained on {hardware}: {len(pieces)} piece(s), {wall / 60:.0f} minutes of wall time.
-- **Loss curve:** `loss.png`. **Samples:** `samples.png` shows faces *sampled from the model* (DDIM, 50 steps),
-  not training images.
+- **Loss curve:** `loss.png`. **Samples:** `samples.png` shows faces *sampled from the model* (DDIM, 50 steps,
+  each predicted x0 bounded to the pixel range as diffusers' `clip_sample` does), not training images.
+  The transform itself never bounds anything: it follows spec §3 and §6 exactly.
 - **License:** the weights derive from Labeled Faces in the Wild, a research data set: use this model for
   research and testing only. It is small and blurry by design; it is not a product model.
 """

@@ -115,3 +115,25 @@ def test_batch_equals_one_at_a_time(pixel_backend):
     both = transform_crops(pixel_backend, rgbs, masks, nonces, k, 5)
     one = transform_crops(pixel_backend, rgbs[1:], masks[1:], nonces[1:], k, 5)
     assert np.abs(both[1].astype(int) - one[0].astype(int)).max() <= 1
+
+
+def test_sampled_faces_match_diffusers_ddim_with_clip_sample(models, pixel_backend):
+    """Generating demo faces bounds x0 as diffusers' clip_sample does (with the ε that the bounded x0
+    implies, so the trajectory stays consistent); the transform itself never clips."""
+    from revanon_rt.pixels import to_u8
+    from revanon_rt.train import sample_faces
+
+    unet = UNet2DModel.from_pretrained(models["pixel"], subfolder="unet").eval()
+    config = {k: v for k, v in COMPVIS_SCHEDULER.items() if not k.startswith("_")}
+    scheduler = DDIMScheduler.from_config({**config, "clip_sample": True, "clip_sample_range": 1.0})
+    scheduler.set_timesteps(10)
+    z = torch.from_numpy(np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        for t in scheduler.timesteps.tolist():
+            z = scheduler.step(unet(z, torch.tensor([t])).sample, t, z, eta=0.0,
+                               use_clipped_model_output=True).prev_sample
+    expected = to_u8(z.numpy())
+    faces = sample_faces(pixel_backend, 2, steps=10, seed=4)
+    assert np.abs(faces.astype(int) - expected).max() <= 1 and (faces == expected).mean() > 0.99
+    unclipped = sample_faces(pixel_backend, 2, steps=10, seed=4, clip=False)
+    assert not np.array_equal(unclipped, faces)
