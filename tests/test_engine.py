@@ -221,12 +221,19 @@ def test_build_never_leaves_half_an_engine(models, bisenet_pth, tmp_path):
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
     out.rmdir()
     proc = subprocess.Popen([sys.executable, "-m", "revanon_rt", "build", "--model", str(models["ldm"]), "--parser",
-                             str(bisenet_pth), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             str(bisenet_pth), "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # a test run started in the background inherits SIGINT ignored; Ctrl-C must work
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
-    while not list(tmp_path.glob(".engine.building-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+
+    def exported_files():
+        return [f for d in tmp_path.glob(".engine.building-*") for f in d.rglob("*") if f.is_file()]
+
+    # interrupt once the first graph is written: the build is then between exports, never finished,
+    # however fast this machine is
+    while not exported_files() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
     assert proc.poll() is None, "the build ended before it could be interrupted"
-    time.sleep(2)  # somewhere inside an export
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     assert proc.returncode != 0
