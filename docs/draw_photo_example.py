@@ -1,7 +1,7 @@
 """Draws docs/photo-example.png: a group photo of faces *sampled from the demo model* (no real
 person), anonymized and recovered by the command-line tool in photo mode.
 
-    python docs/draw_photo_example.py [--model models/demo-lfw128] [--device cuda] [--seed 3]
+    python docs/draw_photo_example.py [--model DIR (default: the demo model)] [--device cuda] [--seed 3]
 
 The faces are sampled, enlarged and placed on a plain canvas at different sizes and tilts; then
 `revanon-rt run anonymize --mode photo` and `run deanonymize` run in subprocesses, exactly as a
@@ -37,13 +37,19 @@ def compose(faces: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=HERE.parent / "models" / "demo-lfw128")
+    parser.add_argument("--model", type=Path, default=None, help="default: the committed demo model")
     parser.add_argument("--seed", type=int, default=3, help="first seed to try; the next ones follow until "
                         "dlib finds every sampled face")
     parser.add_argument("--tries", type=int, default=10)
     parser.add_argument("--out", type=Path, default=HERE / "photo-example.png")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    if args.model is None:
+        from revanon_rt.demo import demo_model
+
+        args.model = demo_model()
+        if args.model is None:
+            raise SystemExit("no demo model is committed: pass --model")
 
     from revanon_rt.reference import TorchReference
     from revanon_rt.train import sample_faces

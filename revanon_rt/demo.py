@@ -1,9 +1,10 @@
 """The main job: a synthetic face, anonymized with a fresh key, recovered, shown side by side.
 
-It runs on the project's demo model when one is present (models/demo-lfw128): the face is
-sampled from the model itself (no real person) and masked where the crop template puts a face. Otherwise it runs on a tiny ε ≡ 0 pixel model it builds, on a
-drawn face; that model recovers exactly but only sign-flips pixels where a trained model would
-paint a new face.
+It runs on the project's demo model when one is present (models/demo-lfw128 if a GPU has trained
+it, else models/demo-lfw64, trained on a CPU): the face is sampled from the model itself (no real
+person) and masked where the crop template puts a face. Otherwise it runs on a tiny ε ≡ 0 pixel
+model it builds, on a drawn face; that model recovers exactly but only sign-flips pixels where a
+trained model would paint a new face.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from .pipeline import Options, anonymize_image, deanonymize_image
 from .pixels import psnr
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
-DEMO_MODEL = REPO_MODELS / "demo-lfw128"
+DEMO_MODELS = (REPO_MODELS / "demo-lfw128", REPO_MODELS / "demo-lfw64")
 
 
 def demo_model() -> Path | None:
-    return DEMO_MODEL if (DEMO_MODEL / "unet").is_dir() else None
+    """The best demo model present: the first of DEMO_MODELS with weights."""
+    return next((m for m in DEMO_MODELS if (m / "unet").is_dir()), None)
 
 
 def synthetic_face(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
