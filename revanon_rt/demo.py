@@ -109,6 +109,8 @@ def run_demo(out: Path, model: Path | None = None, device: str = "cpu", steps: i
     anonymized = anonymize_image(LoadedImage(face_path, rgb, None, None), None, backend, FileMasker(mask_path),
                                  secret, opts, Path("face.png"))
     t1 = time.perf_counter()
+    for note in anonymized.warnings:
+        log(f"warning: {note}")
     anon_path = out / "anonymized.png"
     write_atomic(anon_path, anonymized.png_bytes(), overwrite=True)
     recovered = deanonymize_image(anonymized.image, anonymized.header_text(), str(anon_path), backend, secret,
@@ -126,6 +128,7 @@ def run_demo(out: Path, model: Path | None = None, device: str = "cpu", steps: i
         "psnr_anonymized_db": round(psnr(anonymized.image.rgb, rgb), 2),
         "psnr_recovered_db": None if np.array_equal(recovered.image.rgb, rgb) else round(psnr(recovered.image.rgb, rgb), 2),
         "recovered_bit_exact": bool(np.array_equal(recovered.image.rgb, rgb)),
+        "warnings": anonymized.warnings,
     }
     log(f"original | mask | anonymized | recovered -> {out / 'side_by_side.png'}")
     recovery = ("bit-exact" if report["recovered_bit_exact"] else f"PSNR {report['psnr_recovered_db']} dB")

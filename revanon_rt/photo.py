@@ -17,7 +17,8 @@ from .errors import MetadataError, StateError
 from .images import LoadedImage
 from .keys import ZERO_NONCE, Secret, flip_subkey, mac_subkey, new_nonce
 from .masks import latent_mask, pack_mask, unpack_mask
-from .pipeline import Options, Output, transform_crops
+from .pixels import clamped_share, to_u8
+from .pipeline import Options, Output, clamping_notes, transform_crops_float
 
 
 # -- the geometry of §8 -----------------------------------------------------------------------
@@ -146,19 +147,23 @@ def crop_landmarks(landmarks: np.ndarray, affine: np.ndarray) -> np.ndarray:
 # -- the transform over a photo ---------------------------------------------------------------
 
 def _run_faces(backend, photo: np.ndarray, affines: list[np.ndarray], masks: list[np.ndarray],
-               nonces: list[bytes], k_flip: bytes, steps: int, order: list[int], callback=None) -> np.ndarray:
-    """Transform the faces in `order`, batching runs whose footprints do not overlap."""
+               nonces: list[bytes], k_flip: bytes, steps: int, order: list[int],
+               callback=None) -> tuple[np.ndarray, list[float]]:
+    """Transform the faces in `order`, batching runs whose footprints do not overlap. Also returns, per
+    face, the share of its values that 8-bit storage clamped."""
     size = backend.image_size
     current = photo
+    clamped = []
     boxes = [footprint(affines[i], size, photo.shape[:2]) for i in order]
     for group in waves(boxes):
         chosen = [order[j] for j in group]
         crops = np.stack([sample_crop(current, affines[i], size) for i in chosen])
-        out = transform_crops(backend, crops, np.stack([masks[i] for i in chosen]), [nonces[i] for i in chosen],
-                              k_flip, steps, callback)
-        for crop, i in zip(out, chosen):
+        chosen_masks = np.stack([masks[i] for i in chosen])
+        x = transform_crops_float(backend, crops, chosen_masks, [nonces[i] for i in chosen], k_flip, steps, callback)
+        clamped.extend(clamped_share(x, chosen_masks))
+        for crop, i in zip(to_u8(x), chosen):
             current = paste_back(current, crop, affines[i], masks[i])
-    return current
+    return current, clamped
 
 
 def face_masks_for_crops(masker, crops: np.ndarray, landmarks: list, relative, latent_hw) -> list[np.ndarray]:
@@ -192,8 +197,9 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, 
     else:
         used = list(nonces) if nonces is not None else [new_nonce() for _ in planned]
         stored = used
-    rgb = _run_faces(backend, image.rgb, affines, masks, used, flip_subkey(key), opts.steps,
-                     list(range(len(planned))), callback) if planned else image.rgb.copy()
+    rgb, clamped = (_run_faces(backend, image.rgb, affines, masks, used, flip_subkey(key), opts.steps,
+                               list(range(len(planned))), callback) if planned else (image.rgb.copy(), []))
+    notes += clamping_notes(image.path, clamped)
     records = [{"box": p.box, "affine": p.affine.tolist(),
                 "nonce": None if n is None else b64encode(n), "mask": pack_mask(m)}
                for p, n, m in zip(planned, stored, masks)]
@@ -224,7 +230,7 @@ def deanonymize_photo(image: LoadedImage, header: dict, key: bytes, source: str,
         nonces.append(container.face_nonce(face) or ZERO_NONCE)
     order = list(range(len(affines)))[::-1]
     rgb = _run_faces(backend, image.rgb, affines, masks, nonces, flip_subkey(key), header["steps"], order,
-                     callback) if order else image.rgb.copy()
+                     callback)[0] if order else image.rgb.copy()
     out = {k: v for k, v in header.items() if k != "auth"}
     out["state"] = "recovered"
     if not verified:

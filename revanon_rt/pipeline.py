@@ -18,7 +18,7 @@ from .errors import AuthError, InputError, MetadataError, ModelMismatchError, St
 from .images import LoadedImage, encode_png
 from .keys import ZERO_NONCE, Secret, flip_pattern, flip_subkey, mac_subkey, new_nonce
 from .masks import latent_mask, pack_mask, unpack_mask
-from .pixels import to_model, to_u8
+from .pixels import clamped_share, to_model, to_u8
 from .sampler import StepCallback, transform
 
 
@@ -47,15 +47,35 @@ class Output:
         return container.to_text(self.header)
 
 
-def transform_crops(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], k_flip: bytes,
-                    steps: int, callback: StepCallback | None = None) -> np.ndarray:
-    """T on a batch of aligned crops: N x H x W x 3 uint8 and N x h x w latent masks -> uint8 crops."""
+# Above this share of clamped face values, an anonymized image warns that it may not recover.
+CLAMPED_SHARE_NOTE = 0.005
+
+
+def transform_crops_float(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], k_flip: bytes,
+                          steps: int, callback: StepCallback | None = None) -> np.ndarray:
+    """T on a batch of aligned crops: N x H x W x 3 uint8 and N x h x w latent masks -> N x 3 x H x W float32."""
     c, h, w = backend.latent_shape
     patterns = np.stack([flip_pattern(k_flip, nonce, (c, h, w)) for nonce in nonces])
     x, m, schedule = to_model(rgbs), masks[:, None].astype(np.float32), backend.schedule(steps)
     if getattr(backend, "supports_fused", False):
-        return to_u8(backend.fused_transform(x, m, patterns, schedule))
-    return to_u8(transform(backend, x, m, patterns, schedule, callback))
+        return backend.fused_transform(x, m, patterns, schedule)
+    return transform(backend, x, m, patterns, schedule, callback)
+
+
+def transform_crops(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], k_flip: bytes,
+                    steps: int, callback: StepCallback | None = None) -> np.ndarray:
+    """T on a batch of aligned crops, as the uint8 crops that are stored (spec §2)."""
+    return to_u8(transform_crops_float(backend, rgbs, masks, nonces, k_flip, steps, callback))
+
+
+def clamping_notes(source, shares) -> list[str]:
+    """A warning when the model generated face values beyond the pixel range, which 8-bit storage clamps."""
+    worst = float(np.max(shares)) if len(shares) else 0.0
+    if worst <= CLAMPED_SHARE_NOTE:
+        return []
+    return [f"{source}: the model generated {worst:.1%} of the face's values beyond the pixel range, and storing "
+            "8 bits clamps them; recovery may not bring this face back. Verify recovery before deleting the "
+            "original (README: Train the demo model)"]
 
 
 def check_crop(image: LoadedImage, image_size: int) -> None:
@@ -82,13 +102,15 @@ def anonymize_image(image: LoadedImage, existing_metadata: str | None, backend, 
     else:
         nonce_used = nonce if nonce is not None else new_nonce()
         nonce_field = nonce_used
-    rgb = transform_crops(backend, image.rgb[None], mask[None], [nonce_used], flip_subkey(key), opts.steps, callback)[0]
+    x = transform_crops_float(backend, image.rgb[None], mask[None], [nonce_used], flip_subkey(key), opts.steps, callback)
+    rgb = to_u8(x)[0]
     header = container.new_header(
         steps=opts.steps, mode="crop", masker=masker.name, fingerprint=backend.fingerprint,
         image_size=backend.image_size, kdf=kdf,
         faces=[container.crop_face_record(backend.image_size, nonce_field, pack_mask(mask))])
     header["auth"] = container.compute_auth(mac_subkey(key), header, rgb)
-    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), header)
+    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), header,
+                  clamping_notes(image.path, clamped_share(x, mask[None])))
 
 
 def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backend, secret: Secret,

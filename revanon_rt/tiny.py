@@ -77,9 +77,12 @@ def save_tiny_ldm(model_dir: Path, seed: int = 0, latent_size: int = 16) -> Path
     return model_dir
 
 
-def save_tiny_pixel(model_dir: Path, seed: int = 0, image_size: int = 32, zero_eps: bool = False) -> Path:
+def save_tiny_pixel(model_dir: Path, seed: int = 0, image_size: int = 32, zero_eps: bool = False,
+                    constant_eps: float | None = None) -> Path:
     """A pixel-space model. With zero_eps, conv_out is zeroed so that ε ≡ 0 and the transform
-    must round-trip exactly (spec §3)."""
+    must round-trip exactly (spec §3). With constant_eps = b, ε ≡ b: the walks still invert each other
+    exactly, but the flipped face is denoised to about −x − 2·sqrt(1 − ā_T)/sqrt(ā_T)·b, far beyond the
+    pixel range, so 8-bit storage clamps it and recovery cannot bring it back."""
     from diffusers import UNet2DModel
 
     model_dir = Path(model_dir)
@@ -90,10 +93,10 @@ def save_tiny_pixel(model_dir: Path, seed: int = 0, image_size: int = 32, zero_e
         block_out_channels=(16, 32, 32)[:levels], down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1), norm_num_groups=8, attention_head_dim=8,
     )
-    if zero_eps:
+    if zero_eps or constant_eps is not None:
         with torch.no_grad():
             unet.conv_out.weight.zero_()
-            unet.conv_out.bias.zero_()
+            unet.conv_out.bias.fill_(constant_eps or 0.0)
     unet.save_pretrained(model_dir / "unet")
     save_scheduler(model_dir)
     return model_dir

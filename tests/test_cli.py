@@ -1,6 +1,7 @@
 """The command line, run as a user runs it: subprocesses, real PNGs, real models."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -68,6 +69,7 @@ def test_zero_eps_round_trip_is_bit_exact_and_outputs_are_clean(models, keyfile,
                "--mask", mask, "--key", keyfile)
     assert anon.returncode == 0, anon.stderr
     assert "3 done, 0 skipped, 0 failed" in anon.stderr
+    assert "beyond the pixel range" not in anon.stderr, "ε ≡ 0 keeps every value in range"
     outputs = sorted(p.relative_to(tmp_path / "anon").as_posix() for p in (tmp_path / "anon").rglob("*.png"))
     assert outputs == ["face.jpg.png", "face.png", "sub/alpha.png"]
 
@@ -99,6 +101,32 @@ def test_zero_eps_round_trip_is_bit_exact_and_outputs_are_clean(models, keyfile,
     shown = json.loads(info.stdout)
     assert shown["state"] == "anonymized" and shown["masker"] == "file"
     assert read_key_file(keyfile).hex() not in info.stdout + info.stderr
+
+
+def test_values_that_8_bit_storage_clamps_are_reported_and_do_not_recover(keyfile, tmp_path):
+    """With ε ≡ 0.05 the walks invert each other exactly, yet the flipped half of the face is denoised to
+    about −x − 13, which the PNG clamps to −1: the warning is the only sign at anonymization time."""
+    from revanon_rt import tiny
+
+    model = tiny.save_tiny_pixel(tmp_path / "constant", constant_eps=0.05)
+    face = save_png(tmp_path / "in" / "face.png", random_image(32, seed=4))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    anon = cli("run", "anonymize", face, "--out", tmp_path / "anon", "--model", model, "--mask", mask,
+               "--key", keyfile)
+    assert anon.returncode == 0, anon.stderr
+    warning = " ".join(anon.stderr.split())
+    share = re.search(r"face\.png: the model generated ([\d.]+)% of the face's values beyond the pixel range", warning)
+    assert share and 40 < float(share.group(1)) < 60, anon.stderr  # the elements the key flips
+    assert "Verify recovery before deleting the original" in warning
+    rec = cli("run", "deanonymize", tmp_path / "anon" / "face.png", "--out", tmp_path / "rec", "--model", model,
+              "--key", keyfile)
+    assert rec.returncode == 0, rec.stderr
+    assert "beyond the pixel range" not in rec.stderr, "only anonymized outputs are checked"
+    inside = box_mask(32) > 0
+    original, recovered = read_rgb(face), read_rgb(tmp_path / "rec" / "face.png")
+    assert np.array_equal(recovered[~inside], original[~inside])
+    same = recovered[inside] == original[inside]
+    assert 0.3 < same.mean() < 0.7, "the unflipped half recovers exactly, the clamped half does not"
 
 
 def test_tiny_ldm_round_trip_with_bisenet_matches_the_library(models, bisenet_pth, keyfile, tmp_path):
