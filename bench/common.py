@@ -11,6 +11,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / "work"
+LFW_DEV_CROPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "dev-128.zip"
 SHARED_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "compvis-ldm-celebahq-256"
 
 
@@ -52,3 +53,40 @@ def write_results(name: str, data: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text(markdown)
+
+
+def dev_crop_arguments(parser) -> None:
+    """The options of the benchmarks that run a model on the first aligned LFW dev crops."""
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--images", type=Path, default=LFW_DEV_CROPS)
+    parser.add_argument("--count", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--name", default=None, help="results file stem")
+
+
+def dev_crop_setup(args):
+    """The reference backend of --model; the first --count aligned LFW crops at its size (N x H x W x 3
+    uint8); the template face region as a latent mask (h x w); one flip pattern per crop under a fixed
+    key (N x C x h x w)."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from revanon_rt.faces import template_region
+    from revanon_rt.keys import flip_pattern, flip_subkey
+    from revanon_rt.masks import latent_mask
+    from revanon_rt.reference import TorchReference
+
+    backend = TorchReference(args.model, device=args.device)
+    size = backend.image_size
+    archive = zipfile.ZipFile(args.images)
+    names = sorted(n for n in archive.namelist() if n.endswith((".jpg", ".png")))[: args.count]
+    rgb = np.stack([np.asarray(Image.open(io.BytesIO(archive.read(n))).convert("RGB")
+                               .resize((size, size), Image.Resampling.LANCZOS)) for n in names])
+    c, h, w = backend.latent_shape
+    mask = latent_mask(template_region(size), (h, w))
+    k_flip = flip_subkey(bytes(32))
+    flips = np.stack([flip_pattern(k_flip, bytes([i]) * 16, (c, h, w)) for i in range(len(rgb))])
+    return backend, rgb, mask, flips

@@ -63,6 +63,11 @@ photos)
   $PYTHON bench/recovery_budget.py --model $MODEL --device $DEVICE --images .data/lfw-dev/dev-128.zip --count 32 \
     --steps 50 200
   cp bench/results/recovery-budget-$name.* $OUT/results/
+  for steps in 50 200; do
+    $PYTHON bench/inversion_drift.py --model $MODEL --device $DEVICE --images .data/lfw-dev/dev-128.zip --count 16 \
+      --steps $steps
+  done
+  cp bench/results/inversion-drift-$name-*.* $OUT/results/
   $PYTHON docs/draw_photo_example.py --model $MODEL --device $DEVICE --out $OUT/photo-example.png
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
