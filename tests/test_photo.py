@@ -6,12 +6,13 @@ import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED, cli, random_image, read_rgb
+from conftest import SHARED, box_mask, cli, random_image, read_rgb, save_png
 from revanon_rt import container
 from revanon_rt.photo import footprint, paste_back, sample_crop
 
@@ -216,3 +217,28 @@ def test_large_photo_is_detected_on_a_downscaled_copy(zero_engines, keyfile, tmp
                  "--masker", "landmarks", "--key", keyfile)
     assert result.returncode == 0, result.stderr
     assert len(json.loads(container.read_png_chunk(tmp_path / "a" / "big.png"))["faces"]) == 2
+
+
+def test_photo_mode_warns_about_clamped_faces_and_only_them(models, tmp_path):
+    """Two faces pasted into one photo, one through the ε ≡ 0 model and one through a real model with ε ≡ 0.05,
+    whose flipped half is denoised far beyond the pixel range: only the second run warns."""
+    from revanon_rt import tiny
+    from revanon_rt.images import LoadedImage
+    from revanon_rt.keys import Secret
+    from revanon_rt.masks import FileMasker
+    from revanon_rt.photo import PlannedFace, anonymize_photo
+    from revanon_rt.pipeline import Options
+    from revanon_rt.reference import TorchReference
+
+    photo = random_image(160, seed=73)
+    planned = [PlannedFace([x, y, x + 64, y + 64], np.array([[1.0, 0, -x], [0, 1.0, -y]])) for x, y in [(8, 8), (90, 90)]]
+    masker = FileMasker(save_png(tmp_path / "mask.png", box_mask(64)))
+    secret = Secret.from_key(bytes(range(32)))
+    constant = TorchReference(tiny.save_tiny_pixel(tmp_path / "constant", image_size=64, constant_eps=0.05))
+    notes = {}
+    for name, backend in (("zero", TorchReference(models["zero64"])), ("constant", constant)):
+        out = anonymize_photo(LoadedImage(Path(f"{name}.png"), photo, None, None), None, backend, masker, secret,
+                              Options(steps=5), "p", planned=planned)
+        notes[name] = [n for n in out.warnings if "beyond the pixel range" in n]
+    assert notes["zero"] == []
+    assert len(notes["constant"]) == 1 and notes["constant"][0].startswith("constant.png: the model generated")
