@@ -57,9 +57,9 @@ def relative_rms(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
 
 def out_of_range_share(x: np.ndarray, mask: np.ndarray) -> dict:
     """How much of the image (inside the mask, in pixel-space units) lies beyond [-1, 1]: what 8-bit storage clamps."""
-    size = x.shape[-1]
-    cell = size // mask.shape[-1]
-    where = np.broadcast_to(np.kron(mask, np.ones((cell, cell), np.float32)) > 0, x.shape)
+    from revanon_rt.pixels import pixel_region
+
+    where = np.broadcast_to(pixel_region(mask, x.shape[-2:]), x.shape)
     values = x[where]
     return {"share": float(np.mean(np.abs(values) > 1)), "max": float(np.abs(values).max())}
 

@@ -83,6 +83,7 @@ def main() -> None:
     from revanon_rt.masks import unpack_mask
     from revanon_rt.photo import Selection, anonymize_photo, deanonymize_photo, paste_back, sample_crop
     from revanon_rt.pipeline import Options, transform_crops
+    from revanon_rt.pixels import pixel_region
 
     if args.engine:
         from revanon_rt.engines import open_engine
@@ -126,8 +127,7 @@ def main() -> None:
             nonce = secrets.token_bytes(16)
             crop_anon = transform_crops(backend, crop[None], mask[None], [nonce], flip_subkey(key), opts.steps)
             crop_rec = transform_crops(backend, crop_anon, mask[None], [nonce], flip_subkey(key), opts.steps)[0]
-            cell = size // mask.shape[0]
-            crop_where = np.kron(mask, np.ones((cell, cell), np.uint8)).astype(bool)
+            crop_where = pixel_region(mask, (size, size))
             big = scaled_affine(affine, 256 / size)
             ids = {k: recognizer.describe(sample_crop(img, big, 256))[0]
                    for k, img in (("original", photo), ("anonymized", anon.image.rgb), ("recovered", rec.image.rgb))}

@@ -34,14 +34,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 200])
     args = parser.parse_args()
 
-    from revanon_rt.pixels import psnr, to_model, to_u8
+    from revanon_rt.pixels import pixel_region, psnr, to_model, to_u8
     from revanon_rt.sampler import transform
 
     backend, rgb, mask, flips = dev_crop_setup(args)
     size = backend.image_size
-    c, h, w = backend.latent_shape
     masks = np.repeat(mask[None, None].astype(np.float32), len(rgb), axis=0)
-    where = np.repeat(np.kron(mask, np.ones((size // h, size // w), np.uint8)).astype(bool)[None], len(rgb), 0)
+    where = np.repeat(pixel_region(mask, (size, size))[None], len(rgb), 0)
 
     def region_psnr(a, b):
         return psnr(a[where], b[where])

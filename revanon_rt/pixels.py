@@ -21,16 +21,20 @@ def to_u8(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(u.astype(np.uint8), -3, -1))
 
 
+def pixel_region(mask: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """The pixels a latent mask covers: each latent cell (h x w, h dividing H) spread over its block, as bool."""
+    cell = np.ones((image_hw[0] // mask.shape[-2], image_hw[1] // mask.shape[-1]), np.uint8)
+    return np.kron(mask, cell) > 0
+
+
 def clamped_share(x: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """Per image, the share of values inside the mask that `to_u8` clamps by more than one 8-bit step.
 
     x: N x 3 x H x W model output; masks: N x h x w latent masks, h dividing H. Recovery inverts the
     stored pixels, and values lost to clamping are the ones it cannot get back (rounding costs little)."""
-    n, _, height, width = x.shape
-    cell = np.ones((height // masks.shape[-2], width // masks.shape[-1]), np.uint8)
     shares = []
     for xi, mi in zip(x, masks):
-        inside = np.broadcast_to(np.kron(mi, cell).astype(bool), xi.shape)
+        inside = np.broadcast_to(pixel_region(mi, xi.shape[-2:]), xi.shape)
         values = np.abs(xi[inside])
         shares.append(float(np.mean(values > _ONE + _ONE / _HALF_RANGE)) if values.size else 0.0)
     return np.array(shares)
