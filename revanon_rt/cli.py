@@ -584,11 +584,15 @@ def eval_cmd(
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         tasks = {}
+        # a long run logged to a file (nohup, a GPU job) gets lines instead of a bar
+        log_lines = None if err.is_terminal else _ProgressLines(lambda line: err.print(line, markup=False))
 
         def tick(phase: str, n: int) -> None:
             if phase not in tasks:
                 tasks[phase] = progress.add_task(phase, total=None)
             progress.advance(tasks[phase], n)
+            if log_lines:
+                log_lines(phase, n)
 
         try:
             if stage != EvalStage.score:
@@ -596,6 +600,8 @@ def eval_cmd(
                               batch=batch, candidates=candidates, progress=tick)
             if stage != EvalStage.transform:
                 run_score(chunk, zip_images, recognizer, progress=tick)
+            if log_lines:
+                log_lines.finish()
         except RevanonError as exc:
             _fail(exc)
     if stage == EvalStage.transform:
@@ -607,6 +613,35 @@ def eval_cmd(
     write_atomic(chunk / "contact_sheet.png", encode_png(contact_sheet(chunk), None, None, {}), overwrite=True)
     err.print(markdown(summary, f"LFW pairs {start}..{end - 1}"))
     typer.echo(json.dumps(summary))
+
+
+class _ProgressLines:
+    """Progress as plain lines: one when a phase starts or ends, and at most one a minute in between."""
+
+    def __init__(self, write, every_seconds: float = 60.0):
+        import time
+
+        self._clock, self._write, self._every = time.monotonic, write, every_seconds
+        self._started = self._last = self._clock()
+        self._phase, self._done = None, 0
+
+    def __call__(self, phase: str, n: int) -> None:
+        if phase != self._phase:
+            if self._phase is not None:
+                self._line("done")
+            self._phase, self._done = phase, 0
+            self._line("started")
+        self._done += n
+        if self._clock() - self._last >= self._every:
+            self._line("")
+
+    def finish(self) -> None:
+        if self._phase is not None:
+            self._line("done")
+
+    def _line(self, what: str) -> None:
+        self._last = self._clock()
+        self._write(f"[{self._last - self._started:7.0f} s] {self._phase}: {self._done} {what}".rstrip())
 
 
 @app.command("eval-merge")
