@@ -25,11 +25,11 @@ from PIL import Image
 from .errors import InputError, UsageError
 from .faces import template_region
 from .images import encode_png, write_atomic
-from .keys import ZERO_NONCE, flip_pattern, flip_subkey
+from .keys import ZERO_NONCE, flip_subkey
 from .masks import face_map_from_file, latent_mask
 from .pixels import psnr, to_model, to_u8
-from .pipeline import transform_crops
-from .sampler import denoise, invert, keyed_flip
+from .pipeline import crop_patterns
+from .sampler import flipped_and_denoised, inverted
 
 CONDITIONS = ("original", "anonymized", "recovered", "random_key", "one_bit_key", "attack_nonce", "attack_reuse")
 FAR = 0.001
@@ -111,16 +111,69 @@ def _chunks(items: list, size: int):
 # -- the transform stage --------------------------------------------------------------------------
 
 def _inverted(backend, rgbs: np.ndarray, steps: int) -> list[np.ndarray]:
-    """keep lists of DDIM inversion, one batch."""
-    return invert(backend.eps, backend.encode(to_model(rgbs)), backend.schedule(steps))
+    """keep list of the DDIM inversion of one batch of uint8 crops."""
+    return inverted(backend, to_model(rgbs), backend.schedule(steps))
 
 
-def _attack(backend, targets: np.ndarray, target_masks: np.ndarray, estimate: np.ndarray, steps: int) -> np.ndarray:
-    """The attacker's recovery of anonymized images with an estimated flip pattern."""
-    keep = _inverted(backend, targets, steps)
-    m = target_masks[:, None].astype(np.float32)
-    z = keyed_flip(keep.pop(), m, estimate)
-    return to_u8(backend.decode(denoise(backend.eps, z, backend.schedule(steps), m, keep)))
+def _denoised(backend, keep: list[np.ndarray], masks: np.ndarray, patterns: np.ndarray, steps: int) -> np.ndarray:
+    """The second half of T from a shared inversion, as stored uint8 crops; keep is left intact."""
+    return to_u8(flipped_and_denoised(backend, list(keep), masks[:, None], patterns, backend.schedule(steps)))
+
+
+def transform_conditions(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], keys: dict[str, bytes],
+                         steps: int, batch: int, tick=lambda phase, n: None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Every transformed stack of the evaluation, and z_T of the originals and of the anonymized images.
+
+    keys: "key", "random_key", "one_bit_key". Conditions that start from the same image share its
+    inversion, which is deterministic: the anonymized image is inverted once for the three recoveries
+    and the attack, the original once for anonymization, key reuse and the attacker's estimate. The
+    outputs are the bits that separate transform_crops calls give, with 41% fewer UNet calls.
+    """
+    batches = list(_chunks(list(range(len(rgbs))), batch))
+    patterns = {name: crop_patterns(backend, nonces, flip_subkey(k)) for name, k in keys.items()}
+    reused = crop_patterns(backend, [ZERO_NONCE] * len(rgbs), flip_subkey(keys["key"]))
+    out = {name: np.zeros_like(rgbs) for name in
+           ("anonymized", "recovered", "random_key", "one_bit_key", "attack_nonce", "attack_reuse")}
+    reuse = np.zeros_like(rgbs)
+    z_orig = np.zeros((len(rgbs), *backend.latent_shape), np.float32)
+
+    tick("anonymize", 0)
+    for idx in batches:
+        keep = _inverted(backend, rgbs[idx], steps)
+        z_orig[idx] = keep[-1]
+        out["anonymized"][idx] = _denoised(backend, keep, masks[idx], patterns["key"][idx], steps)
+        reuse[idx] = _denoised(backend, keep, masks[idx], reused[idx], steps)
+        tick("anonymize", len(idx))
+
+    # Known plaintext: the attacker holds A = the next target's original and anonymized image, and
+    # estimates the flips as sign(z_T(anonymized A)) * sign(z_T(original A)) inside A's mask. The
+    # attack on a batch waits for the next batch's inversion, which holds the last target's A.
+    def attack_pending(condition, z_anon, pending):
+        idx, keep = pending
+        partners = [(i + 1) % len(rgbs) for i in idx]
+        estimates = np.stack([np.where(masks[a][None] > 0, np.sign(z_anon[a]) * np.sign(z_orig[a]), 1.0)
+                              for a in partners]).astype(np.float32)
+        out[condition][idx] = _denoised(backend, keep, masks[idx], estimates, steps)
+
+    z_anonymized = {}
+    # "recover": the three keys and the attack with per-face nonces; "attack": the attack under key reuse
+    for phase, condition, stack, recoveries in (
+            ("recover", "attack_nonce", out["anonymized"], ("recovered", "random_key", "one_bit_key")),
+            ("attack", "attack_reuse", reuse, ())):
+        tick(phase, 0)
+        z_anon = z_anonymized[condition] = np.zeros_like(z_orig)
+        pending = None
+        for idx in batches:
+            keep = _inverted(backend, stack[idx], steps)
+            z_anon[idx] = keep[-1]
+            for name, key_name in zip(recoveries, ("key", "random_key", "one_bit_key")):
+                out[name][idx] = _denoised(backend, keep, masks[idx], patterns[key_name][idx], steps)
+            if pending is not None:
+                attack_pending(condition, z_anon, pending)
+            pending = (idx, keep)
+            tick(phase, len(idx))
+        attack_pending(condition, z_anon, pending)  # its last partner is target 0, inverted first
+    return out, z_orig, z_anonymized["attack_nonce"]
 
 
 def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, masker=None, mask_dir: Path | None = None,
@@ -138,6 +191,7 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
 
     rgbs = np.stack([images(n) for n in targets])
     maps, fallbacks = [], 0
+    tick("masks", 0)
     for name, rgb in zip(targets, rgbs):
         if mask_dir is not None:
             face_map = face_map_from_file(mask_dir / _png_name(name))
@@ -155,40 +209,22 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
     masks = np.stack([latent_mask(f, (h, w)) for f in maps])
     nonces = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in targets]
 
-    def run(inputs, k, nonce_list):
-        out_rgbs = []
-        for idx in _chunks(list(range(len(targets))), batch):
-            out_rgbs.append(transform_crops(backend, inputs[idx], masks[idx], [nonce_list[i] for i in idx],
-                                            flip_subkey(k), steps))
-            tick("transform", len(idx))
-        return np.concatenate(out_rgbs)
-
-    anonymized = run(rgbs, key, nonces)
-    results = {"original": rgbs, "anonymized": anonymized, "recovered": run(anonymized, key, nonces),
-               "random_key": run(anonymized, random_key, nonces), "one_bit_key": run(anonymized, one_bit_key, nonces)}
-    reuse = run(rgbs, key, [ZERO_NONCE] * len(targets))
-
-    # Known plaintext: the attacker holds A = the next target's original and anonymized image, and
-    # estimates the flips as sign(z_T(anonymized A)) * sign(z_T(original A)) inside A's mask.
-    def z_t(stack):
-        return np.concatenate([_inverted(backend, stack[idx], steps)[-1] for idx in _chunks(list(range(len(stack))), batch)])
-
-    z_orig = z_t(rgbs)
-    tick("invert", len(targets))
-    z_anonymized = {}
-    for condition, anon in (("attack_nonce", anonymized), ("attack_reuse", reuse)):
-        z_anon = z_anonymized[condition] = z_t(anon)
-        order = [(i + 1) % len(targets) for i in range(len(targets))]
-        estimates = np.stack([np.where(masks[a][None] > 0, np.sign(z_anon[a]) * np.sign(z_orig[a]), 1.0)
-                              for a in order]).astype(np.float32)
-        outs = [_attack(backend, anon[idx], masks[idx], estimates[idx], steps) for idx in _chunks(list(range(len(targets))), batch)]
-        results[condition] = np.concatenate(outs)
-        tick("attack", len(targets))
+    transformed, z_orig, z_anon = transform_conditions(
+        backend, rgbs, masks, nonces, {"key": key, "random_key": random_key, "one_bit_key": one_bit_key},
+        steps, batch, tick)
+    results = {"original": rgbs, **transformed}
 
     # Key-free linkage: rank 100 candidate originals by the correlation of |z_T| inside the mask.
     pool = _distractors(images, targets, candidates - 1, rng)
-    z_pool = z_t(np.stack([images(n) for n in pool])) if pool else np.zeros((0, c, h, w), np.float32)
-    z_anon = z_anonymized["attack_nonce"]
+    tick("linkage", 0)
+    z_pool = np.zeros((0, c, h, w), np.float32)
+    if pool:
+        pool_rgbs = np.stack([images(n) for n in pool])
+        inverted_pool = []
+        for idx in _chunks(list(range(len(pool))), batch):
+            inverted_pool.append(_inverted(backend, pool_rgbs[idx], steps)[-1])
+            tick("linkage", len(idx))
+        z_pool = np.concatenate(inverted_pool)
     ranks = []
     for i, name in enumerate(targets):
         others = [j for j, p in enumerate(pool) if identity(p) != identity(name)][: candidates - 1]
@@ -197,7 +233,6 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
         probe = np.abs(z_anon[i])[m]
         scores = [np.corrcoef(probe, np.abs(cand)[m])[0, 1] for cand in cands]
         ranks.append(int(np.sum(np.array(scores) > scores[0])))  # 0 = the true source ranked first
-    tick("linkage", len(targets))
 
     for condition, stack in results.items():
         for name, rgb in zip(targets, stack):
@@ -248,6 +283,7 @@ def run_score(out: Path, images: ZipImages, recognizer, progress=None) -> Path:
     tick = progress or (lambda phase, n: None)
     started = time.perf_counter()
     descriptors, found = {}, {}
+    tick("score", 0)
     for name in firsts:
         descriptors[("clean", name)], found[("clean", name)] = recognizer.describe(images(name))
         tick("score", 1)

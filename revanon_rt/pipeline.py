@@ -51,11 +51,15 @@ class Output:
 CLAMPED_SHARE_NOTE = 0.005
 
 
+def crop_patterns(backend, nonces: list[bytes], k_flip: bytes) -> np.ndarray:
+    """The ±1 flip pattern of every face in a batch (spec §5), N x C x h x w."""
+    return np.stack([flip_pattern(k_flip, nonce, tuple(backend.latent_shape)) for nonce in nonces])
+
+
 def transform_crops_float(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], k_flip: bytes,
                           steps: int, callback: StepCallback | None = None) -> np.ndarray:
     """T on a batch of aligned crops: N x H x W x 3 uint8 and N x h x w latent masks -> N x 3 x H x W float32."""
-    c, h, w = backend.latent_shape
-    patterns = np.stack([flip_pattern(k_flip, nonce, (c, h, w)) for nonce in nonces])
+    patterns = crop_patterns(backend, nonces, k_flip)
     x, m, schedule = to_model(rgbs), masks[:, None].astype(np.float32), backend.schedule(steps)
     if getattr(backend, "supports_fused", False):
         return backend.fused_transform(x, m, patterns, schedule)

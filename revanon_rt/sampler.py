@@ -84,6 +84,20 @@ def denoise(eps_fn, z: np.ndarray, schedule: Schedule, mask: np.ndarray, keep: l
     return z
 
 
+def inverted(backend: Backend, x: np.ndarray, schedule: Schedule, callback: StepCallback | None = None) -> list[np.ndarray]:
+    """The first half of T: encode x and invert it. Returns keep, whose last entry is z_T."""
+    return invert(backend.eps, backend.encode(x), schedule, callback)
+
+
+def flipped_and_denoised(backend: Backend, keep: list[np.ndarray], mask: np.ndarray, pattern: np.ndarray,
+                         schedule: Schedule, callback: StepCallback | None = None) -> np.ndarray:
+    """The second half of T: flip z_T = keep[-1] inside the mask, denoise, decode. Consumes keep;
+    pass a copy (list(keep)) to run several keys from one inversion."""
+    mask = mask.astype(np.float32)
+    z = keyed_flip(keep.pop(), mask, pattern)
+    return backend.decode(denoise(backend.eps, z, schedule, mask, keep, callback))
+
+
 def transform(backend: Backend, x: np.ndarray, mask: np.ndarray, pattern: np.ndarray, schedule: Schedule,
               callback: StepCallback | None = None) -> np.ndarray:
     """T(x; K, nonce, M) of spec §6: encode, invert, flip inside the mask, denoise, decode.
@@ -91,8 +105,4 @@ def transform(backend: Backend, x: np.ndarray, mask: np.ndarray, pattern: np.nda
     x: N x 3 x H x W; mask: N x 1 x h x w in {0, 1}; pattern: N x C x h x w in {±1}.
     Anonymization and de-anonymization are both this map.
     """
-    mask = mask.astype(np.float32)
-    keep = invert(backend.eps, backend.encode(x), schedule, callback)
-    z = keyed_flip(keep.pop(), mask, pattern)
-    z = denoise(backend.eps, z, schedule, mask, keep, callback)
-    return backend.decode(z)
+    return flipped_and_denoised(backend, inverted(backend, x, schedule, callback), mask, pattern, schedule, callback)

@@ -89,8 +89,9 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path):
     first = cli("eval", *common, "--limit", "4")
     assert first.returncode == 0, first.stderr
     # stderr is a pipe here, as in a logged run: progress comes as lines, each phase started and done
-    for phase in ("masks", "transform", "invert", "attack", "linkage", "score"):
+    for phase in ("masks", "anonymize", "recover", "attack", "linkage", "score"):
         assert re.search(rf"\] {phase}: 0 started\n.*\] {phase}: [1-9]\d* done", first.stderr, re.S), phase
+        assert first.stderr.count(f"] {phase}: 0 started") == 1, "a phase starts once, when its work starts"
     metrics = json.loads((tmp_path / "eval" / "chunk-00000-00004" / "metrics.json").read_text())
     tar = metrics["tar_at_far_0.1%"]
     # ε ≡ 0: flips are exact sign changes, so the right key recovers exactly and any other key does not

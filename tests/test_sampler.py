@@ -137,3 +137,48 @@ def test_sampled_faces_match_diffusers_ddim_with_clip_sample(models, pixel_backe
     assert np.abs(faces.astype(int) - expected).max() <= 1 and (faces == expected).mean() > 0.99
     unclipped = sample_faces(pixel_backend, 2, steps=10, seed=4, clip=False)
     assert not np.array_equal(unclipped, faces)
+
+
+def test_eval_shares_inversions_without_changing_a_bit(pixel_backend):
+    """The evaluation inverts each image once for every key that starts from it. Its outputs must be the
+    bits that separate transforms over the same batches give, the attacks' included."""
+    from revanon_rt.evaluate import transform_conditions
+    from revanon_rt.pixels import to_u8
+
+    n, batch, steps = 5, 2, 4  # three batches, the last one short
+    rgbs = np.stack([random_image(32, seed=s) for s in range(n)])
+    masks = np.zeros((n, 32, 32), np.uint8)
+    masks[:, 6:26, 8:24] = 1
+    nonces = [bytes([s + 1] * 16) for s in range(n)]
+    key = bytes(range(32))
+    keyring = {"key": key, "random_key": bytes([9] * 32), "one_bit_key": bytes([key[0] ^ 1]) + key[1:]}
+    out, z_orig, z_anon = transform_conditions(pixel_backend, rgbs, masks, nonces, keyring, steps, batch)
+
+    batches = [slice(i, i + batch) for i in range(0, n, batch)]
+    sched = pixel_backend.schedule(steps)
+
+    def separately(inputs, k, nonce_list):
+        return np.concatenate([transform_crops(pixel_backend, inputs[b], masks[b], nonce_list[b], keys.flip_subkey(k), steps)
+                               for b in batches])
+
+    def z_t(inputs):
+        return np.concatenate([invert(pixel_backend.eps, pixel_backend.encode(to_model(inputs[b])), sched)[-1] for b in batches])
+
+    anonymized = separately(rgbs, key, nonces)
+    reuse = separately(rgbs, key, [keys.ZERO_NONCE] * n)
+    np.testing.assert_array_equal(out["anonymized"], anonymized)
+    for condition, key_name in (("recovered", "key"), ("random_key", "random_key"), ("one_bit_key", "one_bit_key")):
+        np.testing.assert_array_equal(out[condition], separately(anonymized, keyring[key_name], nonces), condition)
+    np.testing.assert_array_equal(z_orig, z_t(rgbs))
+    np.testing.assert_array_equal(z_anon, z_t(anonymized))
+    for condition, victims in (("attack_nonce", anonymized), ("attack_reuse", reuse)):
+        z_victims = z_t(victims)
+        partner = [(i + 1) % n for i in range(n)]
+        estimates = np.stack([np.where(masks[a][None] > 0, np.sign(z_victims[a]) * np.sign(z_orig[a]), 1.0)
+                              for a in partner]).astype(np.float32)
+        expected = np.concatenate([to_u8(transform(pixel_backend, to_model(victims[b]), masks[b][:, None], estimates[b], sched))
+                                   for b in batches])
+        np.testing.assert_array_equal(out[condition], expected, condition)
+    # a random model: the transforms move pixels, so the equalities above are not between copies
+    assert np.abs(out["anonymized"].astype(int) - rgbs).max() > 20
+    assert np.abs(out["random_key"].astype(int) - out["recovered"]).max() > 20
