@@ -597,7 +597,7 @@ def eval_cmd(
         try:
             if stage != EvalStage.score:
                 run_transform(backend, chosen, zip_images, chunk, masker=chosen_masker, mask_dir=mask, steps=steps,
-                              batch=batch, candidates=candidates, progress=tick)
+                              batch=batch, candidates=candidates, progress=tick, pool_cache=out / "linkage-pool.npz")
             if stage != EvalStage.transform:
                 run_score(chunk, zip_images, recognizer, progress=tick)
             if log_lines:

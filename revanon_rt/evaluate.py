@@ -177,8 +177,11 @@ def transform_conditions(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: l
 
 
 def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, masker=None, mask_dir: Path | None = None,
-                  steps: int = 50, batch: int = 16, candidates: int = 100, seed: int = 0, progress=None) -> dict:
-    """Write masks and every transformed second image; return the run's facts (no secrets)."""
+                  steps: int = 50, batch: int = 16, candidates: int = 100, seed: int = 0, progress=None,
+                  pool_cache: Path | None = None) -> dict:
+    """Write masks and every transformed second image; return the run's facts (no secrets).
+
+    pool_cache: a file that keeps the linkage pool's inversions for the other chunks of the run."""
     rng = np.random.default_rng(seed)
     # throwaway keys drawn from the seed, so that an evaluation can be repeated exactly
     key = bytes(rng.integers(0, 256, 32, dtype=np.uint8))
@@ -215,16 +218,8 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
     results = {"original": rgbs, **transformed}
 
     # Key-free linkage: rank 100 candidate originals by the correlation of |z_T| inside the mask.
-    pool = _distractors(images, targets, candidates - 1, rng)
-    tick("linkage", 0)
-    z_pool = np.zeros((0, c, h, w), np.float32)
-    if pool:
-        pool_rgbs = np.stack([images(n) for n in pool])
-        inverted_pool = []
-        for idx in _chunks(list(range(len(pool))), batch):
-            inverted_pool.append(_inverted(backend, pool_rgbs[idx], steps)[-1])
-            tick("linkage", len(idx))
-        z_pool = np.concatenate(inverted_pool)
+    pool = linkage_pool(images, candidates - 1, seed)
+    z_pool = _pool_latents(backend, images, pool, steps, batch, pool_cache, tick)
     ranks = []
     for i, name in enumerate(targets):
         others = [j for j, p in enumerate(pool) if identity(p) != identity(name)][: candidates - 1]
@@ -239,18 +234,47 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
             _save(out / "images" / condition, name, rgb)
     facts = {"targets": targets, "steps": steps, "model_fingerprint": backend.fingerprint,
              "image_size": backend.image_size, "linkage_ranks": ranks, "linkage_candidates": 1 + min(len(pool), candidates - 1),
+             "linkage_pool": pool,
              "transform_seconds": time.perf_counter() - started, "mask_fallbacks": fallbacks,
              "pairs": [[p.first, p.second, p.same] for p in pairs]}
     (out / "transform.json").write_text(json.dumps(facts, indent=1))
     return facts
 
 
-def _distractors(images: ZipImages, targets: list[str], count: int, rng) -> list[str]:
-    exclude = set(targets)
-    pool = sorted(n for n in images.names if n.lower().endswith((".jpg", ".png")) and n not in exclude)
-    if len(pool) > count + 20:
-        pool = [pool[i] for i in sorted(rng.choice(len(pool), count + 20, replace=False))]
-    return pool
+def linkage_pool(images: ZipImages, count: int, seed: int) -> list[str]:
+    """The candidate originals of the linkage test: one draw from the whole zip, the same for every
+    chunk of an evaluation, so that their inversions are computed once. Each image is ranked against
+    the pool members of other identities (count + 20 are drawn so that count of them remain)."""
+    names = sorted(n for n in images.names if n.lower().endswith((".jpg", ".png")))
+    if len(names) > count + 20:
+        rng = np.random.default_rng([seed, 1])
+        names = [names[i] for i in sorted(rng.choice(len(names), count + 20, replace=False))]
+    return names
+
+
+def _pool_latents(backend, images: ZipImages, pool: list[str], steps: int, batch: int, cache: Path | None,
+                  tick) -> np.ndarray:
+    """z_T of every pool image, from the cache when it was made by this backend, model and step count."""
+    engine = getattr(backend, "engine", None)
+    key = {"backend": backend.name, "engine": engine.manifest.data.get("digest") if engine else None,
+           "device": str(getattr(engine or backend, "device", "")), "fingerprint": backend.fingerprint,
+           "steps": steps, "names": pool}
+    tick("linkage", 0)
+    if cache is not None and cache.exists():
+        with np.load(cache) as stored:
+            if json.loads(str(stored["key"])) == key:
+                tick("linkage", len(pool))
+                return stored["z_T"]
+    c, h, w = backend.latent_shape
+    z_pool = np.zeros((len(pool), c, h, w), np.float32)
+    for idx in _chunks(list(range(len(pool))), batch):
+        z_pool[idx] = _inverted(backend, np.stack([images(pool[i]) for i in idx]), steps)[-1]
+        tick("linkage", len(idx))
+    if cache is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, key=json.dumps(key), z_T=z_pool)
+        write_atomic(cache, buffer.getvalue(), overwrite=True)
+    return z_pool
 
 
 # -- the score stage -----------------------------------------------------------------------------

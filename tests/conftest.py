@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
+import zipfile
 import sys
 from pathlib import Path
 
@@ -73,6 +75,16 @@ def random_image(size: int, seed: int = 0, channels: int = 3) -> np.ndarray:
     big = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR),
                      dtype=np.float64)
     return np.clip(big + rng.normal(0, 12, big.shape), 0, 255).astype(np.uint8)
+
+
+def crops_zip(path: Path, crops: dict[str, np.ndarray], fmt: str = "PNG") -> Path:
+    """A zip of face crops named like LFW's (Person/Person_0001.jpg), as `train` and `eval` read them."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, array in crops.items():
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format=fmt)
+            archive.writestr(name, buffer.getvalue())
+    return path
 
 
 def save_png(path: Path, array: np.ndarray, **kwargs) -> Path:

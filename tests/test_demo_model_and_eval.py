@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED, cli, random_image, save_png
+from conftest import SHARED, cli, crops_zip, random_image, save_png
 
 LFW = SHARED / "data" / "lfw"
 
@@ -22,12 +22,8 @@ def _lfw_crop(index: int, size: int) -> np.ndarray:
 
 
 def test_train_resume_and_load(tmp_path):
-    data = tmp_path / "crops.zip"
-    with zipfile.ZipFile(data, "w") as z:
-        for i in range(12):
-            buf = io.BytesIO()
-            Image.fromarray(random_image(40, seed=80 + i)).save(buf, format="JPEG")
-            z.writestr(f"P{i}/P{i}_0001.jpg", buf.getvalue())
+    data = crops_zip(tmp_path / "crops.zip", {f"P{i}/P{i}_0001.jpg": random_image(40, seed=80 + i) for i in range(12)},
+                     fmt="JPEG")
     out = tmp_path / "model"
     args = ("train", "--data", data, "--out", out, "--resolution", "32", "--architecture", "tiny", "--batch", "4",
             "--samples", "4", "--device", "cpu")
@@ -104,9 +100,16 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path):
     assert metrics["linkage"]["top1"] == 1.0, "sign flips keep |z_T|: key-free linkage is trivial here"
     assert (tmp_path / "eval" / "chunk-00000-00004" / "contact_sheet.png").exists()
 
+    pool_cache = tmp_path / "eval" / "linkage-pool.npz"
+    written = pool_cache.stat().st_mtime_ns
     transform_only = cli("eval", *common, "--start", "4", "--limit", "2", "--stage", "transform")
     assert transform_only.returncode == 0, transform_only.stderr
     assert not (tmp_path / "eval" / "chunk-00004-00006" / "features.npz").exists()
+    # the second chunk ranks against the first one's pool, whose inversions it reads instead of redoing
+    pools = [json.loads((tmp_path / "eval" / chunk / "transform.json").read_text())["linkage_pool"]
+             for chunk in ("chunk-00000-00004", "chunk-00004-00006")]
+    assert pools[0] == pools[1] and len(pools[0]) == 27
+    assert pool_cache.stat().st_mtime_ns == written
     score_only = cli("eval", *common, "--start", "4", "--limit", "2", "--stage", "score")
     assert score_only.returncode == 0, score_only.stderr
     merged = cli("eval-merge", tmp_path / "eval")

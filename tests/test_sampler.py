@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from conftest import random_image
+from conftest import crops_zip, random_image
 from revanon_rt import keys
 from revanon_rt.pipeline import transform_crops
 from revanon_rt.pixels import to_model
@@ -182,3 +182,40 @@ def test_eval_shares_inversions_without_changing_a_bit(pixel_backend):
     # a random model: the transforms move pixels, so the equalities above are not between copies
     assert np.abs(out["anonymized"].astype(int) - rgbs).max() > 20
     assert np.abs(out["random_key"].astype(int) - out["recovered"]).max() > 20
+
+
+def test_eval_linkage_pool_is_inverted_once_per_run(pixel_backend, tmp_path):
+    """Every chunk of an evaluation ranks against one pool of candidate originals, whose inversions
+    are kept in the run's folder: reused while backend, model and steps match, and redone otherwise."""
+    import io
+
+    from revanon_rt.evaluate import ZipImages, _pool_latents, linkage_pool
+
+    archive = crops_zip(tmp_path / "crops.zip", {f"P{i % 3}/P{i % 3}_{i:04d}.png": random_image(32, seed=90 + i)
+                                                  for i in range(7)})
+    images = ZipImages(archive, 32)
+    pool = linkage_pool(images, 4, seed=0)
+    assert pool == sorted(images.names), "a zip smaller than the draw is the whole pool"
+
+    def independent(steps):
+        sched = pixel_backend.schedule(steps)
+        rgbs = np.stack([images(n) for n in pool])
+        return np.concatenate([invert(pixel_backend.eps, pixel_backend.encode(to_model(rgbs[i:i + 3])), sched)[-1]
+                               for i in range(0, len(pool), 3)])
+
+    cache, ticks = tmp_path / "run" / "linkage-pool.npz", []
+    first = _pool_latents(pixel_backend, images, pool, 3, 3, cache, lambda phase, n: ticks.append(n))
+    np.testing.assert_array_equal(first, independent(3))
+    assert ticks == [0, 3, 3, 1] and cache.exists()
+
+    with np.load(cache) as stored:
+        key = str(stored["key"])
+    planted = np.full_like(first, 7.0)
+    buffer = io.BytesIO()
+    np.savez(buffer, key=key, z_T=planted)
+    cache.write_bytes(buffer.getvalue())
+    np.testing.assert_array_equal(_pool_latents(pixel_backend, images, pool, 3, 3, cache, lambda p, n: None), planted)
+
+    other_steps = _pool_latents(pixel_backend, images, pool, 2, 3, cache, lambda p, n: None)
+    np.testing.assert_array_equal(other_steps, independent(2))
+    assert not np.array_equal(other_steps, first)
