@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import zipfile
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
