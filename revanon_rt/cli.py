@@ -550,6 +550,9 @@ def eval_cmd(
     steps: int = typer.Option(50, "--steps", min=1, max=1000), batch: int = typer.Option(16, "--batch", min=1),
     candidates: int = typer.Option(100, "--candidates", min=2, help="Linkage: candidate originals per image."),
     stage: EvalStage = typer.Option(EvalStage.all, "--stage", help="transform (model), score (dlib), or all."),
+    genuine_only: bool = typer.Option(False, "--genuine-only",
+                                      help="Transform only the second images of genuine pairs: TAR counts nothing "
+                                           "else, and impostor pairs still give their clean images to the threshold."),
     device: str = DEVICE,
 ) -> None:
     """Identity evaluation on LFW pairs: TAR@FAR=0.1% for anonymized, recovered and wrong-key images, and attacks."""
@@ -597,7 +600,8 @@ def eval_cmd(
         try:
             if stage != EvalStage.score:
                 run_transform(backend, chosen, zip_images, chunk, masker=chosen_masker, mask_dir=mask, steps=steps,
-                              batch=batch, candidates=candidates, progress=tick, pool_cache=out / "linkage-pool.npz")
+                              batch=batch, candidates=candidates, progress=tick, pool_cache=out / "linkage-pool.npz",
+                              genuine_only=genuine_only)
             if stage != EvalStage.transform:
                 run_score(chunk, zip_images, recognizer, progress=tick)
             if log_lines:
@@ -648,15 +652,30 @@ class _ProgressLines:
 def eval_merge_cmd(
     folder: Path = typer.Argument(..., help="An eval --out folder holding chunk-*/features.npz."),
     title: str = typer.Option("LFW identity evaluation", "--title"),
+    extend: Optional[Path] = typer.Option(None, "--extend", help="A metrics.json whose chunks are gone: score these "
+                                          "chunks at its threshold and add them to it."),
 ) -> None:
     """Combine the chunks of an evaluation into one summary (metrics.json, metrics.md)."""
-    from .evaluate import markdown, summarize
+    from .evaluate import combine, markdown, summarize
 
     files = sorted(folder.glob("chunk-*/features.npz"))
     if not files:
         _fail(UsageError(f"{folder}: no chunk-*/features.npz to merge; run eval with --stage score first"))
-    summary = summarize(files)
-    summary["chunks"] = [str(f.parent.name) for f in files]
+    base = None
+    if extend is not None:
+        try:
+            base = json.loads(extend.read_text())
+        except (OSError, ValueError) as exc:
+            _fail(UsageError(f"{extend}: cannot read it ({exc})"))
+        if not isinstance(base, dict) or not {"threshold_cosine_far_0.1%", "chunks"} <= base.keys():
+            _fail(UsageError(f"{extend}: not an eval summary (metrics.json)"))
+    try:
+        if base is None:
+            summary = summarize(files)
+        else:
+            summary = combine(base, summarize(files, threshold=base["threshold_cosine_far_0.1%"]))
+    except UsageError as exc:
+        _fail(exc)
     (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
     (folder / "metrics.md").write_text(markdown(summary, title))
     err.print(markdown(summary, title))

@@ -7,7 +7,8 @@ using dlib's 128-D descriptor (cosine). The threshold is set at FAR = 0.1% on cl
 Two stages, so that the heavy one can run where the model runs and the other where dlib is:
     transform: masks, every transformed image (PNG), attack outputs, linkage ranks
     score:     descriptors of all images, then the metrics
-A chunk (--start/--limit) writes its own folder; `eval-merge` summarizes all chunks of a folder.
+A chunk (--start/--limit) writes its own folder; `eval-merge` summarizes all chunks of a folder, and
+`eval-merge --extend` adds them to an earlier summary whose chunks are gone.
 """
 
 from __future__ import annotations
@@ -178,20 +179,39 @@ def transform_conditions(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: l
 
 def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, masker=None, mask_dir: Path | None = None,
                   steps: int = 50, batch: int = 16, candidates: int = 100, seed: int = 0, progress=None,
-                  pool_cache: Path | None = None) -> dict:
+                  pool_cache: Path | None = None, genuine_only: bool = False) -> dict:
     """Write masks and every transformed second image; return the run's facts (no secrets).
 
-    pool_cache: a file that keeps the linkage pool's inversions for the other chunks of the run."""
+    pool_cache: a file that keeps the linkage pool's inversions for the other chunks of the run.
+    genuine_only: transform only the second images of genuine pairs. TAR counts nothing else, and
+    impostor pairs still give their clean images to the threshold."""
     rng = np.random.default_rng(seed)
     # throwaway keys drawn from the seed, so that an evaluation can be repeated exactly
-    key = bytes(rng.integers(0, 256, 32, dtype=np.uint8))
-    random_key = bytes(rng.integers(0, 256, 32, dtype=np.uint8))
-    one_bit_key = bytes([key[0] ^ 0x01]) + key[1:]
-    targets = sorted({p.second for p in pairs})
-    c, h, w = backend.latent_shape
+    keys = {"key": bytes(rng.integers(0, 256, 32, dtype=np.uint8)),
+            "random_key": bytes(rng.integers(0, 256, 32, dtype=np.uint8))}
+    keys["one_bit_key"] = bytes([keys["key"][0] ^ 0x01]) + keys["key"][1:]
+    targets = sorted({p.second for p in pairs if p.same or not genuine_only})
     started = time.perf_counter()
-    tick = progress or (lambda phase, n: None)
+    pool = linkage_pool(images, candidates - 1, seed)
+    ranks, fallbacks = [], 0
+    if targets:
+        ranks, fallbacks = _transform_targets(backend, targets, images, out, rng, keys, pool, masker=masker,
+                                              mask_dir=mask_dir, steps=steps, batch=batch, candidates=candidates,
+                                              tick=progress or (lambda phase, n: None), pool_cache=pool_cache)
+    facts = {"targets": targets, "steps": steps, "model_fingerprint": backend.fingerprint,
+             "image_size": backend.image_size, "linkage_ranks": ranks, "linkage_candidates": 1 + min(len(pool), candidates - 1),
+             "linkage_pool": pool, "genuine_only": genuine_only,
+             "transform_seconds": time.perf_counter() - started, "mask_fallbacks": fallbacks,
+             "pairs": [[p.first, p.second, p.same] for p in pairs]}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "transform.json").write_text(json.dumps(facts, indent=1))
+    return facts
 
+
+def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path, rng, keys: dict[str, bytes],
+                       pool: list[str], *, masker, mask_dir, steps, batch, candidates, tick, pool_cache):
+    """Masks, every condition's images and the linkage ranks of the targets; returns (ranks, mask fallbacks)."""
+    c, h, w = backend.latent_shape
     rgbs = np.stack([images(n) for n in targets])
     maps, fallbacks = [], 0
     tick("masks", 0)
@@ -212,13 +232,10 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
     masks = np.stack([latent_mask(f, (h, w)) for f in maps])
     nonces = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in targets]
 
-    transformed, z_orig, z_anon = transform_conditions(
-        backend, rgbs, masks, nonces, {"key": key, "random_key": random_key, "one_bit_key": one_bit_key},
-        steps, batch, tick)
+    transformed, z_orig, z_anon = transform_conditions(backend, rgbs, masks, nonces, keys, steps, batch, tick)
     results = {"original": rgbs, **transformed}
 
     # Key-free linkage: rank 100 candidate originals by the correlation of |z_T| inside the mask.
-    pool = linkage_pool(images, candidates - 1, seed)
     z_pool = _pool_latents(backend, images, pool, steps, batch, pool_cache, tick)
     ranks = []
     for i, name in enumerate(targets):
@@ -232,13 +249,7 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
     for condition, stack in results.items():
         for name, rgb in zip(targets, stack):
             _save(out / "images" / condition, name, rgb)
-    facts = {"targets": targets, "steps": steps, "model_fingerprint": backend.fingerprint,
-             "image_size": backend.image_size, "linkage_ranks": ranks, "linkage_candidates": 1 + min(len(pool), candidates - 1),
-             "linkage_pool": pool,
-             "transform_seconds": time.perf_counter() - started, "mask_fallbacks": fallbacks,
-             "pairs": [[p.first, p.second, p.same] for p in pairs]}
-    (out / "transform.json").write_text(json.dumps(facts, indent=1))
-    return facts
+    return ranks, fallbacks
 
 
 def linkage_pool(images: ZipImages, count: int, seed: int) -> list[str]:
@@ -312,14 +323,16 @@ def run_score(out: Path, images: ZipImages, recognizer, progress=None) -> Path:
         descriptors[("clean", name)], found[("clean", name)] = recognizer.describe(images(name))
         tick("score", 1)
     quality = {"psnr": [], "ssim": []}
-    for condition in CONDITIONS:
+    for name in sorted({p.second for p in pairs}):  # the clean second images, transformed or not
+        descriptors[("original", name)], found[("original", name)] = recognizer.describe(images(name))
+        tick("score", 1)
+    for condition in CONDITIONS[1:]:
         for name in facts["targets"]:
             rgb = _load(out / "images" / condition, name)
             descriptors[(condition, name)], found[(condition, name)] = recognizer.describe(rgb)
             if condition == "recovered":
-                original = _load(out / "images" / "original", name)
-                quality["psnr"].append(psnr(rgb, original))
-                quality["ssim"].append(ssim(rgb, original))
+                quality["psnr"].append(psnr(rgb, images(name)))
+                quality["ssim"].append(ssim(rgb, images(name)))
             tick("score", 1)
     keys = sorted(descriptors)
     np.savez(out / "features.npz", keys=np.array(["\t".join(k) for k in keys]),
@@ -331,57 +344,167 @@ def run_score(out: Path, images: ZipImages, recognizer, progress=None) -> Path:
     return out / "features.npz"
 
 
-def summarize(feature_files: list[Path]) -> dict:
-    """TAR@FAR=0.1% per condition and the other figures, over every chunk given."""
-    desc: dict[tuple[str, str], np.ndarray] = {}
-    found: dict[tuple[str, str], bool] = {}
-    pairs, psnrs, ssims, ranks = [], [], [], []
-    seconds = 0.0
-    candidates = 0
+def _setting(chunk: Path) -> dict:
+    """What must match for chunks to be summarized together: the model, its steps, the linkage test."""
+    facts = json.loads((chunk / "transform.json").read_text())
+    return {k: facts[k] for k in ("model_fingerprint", "steps", "image_size", "linkage_candidates")}
+
+
+def _pair_range(chunk_name: str) -> range:
+    try:
+        _, start, end = chunk_name.split("-")
+        return range(int(start), int(end))
+    except ValueError:
+        raise UsageError(f"{chunk_name}: not a chunk folder name (chunk-START-END)") from None
+
+
+def _pair_ranges(chunk_names: list[str]) -> str:
+    """'0-319, 600-799' for the chunks that cover those pairs."""
+    spans: list[list[int]] = []
+    for r in sorted((_pair_range(name) for name in chunk_names), key=lambda r: r.start):
+        if spans and spans[-1][1] == r.start:
+            spans[-1][1] = r.stop
+        else:
+            spans.append([r.start, r.stop])
+    return ", ".join(f"{start}-{stop - 1}" for start, stop in spans)
+
+
+def _refuse_overlaps(chunk_names: list[str]) -> None:
+    seen: dict[int, str] = {}
+    for name in chunk_names:
+        for index in _pair_range(name):
+            if index in seen:
+                raise UsageError(f"pair {index} is in both {seen[index]} and {name}: each pair may be counted once")
+            seen[index] = name
+
+
+def summarize(feature_files: list[Path], threshold: float | None = None) -> dict:
+    """TAR@FAR=0.1% per condition and the other figures, over every chunk given.
+
+    Each pair is scored against its own chunk's transforms: an image that two chunks share was
+    anonymized twice, under different nonces. threshold: use this one instead of setting it here."""
+    chunks = [path.parent for path in feature_files]
+    _refuse_overlaps([c.name for c in chunks])
+    settings = [_setting(c) for c in chunks]
+    if any(s != settings[0] for s in settings):
+        raise UsageError("the chunks differ in model, steps or linkage test: "
+                         + ", ".join(f"{c.name}: {s}" for c, s in zip(chunks, settings)))
+    clean: dict[str, np.ndarray] = {}
+    genuine = {condition: [] for condition in CONDITIONS}
+    same_image, psnrs, ssims, ranks = [], [], [], []
+    detected = {condition: [] for condition in ("original", "anonymized", "recovered")}
+    pair_count, seconds, candidates = 0, 0.0, 0
     for path in feature_files:
         data = np.load(path)
+        desc, found = {}, {}
         for key, d, f in zip(data["keys"], data["descriptors"], data["found"]):
             condition, name = str(key).split("\t")
             desc[(condition, name)], found[(condition, name)] = d, bool(f)
-        pairs += [tuple(str(p).split("\t")) for p in data["pairs"]]
+        pairs = [tuple(str(p).split("\t")) for p in data["pairs"]]
+        pair_count += len(pairs)
+        for first, second, same in pairs:
+            clean[first], clean[second] = desc[("clean", first)], desc[("original", second)]
+            if same == "1":
+                for condition in CONDITIONS:
+                    genuine[condition].append(float(desc[("clean", first)] @ desc[(condition, second)]))
+        targets = sorted(name for condition, name in desc if condition == "anonymized")
+        same_image += [float(desc[("original", s)] @ desc[("anonymized", s)]) for s in targets]
+        for condition in detected:
+            detected[condition] += [found[(condition, s)] for s in targets]
         psnrs += list(data["psnr"])
         ssims += list(data["ssim"])
         ranks += list(data["linkage_ranks"])
         candidates = int(data["linkage_candidates"])
         seconds += float(data["transform_seconds"]) + float(data["score_seconds"])
-    pairs = sorted(set(pairs))
     # clean impostor scores: every cross-identity combination of clean images
-    clean = {}
-    for first, second, _same in pairs:
-        clean[first] = desc[("clean", first)]
-        clean[second] = desc[("original", second)]
     names = sorted(clean)
     matrix = np.stack([clean[n] for n in names])
     sims = matrix @ matrix.T
     ids = np.array([identity(n) for n in names])
     upper = np.triu(np.ones_like(sims, dtype=bool), 1)
     impostor = sims[upper & (ids[:, None] != ids[None, :])]
-    threshold = float(np.quantile(impostor, 1 - FAR, method="higher")) if len(impostor) else 1.0
-    genuine = [(f, s) for f, s, same in pairs if same == "1"]
-    tar = {}
-    for condition in CONDITIONS:
-        scores = [float(desc[("clean", f)] @ desc[(condition, s)]) for f, s in genuine]
-        tar[condition] = float(np.mean(np.array(scores) > threshold)) if scores else None
-    seconds_targets = sorted({s for _f, s, _ in pairs})
-    same_image = [float(desc[("original", s)] @ desc[("anonymized", s)]) for s in seconds_targets]
+    if threshold is None:
+        threshold = float(np.quantile(impostor, 1 - FAR, method="higher")) if len(impostor) else 1.0
+    tar = {condition: float(np.mean(np.array(scores) > threshold)) if scores else None
+           for condition, scores in genuine.items()}
     ranks_arr = np.array(ranks)
+    linkage = {"candidates": candidates, "top1": float(np.mean(ranks_arr < 1)) if ranks else None,
+               "top5": float(np.mean(ranks_arr < 5)) if ranks else None,
+               "chance_top1": 1 / max(1, candidates), "chance_top5": min(1.0, 5 / max(1, candidates))}
     return {
-        "pairs": len(pairs), "genuine_pairs": len(genuine), "impostor_scores": int(len(impostor)),
+        "pairs": pair_count, "genuine_pairs": len(genuine["original"]), "impostor_scores": int(len(impostor)),
         "threshold_cosine_far_0.1%": threshold,
         "tar_at_far_0.1%": {("clean" if k == "original" else k): v for k, v in tar.items()},
-        "cosine_original_vs_anonymized": {"mean": float(np.mean(same_image)), "std": float(np.std(same_image))},
-        "recovery_psnr_db": {"mean": float(np.mean(psnrs)), "std": float(np.std(psnrs))} if psnrs else None,
-        "recovery_ssim": {"mean": float(np.mean(ssims)), "std": float(np.std(ssims))} if ssims else None,
-        "face_detection_rate": {c: float(np.mean([found[(c, s)] for s in seconds_targets]))
-                                for c in ("original", "anonymized", "recovered")},
-        "linkage": {"candidates": candidates, "top1": float(np.mean(ranks_arr < 1)), "top5": float(np.mean(ranks_arr < 5)),
-                    "chance_top1": 1 / max(1, candidates), "chance_top5": min(1.0, 5 / max(1, candidates))},
+        "cosine_original_vs_anonymized": _mean_std(same_image),
+        "recovery_psnr_db": _mean_std(psnrs), "recovery_ssim": _mean_std(ssims),
+        "face_detection_rate": {c: float(np.mean(flags)) if flags else None for c, flags in detected.items()},
+        "linkage": linkage,
         "wall_seconds": seconds,
+        "setting": settings[0],
+        "counts": {"genuine_pairs": len(genuine["original"]), "cosine": len(same_image),
+                   "face_detection": len(same_image), "recovery": len(psnrs), "linkage": len(ranks)},
+        "chunks": [c.name for c in chunks],
+    }
+
+
+def _mean_std(values: list[float]) -> dict | None:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))} if values else None
+
+
+def _whole(fraction: float | None, n: int) -> int:
+    if n == 0:
+        return 0
+    count = round(fraction * n)
+    if abs(count - fraction * n) > 1e-6:
+        raise UsageError(f"a fraction {fraction} of {n} is not a whole count: the summary's counts are wrong")
+    return count
+
+
+def _pooled(a: dict | None, na: int, b: dict | None, nb: int) -> dict | None:
+    if a is None or b is None:
+        return a or b
+    mean = (na * a["mean"] + nb * b["mean"]) / (na + nb)
+    second_moment = (na * (a["std"] ** 2 + a["mean"] ** 2) + nb * (b["std"] ** 2 + b["mean"] ** 2)) / (na + nb)
+    return {"mean": mean, "std": float(np.sqrt(max(0.0, second_moment - mean**2)))}
+
+
+def combine(base: dict, extra: dict) -> dict:
+    """One summary of two, without their images: extra must be scored at base's threshold.
+
+    This extends a committed summary whose chunks are gone. The threshold stays base's, so the
+    added chunks' clean images are not among its impostor scores."""
+    for which, summary in (("base", base), ("added", extra)):
+        if "counts" not in summary:
+            raise UsageError(f"the {which} summary has no counts: summaries from before counts existed cannot be combined")
+    if base["threshold_cosine_far_0.1%"] != extra["threshold_cosine_far_0.1%"]:
+        raise UsageError("score the added chunks at the base summary's threshold")
+    if base.get("setting") != extra.get("setting"):
+        raise UsageError(f"the summaries differ in model, steps or linkage test: {base.get('setting')} vs {extra.get('setting')}")
+    _refuse_overlaps(base["chunks"] + extra["chunks"])
+    n, m = base["counts"], extra["counts"]
+    both = {k: n[k] + m[k] for k in n}
+
+    def mix(fraction_a, fraction_b, key):
+        return (_whole(fraction_a, n[key]) + _whole(fraction_b, m[key])) / both[key] if both[key] else None
+
+    ta, tb = base["tar_at_far_0.1%"], extra["tar_at_far_0.1%"]
+    la, lb = base["linkage"], extra["linkage"]
+    if la["candidates"] != lb["candidates"]:
+        raise UsageError("the summaries rank linkage among different numbers of candidates")
+    return {
+        "pairs": base["pairs"] + extra["pairs"], "genuine_pairs": both["genuine_pairs"],
+        "impostor_scores": base["impostor_scores"], "threshold_cosine_far_0.1%": base["threshold_cosine_far_0.1%"],
+        "threshold_from": base.get("threshold_from", base["chunks"]),
+        "tar_at_far_0.1%": {c: mix(ta[c], tb[c], "genuine_pairs") for c in ta},
+        "cosine_original_vs_anonymized": _pooled(base["cosine_original_vs_anonymized"], n["cosine"],
+                                                 extra["cosine_original_vs_anonymized"], m["cosine"]),
+        "recovery_psnr_db": _pooled(base["recovery_psnr_db"], n["recovery"], extra["recovery_psnr_db"], m["recovery"]),
+        "recovery_ssim": _pooled(base["recovery_ssim"], n["recovery"], extra["recovery_ssim"], m["recovery"]),
+        "face_detection_rate": {c: mix(base["face_detection_rate"][c], extra["face_detection_rate"][c], "face_detection")
+                                for c in base["face_detection_rate"]},
+        "linkage": {**la, "top1": mix(la["top1"], lb["top1"], "linkage"), "top5": mix(la["top5"], lb["top5"], "linkage")},
+        "wall_seconds": base["wall_seconds"] + extra["wall_seconds"],
+        "setting": base["setting"], "counts": both, "chunks": base["chunks"] + extra["chunks"],
     }
 
 
@@ -395,18 +518,26 @@ def markdown(summary: dict, title: str) -> str:
     lines = [f"# {title}", "", f"{summary['pairs']} pairs ({summary['genuine_pairs']} genuine), threshold at FAR 0.1% "
              f"from {summary['impostor_scores']} clean impostor scores: cosine {summary['threshold_cosine_far_0.1%']:.3f}.",
              "", "| second image | TAR@FAR=0.1% |", "|---|---:|"]
+    if "threshold_from" in summary:
+        later = [c for c in summary["chunks"] if c not in summary["threshold_from"]]
+        lines[3:3] = ["", f"The impostor scores come from the clean images of pairs {_pair_ranges(summary['threshold_from'])}. "
+                      f"Pairs {_pair_ranges(later)} were added at that threshold; their own clean images are not among them."]
     lines += [f"| {label} | {100 * value:.1f}% |" for label, value in rows if value is not None]
     c = summary["cosine_original_vs_anonymized"]
-    lines += ["", f"- cosine, original vs its anonymized version: {c['mean']:.3f} ± {c['std']:.3f}"]
+    lines.append("")
+    if c:
+        lines.append(f"- cosine, original vs its anonymized version: {c['mean']:.3f} ± {c['std']:.3f}")
     if summary["recovery_psnr_db"]:
         p, s = summary["recovery_psnr_db"], summary["recovery_ssim"]
         lines.append(f"- recovery: PSNR {p['mean']:.2f} ± {p['std']:.2f} dB, SSIM {s['mean']:.4f} ± {s['std']:.4f}")
     d = summary["face_detection_rate"]
-    lines.append(f"- face detection rate: original {100 * d['original']:.1f}%, anonymized {100 * d['anonymized']:.1f}%, "
-                 f"recovered {100 * d['recovered']:.1f}%")
+    if d["anonymized"] is not None:
+        lines.append(f"- face detection rate: original {100 * d['original']:.1f}%, anonymized {100 * d['anonymized']:.1f}%, "
+                     f"recovered {100 * d['recovered']:.1f}%")
     k = summary["linkage"]
-    lines.append(f"- key-free linkage among {k['candidates']} candidates: top-1 {100 * k['top1']:.1f}% "
-                 f"(chance {100 * k['chance_top1']:.1f}%), top-5 {100 * k['top5']:.1f}% (chance {100 * k['chance_top5']:.1f}%)")
+    if k["top1"] is not None:
+        lines.append(f"- key-free linkage among {k['candidates']} candidates: top-1 {100 * k['top1']:.1f}% "
+                     f"(chance {100 * k['chance_top1']:.1f}%), top-5 {100 * k['top5']:.1f}% (chance {100 * k['chance_top5']:.1f}%)")
     lines.append(f"- wall time: {summary['wall_seconds']:.0f} s")
     return "\n".join(lines) + "\n"
 

@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import shutil
 import zipfile
 
 import numpy as np
@@ -116,3 +117,51 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path):
     assert merged.returncode == 0, merged.stderr
     summary = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert summary["pairs"] == 6 and summary["chunks"] == ["chunk-00000-00004", "chunk-00004-00006"]
+
+    # A summary whose chunks are gone can still grow: later chunks are scored at its threshold and
+    # added, which must equal one merge of all chunks at that threshold.
+    from revanon_rt.evaluate import summarize
+
+    base_file = tmp_path / "eval" / "chunk-00000-00004" / "metrics.json"
+    base = json.loads(base_file.read_text())
+    later = tmp_path / "later"
+    shutil.copytree(tmp_path / "eval" / "chunk-00004-00006", later / "chunk-00004-00006")
+    extended = cli("eval-merge", later, "--extend", base_file, "--title", "extended")
+    assert extended.returncode == 0, extended.stderr
+    combined = json.loads((later / "metrics.json").read_text())
+    direct = summarize([tmp_path / "eval" / c / "features.npz" for c in summary["chunks"]],
+                       threshold=base["threshold_cosine_far_0.1%"])
+    assert combined["chunks"] == direct["chunks"] and combined["counts"] == direct["counts"]
+    assert combined["tar_at_far_0.1%"] == pytest.approx(direct["tar_at_far_0.1%"])
+    for figure in ("cosine_original_vs_anonymized", "recovery_psnr_db", "face_detection_rate"):
+        assert combined[figure] == pytest.approx(direct[figure]), figure
+    assert combined["linkage"] == pytest.approx(direct["linkage"])
+    assert combined["impostor_scores"] == base["impostor_scores"] < direct["impostor_scores"]
+    assert "clean images of pairs 0-3. Pairs 4-5 were added at that threshold" in (later / "metrics.md").read_text()
+
+    twice = cli("eval-merge", later, "--extend", later / "metrics.json")
+    assert twice.returncode == 2 and "pair 4 is in both" in twice.stderr
+    facts_file = later / "chunk-00004-00006" / "transform.json"
+    facts_file.write_text(json.dumps({**json.loads(facts_file.read_text()), "steps": 6}))
+    other_steps = cli("eval-merge", later, "--extend", base_file)
+    assert other_steps.returncode == 2 and "differ in model, steps" in other_steps.stderr
+
+    # --genuine-only transforms the genuine pairs' second images and nothing else; the impostor
+    # pairs' clean images still join the threshold
+    mixed = cli("eval", *common, "--start", "298", "--limit", "4", "--genuine-only")
+    assert mixed.returncode == 0, mixed.stderr
+    chunk = tmp_path / "eval" / "chunk-00298-00302"
+    facts = json.loads((chunk / "transform.json").read_text())
+    genuine_seconds = sorted({second for _first, second, same in facts["pairs"] if same})
+    assert len(genuine_seconds) == 2 and len(facts["pairs"]) == 4
+    anonymized = chunk / "images" / "anonymized"
+    assert facts["targets"] == genuine_seconds
+    assert sorted(p.relative_to(anonymized).with_suffix("").as_posix() for p in anonymized.rglob("*.png")) == \
+        [name.rsplit(".", 1)[0] for name in genuine_seconds]
+    assert json.loads((chunk / "metrics.json").read_text())["counts"]["cosine"] == 2
+    with_impostors = cli("eval-merge", tmp_path / "eval")
+    assert with_impostors.returncode == 0, with_impostors.stderr
+    grown = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert grown["pairs"] == 10 and grown["genuine_pairs"] == 8
+    assert grown["counts"]["cosine"] == summary["counts"]["cosine"] + 2
+    assert grown["impostor_scores"] > summary["impostor_scores"]
