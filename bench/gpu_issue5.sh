@@ -3,7 +3,7 @@
 # Prepare with bench/gpu_prepare.sh; the order of calls and what each carries is in bench/GPU.md.
 #   bash bench/gpu_issue5.sh install            # every call starts with it (a fresh machine has nothing)
 #   bash bench/gpu_issue5.sh train 8 [--resume] # 8 minutes of training; the model goes to $OUT/demo-lfw128
-#   bash bench/gpu_issue5.sh eval               # 1,200 dev pairs: transforms on the GPU, dlib on 16 cores
+#   bash bench/gpu_issue5.sh eval               # 1,200 dev pairs: genuine pairs transformed on the GPU, dlib on 16 cores
 #   bash bench/gpu_issue5.sh photos             # photo-mode and crop-mode recovery figures, the README example
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +43,7 @@ eval)
   starts=$(seq 0 $EVAL_CHUNK $((EVAL_PAIRS - 1)))
   for start in $starts; do   # the model work, one process on the GPU
     $RT eval --pairs $dev/dev_pairs.txt --images $dev/dev-128.zip --model $MODEL --masker landmarks \
-      --stage transform --start $start --limit $EVAL_CHUNK --batch 64 --device $DEVICE --out $WORK/eval
+      --stage transform --start $start --limit $EVAL_CHUNK --batch 64 --device $DEVICE --genuine-only --out $WORK/eval
   done
   pids=()
   for start in $starts; do   # dlib, one process per chunk on the CPU cores
