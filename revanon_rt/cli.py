@@ -663,6 +663,8 @@ def eval_merge_cmd(
         _fail(UsageError(f"{folder}: no chunk-*/features.npz to merge; run eval with --stage score first"))
     base = None
     if extend is not None:
+        if extend.resolve() == (folder / "metrics.json").resolve():
+            _fail(UsageError(f"{extend}: the summary to extend would be overwritten; copy it out of {folder} first"))
         try:
             base = json.loads(extend.read_text())
         except (OSError, ValueError) as exc:

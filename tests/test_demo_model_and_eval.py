@@ -139,7 +139,11 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path):
     assert combined["impostor_scores"] == base["impostor_scores"] < direct["impostor_scores"]
     assert "clean images of pairs 0-3. Pairs 4-5 were added at that threshold" in (later / "metrics.md").read_text()
 
-    twice = cli("eval-merge", later, "--extend", later / "metrics.json")
+    in_place = cli("eval-merge", later, "--extend", later / "metrics.json")
+    assert in_place.returncode == 2 and "would be overwritten" in in_place.stderr
+    assert json.loads((later / "metrics.json").read_text()) == combined
+    shutil.copy(later / "metrics.json", tmp_path / "combined.json")
+    twice = cli("eval-merge", later, "--extend", tmp_path / "combined.json")
     assert twice.returncode == 2 and "pair 4 is in both" in twice.stderr
     facts_file = later / "chunk-00004-00006" / "transform.json"
     facts_file.write_text(json.dumps({**json.loads(facts_file.read_text()), "steps": 6}))
