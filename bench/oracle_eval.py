@@ -1,0 +1,99 @@
+"""The LFW identity evaluation with an ideal ε: the TAR a perfect model of a Gaussian face distribution reaches.
+
+The backend is oracle_recovery.GaussianFaces (the exact posterior ε of a Gaussian fitted to the training
+crops, at --model's size and noise schedule), run through the evaluation itself: the same pairs,
+landmark masks, keys, conditions, attacks, linkage test, dlib scoring and summary as `revanon-rt eval
+--genuine-only`. The gap between this and the trained model's evaluation is what training costs; what
+this still misses, the method costs.
+
+    python bench/oracle_eval.py --model models/demo-lfw64 [--limit 1200] [--out bench/work/eval-oracle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, WORK, machine  # noqa: E402
+from oracle_recovery import LFW_TRAIN_CROPS, GaussianFaces, training_crops  # noqa: E402
+
+LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
+
+
+class IdealBackend(GaussianFaces):
+    """GaussianFaces with what the evaluation asks of a backend besides encode, decode and eps."""
+
+    name = "ideal-eps"
+
+    def __init__(self, reference, crops: np.ndarray, components: int):
+        super().__init__(crops, components, np.asarray(reference.noise.alphas_cumprod), tuple(reference.latent_shape))
+        self.noise = reference.noise
+        self.image_size = reference.image_size
+        self.latent_shape = reference.latent_shape
+        self.fingerprint = f"ideal-eps-gaussian-{len(crops)}-crops-{len(self.variances)}-components"
+
+    def schedule(self, steps: int):
+        return self.noise.for_steps(steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, required=True, help="pixel-space model whose size and schedule to use")
+    parser.add_argument("--pairs", type=Path, default=LFW / "dev_pairs.txt")
+    parser.add_argument("--images", type=Path, default=LFW / "dev-128.zip")
+    parser.add_argument("--train", type=Path, default=LFW_TRAIN_CROPS)
+    parser.add_argument("--fit", type=int, default=6000)
+    parser.add_argument("--components", type=int, default=2000)
+    parser.add_argument("--limit", type=int, default=None, help="first pairs only (default: all)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=WORK / "eval-oracle")
+    parser.add_argument("--name", default="eval-oracle-dev")
+    args = parser.parse_args()
+
+    from revanon_rt.evaluate import ZipImages, markdown, read_pairs, run_score, run_transform, summarize
+    from revanon_rt.faces import LandmarksMasker, Recognizer
+    from revanon_rt.reference import TorchReference
+
+    reference = TorchReference(args.model)
+    if reference.layout.autoencoder:
+        raise SystemExit("the ideal ε works in pixel space: pass a pixel-space --model for its size and schedule")
+    started = time.perf_counter()
+    backend = IdealBackend(reference, training_crops(args.train, reference.image_size, args.fit), args.components)
+    print(f"fitted in {time.perf_counter() - started:.0f} s", flush=True)
+    pairs = read_pairs(args.pairs)[: args.limit]
+    images = ZipImages(args.images, backend.image_size)
+    chunk = args.out / f"chunk-00000-{len(pairs):05d}"
+    last = {"phase": None, "n": 0, "time": time.monotonic()}
+
+    def tick(phase: str, n: int) -> None:
+        if phase != last["phase"]:
+            print(f"{phase} started", flush=True)
+            last.update(phase=phase, n=0)
+        last["n"] += n
+        if time.monotonic() - last["time"] > 60:
+            print(f"{phase}: {last['n']}", flush=True)
+            last["time"] = time.monotonic()
+
+    run_transform(backend, pairs, images, chunk, masker=LandmarksMasker(), batch=args.batch, progress=tick,
+                  genuine_only=True)
+    run_score(chunk, images, Recognizer(), progress=tick)
+    summary = summarize([chunk / "features.npz"])
+    summary["ideal_eps"] = {"model_schedule": str(args.model), "fit": args.fit, "components": len(backend.variances),
+                            "floor_variance": backend.floor}
+    summary["wall_seconds"] = time.perf_counter() - started
+    summary["machine"] = machine()
+    title = (f"LFW dev pairs 0..{len(pairs) - 1} with an ideal ε (Gaussian fitted to {args.fit} training crops, "
+             f"{backend.image_size} px, schedule of {args.model.name})")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(summary, title))
+    print(markdown(summary, title))
+
+
+if __name__ == "__main__":
+    main()
