@@ -1,12 +1,14 @@
 """The LFW identity evaluation with an ideal ε: the TAR a perfect model of a Gaussian face distribution reaches.
 
 The backend is oracle_recovery.GaussianFaces (the exact posterior ε of a Gaussian fitted to the training
-crops, at --model's size and noise schedule), run through the evaluation itself: the same pairs,
+crops, at --model's size and noise schedule), or with --patch its LatentGaussian in a linear patch
+autoencoder's latent, run through the evaluation itself: the same pairs,
 landmark masks, keys, conditions, attacks, linkage test, dlib scoring and summary as `revanon-rt eval
 --genuine-only`. The gap between this and the trained model's evaluation is what training costs; what
 this still misses, the method costs.
 
     python bench/oracle_eval.py --model models/demo-lfw64 [--limit 1200] [--out bench/work/eval-oracle]
+        [--patch 4 --channels 8 --name eval-oracle-latent-p4c8-dev]
 """
 
 from __future__ import annotations
@@ -21,22 +23,35 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, WORK, machine  # noqa: E402
-from oracle_recovery import LFW_TRAIN_CROPS, GaussianFaces, training_crops  # noqa: E402
+from oracle_recovery import (LFW_TRAIN_CROPS, GaussianFaces, LatentGaussian, PatchLatent,  # noqa: E402
+                             training_crops)
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
 
 
-class IdealBackend(GaussianFaces):
-    """GaussianFaces with what the evaluation asks of a backend besides encode, decode and eps."""
+class IdealBackend:
+    """The ideal ε as an evaluation backend: in pixels (GaussianFaces) or, with patch > 0, in the latent
+    of a linear patch autoencoder (LatentGaussian)."""
 
     name = "ideal-eps"
 
-    def __init__(self, reference, crops: np.ndarray, components: int):
-        super().__init__(crops, components, np.asarray(reference.noise.alphas_cumprod), tuple(reference.latent_shape))
+    def __init__(self, reference, crops: np.ndarray, components: int, patch: int = 0, channels: int = 8):
+        alphas = np.asarray(reference.noise.alphas_cumprod)
+        size = reference.image_size
+        if patch:
+            self.model = LatentGaussian(PatchLatent(crops, size, patch, channels), crops, components, alphas)
+            self.latent_shape = self.model.codec.shape
+            gaussian = self.model.gaussian
+        else:
+            self.model = gaussian = GaussianFaces(crops, components, alphas, tuple(reference.latent_shape))
+            self.latent_shape = tuple(reference.latent_shape)
+        self.encode, self.decode, self.eps = self.model.encode, self.model.decode, self.model.eps
         self.noise = reference.noise
-        self.image_size = reference.image_size
-        self.latent_shape = reference.latent_shape
-        self.fingerprint = f"ideal-eps-gaussian-{len(crops)}-crops-{len(self.variances)}-components"
+        self.image_size = size
+        self.components = len(gaussian.variances)
+        self.floor = gaussian.floor
+        latent = f"-latent-p{patch}c{channels}" if patch else ""
+        self.fingerprint = f"ideal-eps-gaussian-{len(crops)}-crops-{self.components}-components{latent}"
 
     def schedule(self, steps: int):
         return self.noise.for_steps(steps)
@@ -50,6 +65,9 @@ def main() -> None:
     parser.add_argument("--train", type=Path, default=LFW_TRAIN_CROPS)
     parser.add_argument("--fit", type=int, default=6000)
     parser.add_argument("--components", type=int, default=2000)
+    parser.add_argument("--patch", type=int, default=0,
+                        help="run the ideal ε in the latent of a linear patch autoencoder with this patch side")
+    parser.add_argument("--channels", type=int, default=8, help="latent channels of --patch")
     parser.add_argument("--limit", type=int, default=None, help="first pairs only (default: all)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=WORK / "eval-oracle")
@@ -64,7 +82,8 @@ def main() -> None:
     if reference.layout.autoencoder:
         raise SystemExit("the ideal ε works in pixel space: pass a pixel-space --model for its size and schedule")
     started = time.perf_counter()
-    backend = IdealBackend(reference, training_crops(args.train, reference.image_size, args.fit), args.components)
+    backend = IdealBackend(reference, training_crops(args.train, reference.image_size, args.fit), args.components,
+                           args.patch, args.channels)
     print(f"fitted in {time.perf_counter() - started:.0f} s", flush=True)
     pairs = read_pairs(args.pairs)[: args.limit]
     images = ZipImages(args.images, backend.image_size)
@@ -84,12 +103,14 @@ def main() -> None:
                   genuine_only=True)
     run_score(chunk, images, Recognizer(), progress=tick)
     summary = summarize([chunk / "features.npz"])
-    summary["ideal_eps"] = {"model_schedule": str(args.model), "fit": args.fit, "components": len(backend.variances),
-                            "floor_variance": backend.floor}
+    summary["ideal_eps"] = {"model_schedule": str(args.model), "fit": args.fit, "components": backend.components,
+                            "floor_variance": backend.floor, "patch": args.patch,
+                            "channels": args.channels if args.patch else None}
     summary["wall_seconds"] = time.perf_counter() - started
     summary["machine"] = machine()
+    space = f", in a {'x'.join(map(str, backend.latent_shape))} linear patch latent" if args.patch else ""
     title = (f"LFW dev pairs 0..{len(pairs) - 1} with an ideal ε (Gaussian fitted to {args.fit} training crops, "
-             f"{backend.image_size} px, schedule of {args.model.name})")
+             f"{backend.image_size} px{space}, schedule of {args.model.name})")
     (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(summary, title))
     print(markdown(summary, title))
