@@ -26,32 +26,28 @@ noise schedules.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, dev_crop_arguments, dev_crop_setup, machine, write_results  # noqa: E402
+from inversion_drift import local_energy_spread  # noqa: E402
+from recovery_budget import budget_psnrs  # noqa: E402
 
 LFW_TRAIN_CROPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "train-128.zip"
 
 
 def training_crops(path: Path, size: int, count: int) -> np.ndarray:
     """The first `count` training crops (sorted names) at the model's size, as N x 3·H·W in [-1, 1]."""
-    from PIL import Image
+    from revanon_rt.pixels import to_model
+    from revanon_rt.train import load_crops
 
-    archive = zipfile.ZipFile(path)
-    names = sorted(n for n in archive.namelist() if n.endswith((".jpg", ".png")))[:count]
-    out = np.empty((len(names), 3 * size * size), np.float32)
-    for i, name in enumerate(names):
-        im = Image.open(io.BytesIO(archive.read(name))).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
-        out[i] = (np.asarray(im, np.float32) / 127.5 - 1).transpose(2, 0, 1).ravel()
-    return out
+    crops = to_model(load_crops(path, size)[:count])
+    return crops.reshape(len(crops), -1)
 
 
 class GaussianFaces:
@@ -152,19 +148,13 @@ def schedule_of(reference, beta_schedule: str | None, spacing: str | None):
     """The model's noise schedule, or the same config with other betas or timestep spacing."""
     if beta_schedule is None and spacing is None:
         return reference.noise
-    import torch
-    from diffusers import DDIMScheduler
+    import dataclasses
 
-    from revanon_rt.schedule import NoiseSchedule
+    from revanon_rt.reference import load_noise_schedule
 
-    config = {k: v for k, v in reference.layout.scheduler_config.items() if not k.startswith("_")}
-    if beta_schedule:
-        config["beta_schedule"] = beta_schedule
-    if spacing:
-        config["timestep_spacing"] = spacing
-    scheduler = DDIMScheduler.from_config(config)
-    return NoiseSchedule(scheduler.alphas_cumprod.to(torch.float32).numpy().copy(),
-                         scheduler.config.timestep_spacing, int(scheduler.config.steps_offset))
+    config = dict(reference.layout.scheduler_config)
+    config.update({k: v for k, v in (("beta_schedule", beta_schedule), ("timestep_spacing", spacing)) if v})
+    return load_noise_schedule(dataclasses.replace(reference.layout, scheduler_config=config))
 
 
 def identity_figures(recognizer, originals, anonymized, recovered, threshold: float) -> dict:
@@ -235,14 +225,6 @@ def closed_form_error(gaussian: "GaussianFaces", schedule) -> float:
     return float(max(gaps))
 
 
-def energy_spread(z: np.ndarray, patch: int = 8) -> float:
-    """std / mean of the RMS of patch x patch blocks: how unevenly |z| is spread (Gaussian noise: ~0.05)."""
-    n, c, h, w = z.shape
-    blocks = z.reshape(n, c, h // patch, patch, w // patch, patch)
-    rms = np.sqrt((blocks ** 2).mean(axis=(1, 3, 5)))
-    return float((rms.std(axis=(1, 2)) / rms.mean(axis=(1, 2))).mean())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     dev_crop_arguments(parser)
@@ -304,26 +286,16 @@ def main() -> None:
     codec_psnr = region_psnr(to_u8(oracle.decode(oracle.encode(to_model(rgb)))), rgb) if args.patch else None
 
     def budget(backend, originals, sched, with_identity: bool) -> dict:
+        out, anonymized, recovered = budget_psnrs(backend, originals, masks, flips, sched, region_psnr)
         x = to_model(originals)
-        anonymized = transform(backend, x, masks, flips, sched)
-        anonymized_whole = transform(backend, x, whole, flips, sched)
-        recovered = to_u8(transform(backend, to_model(to_u8(anonymized)), masks, flips, sched))
         face_flips = np.where(masks > 0, flips, np.float32(1))  # the same flips, nothing put back
         anonymized_free = transform(backend, x, whole, face_flips, sched)
-        out = {
-            "psnr_reconstruction": region_psnr(to_u8(transform(backend, x, masks, np.ones_like(flips), sched)), originals),
-            "psnr_anonymized": region_psnr(to_u8(anonymized), originals),
-            "psnr_recovered_float": region_psnr(to_u8(transform(backend, anonymized, masks, flips, sched)), originals),
-            "psnr_recovered": region_psnr(recovered, originals),
+        out.update({
             "psnr_recovered_no_reinjection_float": region_psnr(
                 to_u8(transform(backend, anonymized_free, whole, face_flips, sched)), originals),
-            "psnr_recovered_whole_mask_float": region_psnr(
-                to_u8(transform(backend, anonymized_whole, whole, flips, sched)), originals),
-            "psnr_recovered_whole_mask": region_psnr(
-                to_u8(transform(backend, to_model(to_u8(anonymized_whole)), whole, flips, sched)), originals),
             "clamped_share_anonymized": float(np.mean(clamped_share(anonymized, masks[:, 0]))),
-            "energy_spread_z_T": energy_spread(inverted(backend, x, sched)[-1]),
-        }
+            "energy_spread_z_T": local_energy_spread(inverted(backend, x, sched)[-1]),
+        })
         if with_identity:
             out.update(identity_figures(recognizer, originals, to_u8(anonymized), recovered, args.threshold))
         return out

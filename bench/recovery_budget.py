@@ -28,14 +28,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, dev_crop_arguments, dev_crop_setup, machine  # noqa: E402
 
 
+def budget_psnrs(backend, rgb: np.ndarray, masks: np.ndarray, flips: np.ndarray, schedule, region_psnr):
+    """The budget's paths for one schedule, as face-region PSNRs against the crops rgb (N x H x W x 3 uint8).
+    Also returns the anonymized output (float) and the recovered crops (uint8), for callers that measure more."""
+    from revanon_rt.pixels import to_model, to_u8
+    from revanon_rt.sampler import transform
+
+    x, whole = to_model(rgb), np.ones_like(masks)
+    anonymized = transform(backend, x, masks, flips, schedule)
+    anonymized_whole = transform(backend, x, whole, flips, schedule)
+    recovered = to_u8(transform(backend, to_model(to_u8(anonymized)), masks, flips, schedule))
+    psnrs = {
+        "psnr_reconstruction": region_psnr(to_u8(transform(backend, x, masks, np.ones_like(flips), schedule)), rgb),
+        "psnr_anonymized": region_psnr(to_u8(anonymized), rgb),
+        "psnr_recovered_float": region_psnr(to_u8(transform(backend, anonymized, masks, flips, schedule)), rgb),
+        "psnr_recovered": region_psnr(recovered, rgb),
+        "psnr_recovered_whole_mask_float": region_psnr(
+            to_u8(transform(backend, anonymized_whole, whole, flips, schedule)), rgb),
+        "psnr_recovered_whole_mask": region_psnr(
+            to_u8(transform(backend, to_model(to_u8(anonymized_whole)), whole, flips, schedule)), rgb),
+    }
+    return psnrs, anonymized, recovered
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     dev_crop_arguments(parser)
     parser.add_argument("--steps", type=int, nargs="+", default=[50, 200])
     args = parser.parse_args()
 
-    from revanon_rt.pixels import pixel_region, psnr, to_model, to_u8
-    from revanon_rt.sampler import transform
+    from revanon_rt.pixels import pixel_region, psnr
 
     backend, rgb, mask, flips = dev_crop_setup(args)
     size = backend.image_size
@@ -47,24 +69,9 @@ def main() -> None:
 
     rows = []
     for steps in args.steps:
-        sched = backend.schedule(steps)
         start = time.perf_counter()
-        x = to_model(rgb)
-        identity = transform(backend, x, masks, np.ones_like(flips), sched)
-        anonymized = transform(backend, x, masks, flips, sched)
-        recovered_float = transform(backend, anonymized, masks, flips, sched)
-        recovered = transform(backend, to_model(to_u8(anonymized)), masks, flips, sched)
-        whole = np.ones_like(masks)
-        anonymized_whole = transform(backend, x, whole, flips, sched)
-        recovered_whole = transform(backend, anonymized_whole, whole, flips, sched)
-        recovered_whole_u8 = transform(backend, to_model(to_u8(anonymized_whole)), whole, flips, sched)
-        rows.append({"steps": steps, "seconds": time.perf_counter() - start,
-                     "psnr_reconstruction": region_psnr(to_u8(identity), rgb),
-                     "psnr_anonymized": region_psnr(to_u8(anonymized), rgb),
-                     "psnr_recovered_float": region_psnr(to_u8(recovered_float), rgb),
-                     "psnr_recovered": region_psnr(to_u8(recovered), rgb),
-                     "psnr_recovered_whole_mask_float": region_psnr(to_u8(recovered_whole), rgb),
-                     "psnr_recovered_whole_mask": region_psnr(to_u8(recovered_whole_u8), rgb)})
+        psnrs, _, _ = budget_psnrs(backend, rgb, masks, flips, backend.schedule(steps), region_psnr)
+        rows.append({"steps": steps, "seconds": time.perf_counter() - start, **psnrs})
         print(rows[-1], flush=True)
     name = args.name or f"recovery-budget-{args.model.name}"
     previous = RESULTS / f"{name}.json"
