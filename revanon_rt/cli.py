@@ -501,7 +501,8 @@ def train_cmd(
     minutes: float = typer.Option(9.0, "--minutes", min=0.01, help="Train for this long, then checkpoint and save."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
     architecture: str = typer.Option("small", "--architecture",
-                                     help="small (6.9 M parameters, GPU), compact (3.7 M, CPU at 64 px) or tiny."),
+                                     help="small (6.9 M parameters, GPU), compact (3.7 M, CPU at 64 px), latent "
+                                          "(6.7 M, for an 8 x 16 x 16 latent) or tiny."),
     batch: int = typer.Option(64, "--batch", min=1),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0,
                                        help="Peak AdamW learning rate (default 2e-4); with --resume, the rate from here on."),
@@ -512,7 +513,8 @@ def train_cmd(
     samples: int = typer.Option(16, "--samples", min=0, help="Faces to sample for the model card."),
     device: str = DEVICE,
 ) -> None:
-    """Train the small pixel-space demo face model, in resumable pieces."""
+    """Train the demo face model's UNet in resumable pieces: in pixel space, or on the latents of the
+    autoencoder that train-autoencoder put in OUT/vae/."""
     try:
         from .train import ARCHITECTURES, TrainConfig, train, write_model_card
     except ImportError as exc:
@@ -528,6 +530,49 @@ def train_cmd(
     except RevanonError as exc:
         _fail(exc)
     err.print(f"model ready: {out} (load it with --model {out})")
+
+
+@app.command("train-autoencoder")
+def train_autoencoder_cmd(
+    data: Path = typer.Option(..., "--data", help="A zip of aligned face crops (for example train-128.zip)."),
+    out: Path = typer.Option(..., "--out", help="The model folder to create (vae/ goes inside); then run train on it."),
+    resolution: int = typer.Option(64, "--resolution", min=16, max=512),
+    latent_channels: int = typer.Option(8, "--latent-channels", min=1, max=64),
+    channels: str = typer.Option("32,64,128", "--channels",
+                                 help="Width of each block, comma-separated, each a multiple of 16; "
+                                      "the latent is 2^(blocks-1) times smaller than the crop."),
+    minutes: float = typer.Option(9.0, "--minutes", min=0.01, help="Train for this long, then checkpoint and save."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
+    batch: int = typer.Option(16, "--batch", min=1),
+    lr: float = typer.Option(5e-4, "--lr", min=0.0, help="Peak AdamW learning rate."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in total."),
+    device: str = DEVICE,
+) -> None:
+    """Train the autoencoder of a latent demo model (AutoencoderKL, spec §1); `train` then learns its latents."""
+    try:
+        from .train_autoencoder import AutoencoderConfig, train_autoencoder
+    except ImportError as exc:
+        _fail(UsageError(f"train-autoencoder needs the PyTorch extra ({exc.name} is missing): "
+                         "pip install 'revanon-rt[torch]'"))
+    try:
+        widths = tuple(int(w) for w in channels.split(","))
+        if not widths or any(w <= 0 or w % 16 for w in widths):
+            raise ValueError
+    except ValueError:
+        _fail(UsageError(f"--channels {channels!r}: give positive multiples of 16, comma-separated (e.g. 32,64,128)"))
+    factor = 2 ** (len(widths) - 1)
+    if resolution % factor or 512 % (resolution // factor):
+        _fail(UsageError(f"--resolution {resolution} with {len(widths)} blocks gives a latent grid that spec §4's "
+                         "512-pixel face map cannot be pooled onto"))
+    try:
+        result = train_autoencoder(data, out, minutes, resume,
+                                   AutoencoderConfig(resolution=resolution, latent_channels=latent_channels,
+                                                     block_out_channels=widths, batch=batch, lr=lr),
+                                   device=device, max_steps=max_steps, log=err.print)
+    except RevanonError as exc:
+        _fail(exc)
+    err.print(f"autoencoder ready after {result['steps']} steps: now train the UNet on its latents with "
+              f"revanon-rt train --data {data} --out {out} --resolution {resolution} --architecture latent")
 
 
 class EvalStage(str, Enum):

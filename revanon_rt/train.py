@@ -37,6 +37,11 @@ ARCHITECTURES = {
                 "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
                 "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
                 "attention_head_dim": 32, "norm_num_groups": 16},
+    # for the 8 x 16 x 16 latent of `train-autoencoder`: 6.7 M parameters, 13.5 MB in fp16
+    "latent": {"block_out_channels": (96, 128, 160), "layers_per_block": 1,
+               "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+               "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+               "attention_head_dim": 32, "norm_num_groups": 32},
     # for tests and CPU smoke runs
     "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1,
              "down_block_types": ("DownBlock2D", "AttnDownBlock2D"), "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
@@ -100,8 +105,10 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
     torch.manual_seed(cfg.seed)
     images = load_crops(data, cfg.resolution)
     log(f"{len(images)} crops at {cfg.resolution}px from {data}; training on {dev}")
-    unet = UNet2DModel(sample_size=cfg.resolution, in_channels=3, out_channels=3, **ARCHITECTURES[cfg.architecture]).to(dev)
-    ema = UNet2DModel(sample_size=cfg.resolution, in_channels=3, out_channels=3, **ARCHITECTURES[cfg.architecture]).to(dev)
+    samples = training_samples(images, out, dev, log)
+    channels, side = samples.shape[2], samples.shape[3]
+    unet = UNet2DModel(sample_size=side, in_channels=channels, out_channels=channels, **ARCHITECTURES[cfg.architecture]).to(dev)
+    ema = UNet2DModel(sample_size=side, in_channels=channels, out_channels=channels, **ARCHITECTURES[cfg.architecture]).to(dev)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -135,10 +142,8 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
         unet.train()
         while time.monotonic() - started < minutes * 60 and (max_steps is None or step < max_steps):
             idx = rng.integers(0, len(images), cfg.batch)
-            batch = images[idx]
             flip = rng.random(cfg.batch) < 0.5
-            batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
-            x0 = torch.from_numpy(np.ascontiguousarray(batch)).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x0 = torch.from_numpy(samples[idx, flip.astype(np.int64)]).to(dev)
             t = torch.from_numpy(rng.integers(0, 1000, cfg.batch)).to(dev)
             noise = torch.randn_like(x0)
             a = abar[t].view(-1, 1, 1, 1)
@@ -177,6 +182,35 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
                              "torch": torch.__version__}) + "\n")
     log(f"{step} steps; weights in {out / 'unet'}")
     return {"steps": step, "seconds": seconds}
+
+
+def training_samples(images: np.ndarray, out: Path, dev, log=print) -> np.ndarray:
+    """What the UNet learns to denoise, as N x 2 x C x h x w float32 (each crop and its mirror image):
+    the pixels of a pixel-space model, or, when OUT holds the vae/ of `train-autoencoder`, the
+    latents E(x) of spec §1, computed once here rather than at every step."""
+    import torch
+
+    mirrored = np.stack([images, images[:, :, ::-1]], axis=1)
+    pixels = mirrored.transpose(0, 1, 4, 2, 3).astype(np.float32) / 127.5 - 1
+    if not (Path(out) / "vae").is_dir():
+        return pixels
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(out) / "vae", torch_dtype=torch.float32).to(dev).eval()
+    if vae.config.sample_size != images.shape[1]:
+        raise UsageError(f"{out / 'vae'}: trained on {vae.config.sample_size}px crops; "
+                         f"pass --resolution {vae.config.sample_size}")
+    scaling_factor = vae.config.scaling_factor
+    flat = pixels.reshape(-1, *pixels.shape[2:])
+    latents = []
+    with torch.inference_mode():
+        for start in range(0, len(flat), 128):
+            x = torch.from_numpy(flat[start:start + 128]).to(dev)
+            latents.append((vae.encode(x).latent_dist.mean * scaling_factor).float().cpu().numpy())
+    latents = np.concatenate(latents)
+    log(f"latent space: {latents.shape[1]} x {latents.shape[2]} x {latents.shape[3]} from {out / 'vae'} "
+        f"(std {latents.std():.3f} after scaling)")
+    return latents.reshape(len(images), 2, *latents.shape[1:])
 
 
 def _cpu_name() -> str:
@@ -229,14 +263,15 @@ def sample_faces(backend, count: int, steps: int = 50, seed: int = 0, clip: bool
 
     sched = backend.schedule(steps)
     z = np.random.default_rng(seed).standard_normal((count, *backend.latent_shape)).astype(np.float32)
+    pixel_space = tuple(backend.latent_shape) == (3, backend.image_size, backend.image_size)
     for i in range(sched.steps):
         eps = backend.eps(z, sched.timesteps[i])
         s_from, r_from, s_to, r_to = ddim_coefficients(sched.levels[i], sched.levels[i + 1])
-        if clip:
+        if clip and pixel_space:
             x0 = np.clip((z - r_from * eps) / s_from, -1.0, 1.0)
             eps = (z - s_from * x0) / r_from
         z = ddim_update(z, eps, s_from, r_from, s_to, r_to)
-    return to_u8(z)
+    return to_u8(backend.decode(z))
 
 
 def sample_grid(model_dir: Path, count: int = 16, steps: int = 50, seed: int = 0, device: str = "cpu") -> np.ndarray:
@@ -303,21 +338,47 @@ def write_model_card(out: Path, data: Path, result: dict, samples: int, device: 
     hardware = "; ".join(sorted({p["hardware"] for p in pieces})) or "not recorded"
     wall = sum(p["seconds"] for p in pieces)
     steps = result.get("steps") or (pieces[-1]["steps_to"] if pieces else rows[-1]["step"] if rows else 0)
+    latent = (out / "vae").is_dir()
+    if latent:
+        from .train_autoencoder import autoencoder_pieces
+
+        ae = json.loads((out / "vae" / "config.json").read_text())
+        ae_cfg = json.loads((out / "checkpoint" / "autoencoder-config.json").read_text())
+        ae_pieces = autoencoder_pieces(out)
+        ae_rows = list(csv.DictReader(open(out / "checkpoint" / "autoencoder-loss.csv")))
+        ae_mb = (out / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size / 1e6
+        side = cfg["resolution"] // 2 ** (len(ae["block_out_channels"]) - 1)
+        space = (f"in the {ae['latent_channels']}×{side}×{side} latent of its own autoencoder,\nfor "
+                 f"{cfg['resolution']}×{cfg['resolution']} crops")
+        loads = (f"a revanon v1 latent model (spec §1):\n`vae/` (diffusers AutoencoderKL, fp16 safetensors, "
+                 f"{ae_mb:.1f} MB, scaling factor {ae['scaling_factor']:.4f}),")
+        ae_line = (f"- **Autoencoder:** `revanon-rt train-autoencoder`, {ae_pieces[-1]['steps_to'] if ae_pieces else '?'} "
+                   f"steps, batch {ae_cfg['batch']}, AdamW lr {ae_cfg['lr']:.0e},\n"
+                   f"  blocks {ae_cfg['block_out_channels']}; loss = pixel MSE + {ae_cfg['consistency_weight']} × "
+                   f"E(D(z)) consistency + {ae_cfg['kl_weight']:.0e} × KL.\n"
+                   f"  Last logged reconstruction {10 * math.log10(4 / float(ae_rows[-1]['reconstruction_mse'])):.1f} dB "
+                   f"(training crops), {len(ae_pieces)} piece(s), {sum(p['seconds'] for p in ae_pieces) / 60:.0f} minutes.\n")
+        bounded = "decoded, latents never bounded"
+    else:
+        space = f"in pixel space\n({cfg['resolution']}×{cfg['resolution']})"
+        loads = "a revanon v1 pixel-space model (spec §1):"
+        ae_line = ""
+        bounded = "each predicted x0 bounded to the pixel range as diffusers' `clip_sample` does"
     card = f"""# revanon-rt demo face model
 
-An unconditional ε-prediction diffusion model of aligned face crops, in pixel space
-({cfg['resolution']}×{cfg['resolution']}), trained by `revanon-rt train` for the project's demo, tests and evaluation.
-It loads as a revanon v1 pixel-space model (spec §1): `unet/` (diffusers UNet2DModel, EMA weights,
+An unconditional ε-prediction diffusion model of aligned face crops, {space}, trained by `revanon-rt train`
+for the project's demo, tests and evaluation.
+It loads as {loads} `unet/` (diffusers UNet2DModel, EMA weights,
 fp16 safetensors, {weights.stat().st_size / 1e6:.1f} MB) and `scheduler/` (DDIM, linear betas 1e-4..0.02, 1000 steps).
 
 - **Data:** `{Path(data).name}`: LFW crops (centre 196 of 250 px, resized), 4,085 people who appear in
   none of the evaluation folds, with horizontal flips.
-- **Training:** {steps} steps, batch {cfg['batch']}, AdamW lr {_lr_history(pieces, cfg['lr'])} with
+{ae_line}- **Training:** {steps} steps, batch {cfg['batch']}, AdamW lr {_lr_history(pieces, cfg['lr'])} with
   {cfg['warmup']} warm-up steps, EMA {cfg['ema_decay']}, bf16 autocast on GPU (fp32 on CPU), seed {cfg['seed']},
   architecture `{cfg['architecture']}`. Final loss {rows[-1]['loss'] if rows else 'n/a'}.
   Trained on {hardware}: {len(pieces)} piece(s), {wall / 60:.0f} minutes of wall time.
 - **Loss curve:** `loss.png`. **Samples:** `samples.png` shows faces *sampled from the model* (DDIM, 50 steps,
-  each predicted x0 bounded to the pixel range as diffusers' `clip_sample` does), not training images.
+  {bounded}), not training images.
   The transform itself never bounds anything: it follows spec §3 and §6 exactly.
 - **License:** the weights derive from Labeled Faces in the Wild, a research data set: use this model for
   research and testing only. It is small and blurry by design; it is not a product model.

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import cli
-from revanon_rt.demo import demo_model
+from revanon_rt.demo import REPO_MODELS, demo_model
 
 
 def _png(path) -> np.ndarray:
@@ -68,19 +68,25 @@ def test_drawn_face_on_the_zero_eps_model_is_bit_exact(models, tmp_path):
     assert report["psnr_anonymized_db"] < 20
 
 
-@pytest.mark.skipif(demo_model() is None, reason="no demo model is committed")
-def test_committed_demo_model_is_small_carded_and_its_samples_are_its_own():
+COMMITTED = sorted(m for m in REPO_MODELS.iterdir() if (m / "unet").is_dir()) if REPO_MODELS.is_dir() else []
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no demo model is committed")
+@pytest.mark.parametrize("model", COMMITTED, ids=[m.name for m in COMMITTED])
+def test_committed_demo_model_is_small_carded_and_its_samples_are_its_own(model):
     """The weights stay under 15 MB in fp16, the card carries the LFW licence note, and samples.png is
     what the model samples (seed 0), so it cannot be a grid of training images."""
     from revanon_rt.reference import TorchReference
     from revanon_rt.train import MAX_WEIGHTS_BYTES, sample_faces
 
-    model = demo_model()
-    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
-    assert weights.stat().st_size <= MAX_WEIGHTS_BYTES
-    raw = weights.read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+    for component in ("unet", "vae"):
+        weights = model / component / "diffusion_pytorch_model.safetensors"
+        if component == "vae" and not weights.exists():
+            continue
+        assert weights.stat().st_size <= MAX_WEIGHTS_BYTES
+        raw = weights.read_bytes()
+        header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+        assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
     card = (model / "README.md").read_text()
     assert "Labeled Faces in the Wild" in card and "research" in card
     backend = TorchReference(model)

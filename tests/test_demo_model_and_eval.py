@@ -52,6 +52,57 @@ def test_train_resume_and_load(tmp_path):
     assert np.isfinite(backend.eps(np.zeros((1, 3, 32, 32), np.float32), 500)).all()
 
 
+def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
+    """train-autoencoder writes vae/; train then learns that autoencoder's latents (spec §1's E(x)), and the
+    folder runs through the CLI as a latent model."""
+    crops = {f"P{i}/P{i}_0001.jpg": random_image(32, seed=90 + i) for i in range(10)}
+    data = crops_zip(tmp_path / "crops.zip", crops, fmt="PNG")
+    out = tmp_path / "latent"
+    ae_args = ("train-autoencoder", "--data", data, "--out", out, "--resolution", "32", "--latent-channels", "4",
+               "--channels", "16,32", "--batch", "4", "--device", "cpu")
+    first = cli(*ae_args, "--max-steps", "20")
+    assert first.returncode == 0, first.stderr
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    assert vae_config["latent_channels"] == 4 and vae_config["scaling_factor"] != 0.18215
+    rows = (out / "checkpoint" / "autoencoder-loss.csv").read_text().splitlines()
+    assert rows[0].startswith("step,reconstruction_mse,consistency") and rows[-1].startswith("20,")
+    assert cli(*ae_args, "--max-steps", "20").returncode == 2, "never overwrite a trained autoencoder"
+    bad = cli(*ae_args[:-2], "--channels", "16,30", "--device", "cpu")
+    assert bad.returncode == 2 and "multiples of 16" in bad.stderr
+
+    unet_args = ("train", "--data", data, "--out", out, "--architecture", "tiny", "--batch", "4", "--samples", "2",
+                 "--device", "cpu", "--max-steps", "20")
+    wrong_size = cli(*unet_args, "--resolution", "64")
+    assert wrong_size.returncode == 2 and "--resolution 32" in wrong_size.stderr
+    trained = cli(*unet_args, "--resolution", "32")
+    assert trained.returncode == 0, trained.stderr
+    assert "latent space: 4 x 16 x 16" in trained.stderr
+    assert "latent of its own autoencoder" in (out / "README.md").read_text()
+    late = cli(*ae_args, "--max-steps", "40", "--resume")
+    assert late.returncode == 2 and "UNet" in late.stderr, "retraining the autoencoder would orphan the UNet"
+
+    from revanon_rt.reference import TorchReference
+    from revanon_rt.train import training_samples
+
+    backend = TorchReference(out)
+    assert backend.image_size == 32 and backend.latent_shape == (4, 16, 16)
+    images = np.stack(list(crops.values()))
+    learned = training_samples(images[:2], out, "cpu")
+    x = images[:2].transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
+    np.testing.assert_allclose(learned[:, 0], backend.encode(x), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(learned[:, 1], backend.encode(x[..., ::-1].copy()), rtol=0, atol=1e-5)
+
+    face = save_png(tmp_path / "in" / "face.png", images[0])
+    mask = save_png(tmp_path / "mask.png", np.full((32, 32), 255, np.uint8))
+    anon = cli("run", "anonymize", face, "--out", tmp_path / "anon", "--model", out, "--mask", mask, "--key", keyfile)
+    assert anon.returncode == 0, anon.stderr
+    rec = cli("run", "deanonymize", tmp_path / "anon" / "face.png", "--out", tmp_path / "rec", "--model", out,
+              "--key", keyfile)
+    assert rec.returncode == 0, rec.stderr
+    anonymized = np.asarray(Image.open(tmp_path / "anon" / "face.png").convert("RGB"))
+    assert not np.array_equal(anonymized, images[0])
+
+
 def test_landmarks_masker_finds_the_face_and_says_when_it_cannot(zero_engines, keyfile, tmp_path):
     from revanon_rt.errors import InputError
     from revanon_rt.faces import LandmarksMasker

@@ -1,0 +1,182 @@
+"""`revanon-rt train-autoencoder`: the first stage of a latent demo model, a small diffusers
+AutoencoderKL trained on the same zip of face crops, in resumable pieces.
+
+It writes MODEL_DIR/vae/ (spec §1: E(x) = posterior mean x scaling_factor). `revanon-rt train` then
+finds vae/ in the same folder and trains its UNet on those latents.
+
+Recovery encodes an image that the decoder made, so the loss asks for E(D(z)) = z as well as
+D(E(x)) = x: without it nothing ties the encoder to the decoder's outputs, and every
+anonymize/recover round trip would add that mismatch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .train import MAX_WEIGHTS_BYTES, _cpu_name, load_crops
+
+STATE = "autoencoder-state.pt"
+CONFIG = "autoencoder-config.json"
+LOSS_LOG = "autoencoder-loss.csv"
+PIECES = "autoencoder-pieces.jsonl"
+
+
+@dataclass
+class AutoencoderConfig:
+    resolution: int = 64
+    latent_channels: int = 8
+    # three blocks: two downsamplings, so a 64 px crop becomes a 16 x 16 latent
+    block_out_channels: tuple = (32, 64, 128)
+    batch: int = 16
+    lr: float = 5e-4
+    warmup: int = 200
+    kl_weight: float = 1e-6
+    consistency_weight: float = 1.0
+    seed: int = 0
+    checkpoint_minutes: float = 2.0
+
+
+def build_autoencoder(cfg: AutoencoderConfig):
+    from diffusers import AutoencoderKL
+
+    blocks = len(cfg.block_out_channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=tuple(cfg.block_out_channels),
+                         layers_per_block=1, latent_channels=cfg.latent_channels, norm_num_groups=16,
+                         sample_size=cfg.resolution)
+
+
+def _lr_at(step: int, cfg: AutoencoderConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: AutoencoderConfig,
+                      device: str = "auto", max_steps: int | None = None, log=print) -> dict:
+    import torch
+
+    out = Path(out)
+    ckpt = out / "checkpoint"
+    if resume and not (ckpt / STATE).exists():
+        raise UsageError(f"{ckpt / STATE}: no autoencoder checkpoint to resume from")
+    if not resume and (out / "vae").exists():
+        raise UsageError(f"{out}: already holds an autoencoder; --resume continues it, or choose another --out")
+    if (out / "unet").exists():
+        raise UsageError(f"{out}: already holds a UNet trained on the current autoencoder; "
+                         "changing the autoencoder would invalidate it")
+    if resume:
+        cfg = AutoencoderConfig(**json.loads((ckpt / CONFIG).read_text()))
+    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    images = load_crops(data, cfg.resolution)
+    log(f"{len(images)} crops at {cfg.resolution}px from {data}; training the autoencoder on {dev}")
+    vae = build_autoencoder(cfg).to(dev)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    rng = np.random.default_rng(cfg.seed)
+    step = 0
+    if resume:
+        state = torch.load(ckpt / STATE, map_location=dev, weights_only=False)
+        vae.load_state_dict(state["vae"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"].cpu())
+        log(f"resumed at step {step}")
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / CONFIG).write_text(json.dumps(asdict(cfg)))
+    new_log = not (ckpt / LOSS_LOG).exists()
+    started = last_save = time.monotonic()
+    window: list[list[float]] = []
+    with open(ckpt / LOSS_LOG, "a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new_log:
+            writer.writerow(["step", "reconstruction_mse", "consistency", "kl", "lr", "seconds"])
+        vae.train()
+        while time.monotonic() - started < minutes * 60 and (max_steps is None or step < max_steps):
+            idx = rng.integers(0, len(images), cfg.batch)
+            flip = rng.random(cfg.batch) < 0.5
+            batch = np.where(flip[:, None, None, None], images[idx][:, :, ::-1], images[idx])
+            x = torch.from_numpy(np.ascontiguousarray(batch)).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+            posterior = vae.encode(x).latent_dist
+            reconstruction = vae.decode(posterior.sample()).sample
+            mean = posterior.mean
+            re_encoded = vae.encode(reconstruction).latent_dist.mean
+            rec_loss = torch.nn.functional.mse_loss(reconstruction, x)
+            # relative to the latents' own spread, so the weight does not depend on their scale
+            cons_loss = torch.nn.functional.mse_loss(re_encoded, mean.detach()) / mean.detach().var().clamp_min(1e-6)
+            kl = posterior.kl().mean() / mean[0].numel()
+            loss = rec_loss + cfg.consistency_weight * cons_loss + cfg.kl_weight * kl
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            window.append([float(rec_loss.detach()), float(cons_loss.detach()), float(kl.detach())])
+            if step % 50 == 0 or step == max_steps:
+                rec, cons, kl_mean = np.mean(window, axis=0)
+                writer.writerow([step, round(rec, 6), round(cons, 6), round(kl_mean, 4), _lr_at(step, cfg),
+                                 round(time.monotonic() - started, 1)])
+                fh.flush()
+                log(f"step {step}: reconstruction {10 * np.log10(4 / max(rec, 1e-12)):.2f} dB, "
+                    f"consistency {cons:.4f}")
+                window = []
+            if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
+                _save_state(ckpt / STATE, vae, optimizer, step, rng)
+                last_save = time.monotonic()
+    _save_state(ckpt / STATE, vae, optimizer, step, rng)
+    vae.eval()
+    scaling_factor = latent_scaling_factor(vae, images, dev)
+    save_autoencoder(vae, scaling_factor, out)
+    seconds = time.monotonic() - started
+    hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    with open(ckpt / PIECES, "a") as fh:
+        fh.write(json.dumps({"device": dev.type, "hardware": hardware, "steps_to": step, "seconds": round(seconds, 1),
+                             "lr": cfg.lr, "scaling_factor": scaling_factor, "torch": torch.__version__}) + "\n")
+    log(f"{step} steps; autoencoder in {out / 'vae'} (scaling factor {scaling_factor:.4f})")
+    return {"steps": step, "seconds": seconds, "scaling_factor": scaling_factor}
+
+
+def latent_scaling_factor(vae, images: np.ndarray, dev, count: int = 2048) -> float:
+    """1 / std of the posterior means, as LDM sets it, so the UNet sees unit-variance latents."""
+    import torch
+
+    means = []
+    with torch.inference_mode():
+        for start in range(0, min(count, len(images)), 64):
+            x = torch.from_numpy(images[start:start + 64]).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+            means.append(vae.encode(x).latent_dist.mean.float().cpu())
+    return float(1.0 / torch.cat(means).std())
+
+
+def _save_state(path: Path, vae, optimizer, step: int, rng) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
+    tmp.replace(path)
+
+
+def save_autoencoder(vae, scaling_factor: float, out: Path) -> None:
+    """fp16 safetensors like the UNet; the engine computes in fp32 from these exact values."""
+    import copy
+
+    model = copy.deepcopy(vae).to("cpu").half()
+    model.register_to_config(scaling_factor=scaling_factor)
+    model.save_pretrained(Path(out) / "vae", safe_serialization=True)
+    weights = Path(out) / "vae" / "diffusion_pytorch_model.safetensors"
+    if weights.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise UsageError(f"{weights}: {weights.stat().st_size} bytes, over the 15 MB a demo model may take")
+
+
+def autoencoder_pieces(out: Path) -> list[dict]:
+    path = Path(out) / "checkpoint" / PIECES
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
