@@ -144,6 +144,8 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
             idx = rng.integers(0, len(images), cfg.batch)
             flip = rng.random(cfg.batch) < 0.5
             x0 = torch.from_numpy(samples[idx, flip.astype(np.int64)]).to(dev)
+            if x0.dtype == torch.uint8:
+                x0 = x0.float() / 127.5 - 1
             t = torch.from_numpy(rng.integers(0, 1000, cfg.batch)).to(dev)
             noise = torch.randn_like(x0)
             a = abar[t].view(-1, 1, 1, 1)
@@ -185,15 +187,15 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
 
 
 def training_samples(images: np.ndarray, out: Path, dev, log=print) -> np.ndarray:
-    """What the UNet learns to denoise, as N x 2 x C x h x w float32 (each crop and its mirror image):
-    the pixels of a pixel-space model, or, when OUT holds the vae/ of `train-autoencoder`, the
-    latents E(x) of spec §1, computed once here rather than at every step."""
+    """What the UNet learns to denoise, as N x 2 x C x h x w (each crop and its mirror image): the
+    pixels of a pixel-space model, kept as uint8 (a quarter of the memory), or, when OUT holds the vae/
+    of `train-autoencoder`, the float32 latents E(x) of spec §1, computed once here, not at every step."""
     import torch
 
-    mirrored = np.stack([images, images[:, :, ::-1]], axis=1)
-    pixels = mirrored.transpose(0, 1, 4, 2, 3).astype(np.float32) / 127.5 - 1
+    mirrored = np.ascontiguousarray(np.stack([images, images[:, :, ::-1]], axis=1).transpose(0, 1, 4, 2, 3))
     if not (Path(out) / "vae").is_dir():
-        return pixels
+        return mirrored
+    pixels = mirrored.astype(np.float32) / 127.5 - 1
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(Path(out) / "vae", torch_dtype=torch.float32).to(dev).eval()
