@@ -80,7 +80,8 @@ def load_crops(zip_path: Path, resolution: int) -> np.ndarray:
     return out
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def _lr_at(step: int, cfg) -> float:
+    """Linear warm-up to cfg.lr (a TrainConfig or an AutoencoderConfig), then constant."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
@@ -225,8 +226,8 @@ def _cpu_name() -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
-def training_pieces(out: Path) -> list[dict]:
-    path = Path(out) / "checkpoint" / "pieces.jsonl"
+def training_pieces(out: Path, log_name: str = "pieces.jsonl") -> list[dict]:
+    path = Path(out) / "checkpoint" / log_name
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
@@ -342,11 +343,11 @@ def write_model_card(out: Path, data: Path, result: dict, samples: int, device: 
     steps = result.get("steps") or (pieces[-1]["steps_to"] if pieces else rows[-1]["step"] if rows else 0)
     latent = (out / "vae").is_dir()
     if latent:
-        from .train_autoencoder import autoencoder_pieces
+        from .train_autoencoder import PIECES
 
         ae = json.loads((out / "vae" / "config.json").read_text())
         ae_cfg = json.loads((out / "checkpoint" / "autoencoder-config.json").read_text())
-        ae_pieces = autoencoder_pieces(out)
+        ae_pieces = training_pieces(out, PIECES)
         ae_rows = list(csv.DictReader(open(out / "checkpoint" / "autoencoder-loss.csv")))
         ae_mb = (out / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size / 1e6
         side = cfg["resolution"] // 2 ** (len(ae["block_out_channels"]) - 1)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .train import MAX_WEIGHTS_BYTES, _cpu_name, load_crops
+from .train import MAX_WEIGHTS_BYTES, _cpu_name, _lr_at, load_crops
 
 STATE = "autoencoder-state.pt"
 CONFIG = "autoencoder-config.json"
@@ -51,10 +51,6 @@ def build_autoencoder(cfg: AutoencoderConfig):
                          up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=tuple(cfg.block_out_channels),
                          layers_per_block=1, latent_channels=cfg.latent_channels, norm_num_groups=16,
                          sample_size=cfg.resolution)
-
-
-def _lr_at(step: int, cfg: AutoencoderConfig) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
 def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: AutoencoderConfig,
@@ -175,8 +171,3 @@ def save_autoencoder(vae, scaling_factor: float, out: Path) -> None:
     weights = Path(out) / "vae" / "diffusion_pytorch_model.safetensors"
     if weights.stat().st_size > MAX_WEIGHTS_BYTES:
         raise UsageError(f"{weights}: {weights.stat().st_size} bytes, over the 15 MB a demo model may take")
-
-
-def autoencoder_pieces(out: Path) -> list[dict]:
-    path = Path(out) / "checkpoint" / PIECES
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
