@@ -310,18 +310,23 @@ def loss_curve_png(loss_csv: Path, width: int = 640, height: int = 240) -> np.nd
     return np.asarray(im)
 
 
-def _lr_history(pieces: list[dict], final_lr: float) -> str:
-    """'2e-04 to step 844, then 6e-04' from the pieces' records (a rate changed with --resume --lr)."""
+def _rate(value: float) -> str:
+    """3e-04, 1.5e-04: the digits a learning rate was given with, no more and no fewer."""
+    return f"{value:.1e}".replace(".0e", "e")
+
+
+def _setting_history(pieces: list[dict], key: str, final: float, show=str) -> str:
+    """'2e-04 to step 844, then 6e-04' from the pieces' records (a setting changed with --resume)."""
     spans: list[list] = []
     for piece in pieces:
-        if spans and spans[-1][0] == piece["lr"]:
+        if spans and spans[-1][0] == piece[key]:
             spans[-1][1] = piece["steps_to"]
         else:
-            spans.append([piece["lr"], piece["steps_to"]])
+            spans.append([piece[key], piece["steps_to"]])
     if len(spans) < 2:
-        return f"{final_lr:.0e}"
-    return ", then ".join(f"{lr:.0e}" + (f" to step {end}" if i < len(spans) - 1 else "")
-                          for i, (lr, end) in enumerate(spans))
+        return show(final)
+    return ", then ".join(show(value) + (f" to step {end}" if i < len(spans) - 1 else "")
+                          for i, (value, end) in enumerate(spans))
 
 
 def write_model_card(out: Path, data: Path, result: dict, samples: int, device: str) -> None:
@@ -376,8 +381,8 @@ fp16 safetensors, {weights.stat().st_size / 1e6:.1f} MB) and `scheduler/` (DDIM,
 
 - **Data:** `{Path(data).name}`: LFW crops (centre 196 of 250 px, resized), 4,085 people who appear in
   none of the evaluation folds, with horizontal flips.
-{ae_line}- **Training:** {steps} steps, batch {cfg['batch']}, AdamW lr {_lr_history(pieces, cfg['lr'])} with
-  {cfg['warmup']} warm-up steps, EMA {cfg['ema_decay']}, bf16 autocast on GPU (fp32 on CPU), seed {cfg['seed']},
+{ae_line}- **Training:** {steps} steps, batch {cfg['batch']}, AdamW lr {_setting_history(pieces, 'lr', cfg['lr'], _rate)} with
+  {cfg['warmup']} warm-up steps, EMA {_setting_history(pieces, 'ema_decay', cfg['ema_decay'])}, bf16 autocast on GPU (fp32 on CPU), seed {cfg['seed']},
   architecture `{cfg['architecture']}`. Final loss {rows[-1]['loss'] if rows else 'n/a'}.
   Trained on {hardware}: {len(pieces)} piece(s), {wall / 60:.0f} minutes of wall time.
 - **Loss curve:** `loss.png`. **Samples:** `samples.png` shows faces *sampled from the model* (DDIM, 50 steps,

@@ -32,7 +32,7 @@ def test_train_resume_and_load(tmp_path):
     assert first.returncode == 0, first.stderr
     again = cli(*args, "--max-steps", "30")
     assert again.returncode == 2 and "--resume" in again.stderr, "never overwrite a trained model"
-    second = cli(*args, "--max-steps", "60", "--resume")
+    second = cli(*args, "--max-steps", "60", "--resume", "--lr", "1.5e-4", "--ema-decay", "0.999")
     assert second.returncode == 0 and "resumed at step 30" in second.stderr
     rows = (out / "checkpoint" / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,seconds" and rows[-1].startswith("60,")
@@ -43,7 +43,9 @@ def test_train_resume_and_load(tmp_path):
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
     for name in ("README.md", "loss.png", "samples.png"):
         assert (out / name).exists(), name
-    assert "research" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "research" in card
+    assert "lr 2e-04 to step 30, then 1.5e-04" in card and "EMA 0.9995 to step 30, then 0.999," in card
 
     from revanon_rt.reference import TorchReference
 
