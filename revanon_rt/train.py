@@ -361,9 +361,9 @@ def write_model_card(out: Path, data: Path, result: dict, samples: int, device: 
         loads = (f"a revanon v1 latent model (spec §1):\n`vae/` (diffusers AutoencoderKL, fp16 safetensors, "
                  f"{ae_mb:.1f} MB, scaling factor {ae['scaling_factor']:.4f}),")
         ae_line = (f"- **Autoencoder:** `revanon-rt train-autoencoder`, {ae_pieces[-1]['steps_to'] if ae_pieces else '?'} "
-                   f"steps, batch {ae_cfg['batch']}, AdamW lr {ae_cfg['lr']:.0e},\n"
+                   f"steps, batch {ae_cfg['batch']}, AdamW lr {_rate(ae_cfg['lr'])},\n"
                    f"  blocks {ae_cfg['block_out_channels']}; loss = pixel MSE + {ae_cfg['consistency_weight']} × "
-                   f"E(D(z)) consistency + {ae_cfg['kl_weight']:.0e} × KL.\n"
+                   f"E(D(z)) consistency + {_rate(ae_cfg['kl_weight'])} × KL.\n"
                    f"  Last logged reconstruction {10 * math.log10(4 / float(ae_rows[-1]['reconstruction_mse'])):.1f} dB "
                    f"(training crops), {len(ae_pieces)} piece(s), {sum(p['seconds'] for p in ae_pieces) / 60:.0f} minutes.\n")
         bounded = "decoded, latents never bounded"
@@ -372,6 +372,8 @@ def write_model_card(out: Path, data: Path, result: dict, samples: int, device: 
         loads = "a revanon v1 pixel-space model (spec §1):"
         ae_line = ""
         bounded = "each predicted x0 bounded to the pixel range as diffusers' `clip_sample` does"
+    lr_history = _setting_history(pieces, "lr", cfg["lr"], _rate)
+    ema_history = _setting_history(pieces, "ema_decay", cfg["ema_decay"])
     card = f"""# revanon-rt demo face model
 
 An unconditional ε-prediction diffusion model of aligned face crops, {space}, trained by `revanon-rt train`
@@ -381,8 +383,8 @@ fp16 safetensors, {weights.stat().st_size / 1e6:.1f} MB) and `scheduler/` (DDIM,
 
 - **Data:** `{Path(data).name}`: LFW crops (centre 196 of 250 px, resized), 4,085 people who appear in
   none of the evaluation folds, with horizontal flips.
-{ae_line}- **Training:** {steps} steps, batch {cfg['batch']}, AdamW lr {_setting_history(pieces, 'lr', cfg['lr'], _rate)} with
-  {cfg['warmup']} warm-up steps, EMA {_setting_history(pieces, 'ema_decay', cfg['ema_decay'])}, bf16 autocast on GPU (fp32 on CPU), seed {cfg['seed']},
+{ae_line}- **Training:** {steps} steps, batch {cfg['batch']}, AdamW lr {lr_history} with
+  {cfg['warmup']} warm-up steps, EMA {ema_history}, bf16 autocast on GPU (fp32 on CPU), seed {cfg['seed']},
   architecture `{cfg['architecture']}`. Final loss {rows[-1]['loss'] if rows else 'n/a'}.
   Trained on {hardware}: {len(pieces)} piece(s), {wall / 60:.0f} minutes of wall time.
 - **Loss curve:** `loss.png`. **Samples:** `samples.png` shows faces *sampled from the model* (DDIM, 50 steps,
