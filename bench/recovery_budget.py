@@ -113,10 +113,16 @@ def main() -> None:
     name = args.name or f"recovery-budget-{args.model.name}"
     previous = RESULTS / f"{name}.json"
     if previous.exists():
-        kept = [r for r in json.loads(previous.read_text())["rows"] if r["steps"] not in args.steps]
-        rows = sorted(kept + rows, key=lambda r: r["steps"])
+        earlier = json.loads(previous.read_text())
+        # Rows measured on other weights (the model trained on since) must not sit beside these.
+        if earlier.get("fingerprint") == backend.fingerprint:
+            kept = [r for r in earlier["rows"] if r["steps"] not in args.steps]
+            rows = sorted(kept + rows, key=lambda r: r["steps"])
+        else:
+            print(f"{previous} was measured on other weights; replacing it", flush=True)
     lines = [f"# Crop-mode recovery budget: {args.model} ({size} px)", "",
-             f"{len(rgb)} LFW dev crops, face-region PSNR (dB) against the originals; mask: the template face region.", "",
+             f"{len(rgb)} LFW dev crops, face-region PSNR (dB) against the originals; mask: the template face region.",
+             f"Model fingerprint {backend.fingerprint[:16]}….", "",
              "| steps | reconstruction (no flip) | anonymized | recovered, float anonymized | recovered (8-bit PNG) "
              "| recovered, whole-image mask, float | recovered, whole-image mask (8-bit PNG) |",
              "|---|---|---|---|---|---|---|"]
@@ -131,8 +137,8 @@ def main() -> None:
                   "| the same, whole-image mask |", "|---|---|---|---|"]
         lines += [f"| {r['steps']} | {r['psnr_autoencoder']:.2f} | {r['psnr_recovered_latent']:.2f} | "
                   f"{r['psnr_recovered_latent_whole_mask']:.2f} |" for r in rows if "psnr_autoencoder" in r]
-    (RESULTS / f"{name}.json").write_text(json.dumps({"model": str(args.model), "machine": machine(), "images": len(rgb),
-                                                      "rows": rows}, indent=1) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"model": str(args.model), "fingerprint": backend.fingerprint,
+                                                      "machine": machine(), "images": len(rgb), "rows": rows}, indent=1) + "\n")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
