@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,22 @@ def manifest_digest(manifest: dict) -> str:
 
 
 def rebuild_hint(engine_dir: Path, manifest: dict | None = None) -> str:
-    source = (manifest or {}).get("model", {}).get("source", "MODEL_DIR")
-    backend = (manifest or {}).get("backend", "onnxruntime")
-    return f"rebuild it: revanon-rt build --model {source} --backend {backend} --out {engine_dir} --overwrite"
+    """The build command that makes this engine again, with every setting the manifest recorded."""
+    manifest = manifest or {}
+    model = manifest.get("model", {})
+    words = ["revanon-rt build", "--model", model.get("source", "MODEL_DIR"),
+             "--backend", manifest.get("backend", "onnxruntime")]
+    if model.get("parser"):
+        words += ["--parser", model["parser"]]
+    if manifest.get("batch", 1) != 1:
+        words += ["--batch", str(manifest["batch"])]
+    if manifest.get("precision", "fp32") != "fp32":
+        words += ["--precision", manifest["precision"]]
+    device = manifest.get("parity", {}).get("device")
+    if device and device != "cpu":
+        words += ["--device", device]
+    return "rebuild it: " + " ".join(shlex.quote(w) if w != "revanon-rt build" else w
+                                     for w in words + ["--out", str(engine_dir), "--overwrite"])
 
 
 @dataclass

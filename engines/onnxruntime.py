@@ -14,6 +14,8 @@ from .manifest import EngineManifest
 def _cpu_threads() -> int:
     env = os.environ.get("REVANON_ORT_THREADS")
     if env:
+        if not env.strip().isdigit():
+            raise UsageError(f"REVANON_ORT_THREADS={env!r}: give a whole number of threads")
         return max(1, int(env))
     try:
         return len(os.sched_getaffinity(0))
@@ -45,10 +47,13 @@ def cpu_or_cuda_providers(device: str) -> list:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+    wants_cuda = device in ("cuda", "auto") or device.startswith("cuda:")
+    if wants_cuda and "CUDAExecutionProvider" in available:
         # DEFAULT conv algorithm search: no per-run benchmarking whose winner could change the bits
-        return [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "DEFAULT", "use_tf32": 0}),
-                "CPUExecutionProvider"]
+        options = {"cudnn_conv_algo_search": "DEFAULT", "use_tf32": 0}
+        if device.startswith("cuda:"):
+            options["device_id"] = int(device.split(":", 1)[1])
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     if device == "cuda" or device.startswith("cuda:"):
         raise UsageError("--device cuda: this onnxruntime has no CUDAExecutionProvider; "
                          "pip install onnxruntime-gpu (and uninstall onnxruntime)")
@@ -66,11 +71,11 @@ class OnnxRuntimeEngine:
         self.manifest = manifest
         self.device = device
         providers = self.session_providers(manifest, device)
+        options = options or session_options()
         self.sessions = {}
         for name in manifest.graphs:
             try:
-                self.sessions[name] = ort.InferenceSession(str(manifest.graph_path(name)),
-                                                           sess_options=options or session_options(),
+                self.sessions[name] = ort.InferenceSession(str(manifest.graph_path(name)), sess_options=options,
                                                            providers=providers)
             except Exception as exc:
                 raise UsageError(f"{manifest.graph_path(name)}: onnxruntime cannot load it ({exc})") from None

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..engines.manifest import FORMAT, file_sha256, read_manifest, write_manifest
+from ..engines.manifest import FORMAT, MANIFEST, file_sha256, read_manifest, write_manifest
+from ..batch import is_within
 from ..errors import UsageError
 from .descriptors import descriptors_for
 
@@ -55,6 +56,7 @@ def build_engine(engine_cls, model_dir: Path, out_dir: Path, *, parser: Path | N
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UsageError(f"{out_dir}: already exists; give --overwrite to replace it")
+    _refuse_to_replace_anything_but_an_engine(out_dir, [Path(model_dir)] + ([Path(parser)] if parser else []))
     if batch < 1:
         raise UsageError("--batch must be at least 1")
     if precision not in engine_cls.precisions:
@@ -107,6 +109,18 @@ def build_engine(engine_cls, model_dir: Path, out_dir: Path, *, parser: Path | N
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _refuse_to_replace_anything_but_an_engine(out_dir: Path, sources: list[Path]) -> None:
+    """--overwrite replaces an earlier engine, never a model, a parser or a folder of anything else."""
+    for source in sources:
+        if is_within(source, out_dir):
+            raise UsageError(f"{out_dir}: holds {source}, an input of this build; give another --out")
+    if out_dir.is_file():
+        raise UsageError(f"{out_dir}: is a file; --out names the engine folder to create")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+        raise UsageError(f"{out_dir}: not an engine folder (no {MANIFEST}); --overwrite replaces only an earlier "
+                         "engine, so give another --out")
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:

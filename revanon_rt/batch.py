@@ -7,6 +7,7 @@ is never replaced without --overwrite.
 from __future__ import annotations
 
 import os
+import re
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .container import sidecar_path
-from .errors import RevanonError
+from .errors import RevanonError, UsageError
 from .images import write_atomic
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -46,7 +47,7 @@ class Summary:
         return f"{verb}: {self.done} done, {self.skipped} skipped, {self.failed} failed"
 
 
-def _is_within(path: Path, folder: Path) -> bool:
+def is_within(path: Path, folder: Path) -> bool:
     try:
         path.resolve().relative_to(folder.resolve())
         return True
@@ -72,7 +73,7 @@ def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
             for dirpath, dirnames, filenames in os.walk(given):
                 here = Path(dirpath)
                 dirnames[:] = sorted(d for d in dirnames
-                                     if not d.startswith(".") and not _is_within(here / d, out_dir))
+                                     if not d.startswith(".") and not is_within(here / d, out_dir))
                 for name in sorted(filenames):
                     path = here / name
                     if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -84,43 +85,77 @@ def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
     return jobs
 
 
-def assign_outputs(jobs: list[Job], out_dir: Path) -> None:
-    """<stem>.png under out_dir, mirroring the input tree. When two inputs would share a name
-    (a.png beside a.jpg), the .png input keeps it and the other keeps its extension (a.jpg.png)."""
+def assign_outputs(jobs: list[Job], out_dir: Path, suffix: str = ".png") -> None:
+    """<stem><suffix> under out_dir, mirroring the input tree. When two inputs would share a name
+    (a.png beside a.jpg), the .png input keeps it and the other keeps its extension (a.jpg.png).
+    No output ever lands on an input of the run, its own or another's."""
+    inputs = {j.source.resolve() for j in jobs if j.error is None}
     taken: dict[Path, Path] = {}
     order = sorted((j for j in jobs if j.error is None),
                    key=lambda j: (str(j.relative.parent), j.relative.stem, j.relative.suffix.lower() != ".png",
                                   str(j.relative)))
     for job in order:
         folder = out_dir / job.relative.parent
-        for name in (job.relative.stem + ".png", job.relative.name + ".png"):
-            candidate = folder / name
-            if candidate not in taken:
-                break
-        else:
-            job.error = f"{job.source}: its output name is already taken by {taken[folder / name]}"
-            continue
-        if candidate.exists() and candidate.resolve() == job.source.resolve():
+        candidates = [folder / (job.relative.stem + suffix), folder / (job.relative.name + suffix)]
+        if candidates[0].resolve() == job.source.resolve():
             job.error = f"{job.source}: the output would replace the input; choose another --out"
             continue
-        taken[candidate] = job.source
-        job.output = candidate
+        free = [c for c in candidates if c not in taken and c.resolve() not in inputs]
+        if not free:
+            holder = next((taken[c] for c in candidates if c in taken), None)
+            job.error = (f"{job.source}: its output name is already taken by {holder}" if holder else
+                         f"{job.source}: its output names are other inputs of this run; choose another --out")
+            continue
+        taken[free[0]] = job.source
+        job.output = free[0]
 
 
-def assign_neutral_outputs(jobs: list[Job], out_dir: Path) -> None:
-    """--rename: 000001.png, 000002.png, ... in input order, flat, so no person's name survives
-    in a file or folder name."""
-    for number, job in enumerate((j for j in jobs if j.error is None), 1):
-        job.output = out_dir / f"{number:06d}.png"
-        if job.output.exists() and job.output.resolve() == job.source.resolve():
-            job.error = f"{job.source}: the output would replace the input; choose another --out"
+NEUTRAL_NAME = re.compile(r"^(\d{6,})\.png$")
 
 
-def write_mapping(jobs: list[Job], path: Path) -> None:
-    """The input -> output names of a --rename run, written only where the user asked."""
+def read_mapping(path: Path | None) -> dict[str, str]:
+    """The input -> output names of earlier --rename runs into the same mapping file."""
     import json
 
-    mapping = {str(j.source): str(j.output) for j in jobs if j.output is not None and j.output.exists()}
+    if path is None or not path.exists():
+        return {}
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the existing mapping ({exc}); it is kept as it is, give another "
+                         "--mapping") from None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise UsageError(f"{path}: not a --mapping file (a JSON object of input -> output names); give another --mapping")
+    return mapping
+
+
+def assign_neutral_outputs(jobs: list[Job], out_dir: Path, previous: dict[str, str] | None = None) -> None:
+    """--rename: 000001.png, 000002.png, ... in input order, flat, so no person's name survives
+    in a file or folder name. Numbers continue after those already in out_dir or in the mapping,
+    and an input the mapping already names keeps its output (so a rerun skips it)."""
+    previous = previous or {}
+    inputs = {j.source.resolve() for j in jobs if j.error is None}
+    used = [int(m.group(1)) for m in (NEUTRAL_NAME.match(p.name) for p in out_dir.glob("*.png")) if m] if out_dir.is_dir() else []
+    used += [int(m.group(1)) for m in (NEUTRAL_NAME.match(Path(v).name) for v in previous.values()) if m]
+    number = max(used, default=0)
+    for job in (j for j in jobs if j.error is None):
+        earlier = previous.get(str(job.source))
+        if earlier is not None and Path(earlier).parent.resolve() == out_dir.resolve():
+            job.output = Path(earlier)
+            continue
+        number += 1
+        job.output = out_dir / f"{number:06d}.png"
+        if job.output.resolve() in inputs:
+            job.error = f"{job.source}: the output {job.output} would replace an input; choose another --out"
+
+
+def write_mapping(jobs: list[Job], path: Path, previous: dict[str, str] | None = None) -> None:
+    """The input -> output names of a --rename run, added to the earlier runs' names and written only
+    where the user asked."""
+    import json
+
+    mapping = dict(previous or {})
+    mapping.update({str(j.source): str(j.output) for j in jobs if j.output is not None and j.output.exists()})
     write_atomic(path, (json.dumps(mapping, indent=1, ensure_ascii=False) + "\n").encode("utf-8"), overwrite=True)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -82,6 +83,8 @@ def _device(name: str) -> str:
 def open_backend(model: Optional[Path], engine: Optional[Path], device: str, parser: Optional[Path]):
     if (model is None) == (engine is None):
         raise UsageError("give --model DIR (PyTorch reference) or --engine DIR (a built engine)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     if engine is not None:
         from .engines import open_engine
 
@@ -114,6 +117,8 @@ def _masker_name(masker: Optional[MaskerName], mask: Optional[Path], parser: Opt
 def _landmarks_masker(landmarks: int):
     from .faces import LICENSE_68, LandmarksMasker
 
+    if landmarks not in (5, 68):
+        raise UsageError(f"--landmarks {landmarks}: dlib's landmark models have 5 or 68 points")
     if landmarks == 68:
         err.print(f"[yellow]note[/yellow]: {LICENSE_68}")
     return LandmarksMasker(landmarks=landmarks)
@@ -135,6 +140,8 @@ def _anonymize_masker(backend, masker: MaskerName, mask: Optional[Path], landmar
 def _recompute_maskers(backend, mask: Optional[Path], landmarks: int) -> dict:
     from .masks import BiSeNetMasker, FileMasker
 
+    if landmarks not in (5, 68):
+        raise UsageError(f"--landmarks {landmarks}: dlib's landmark models have 5 or 68 points")
     maskers = {}
     if mask is not None:
         maskers["file"] = FileMasker(mask)
@@ -148,18 +155,22 @@ def _recompute_maskers(backend, mask: Optional[Path], landmarks: int) -> dict:
 
 
 def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optional[Path] = None):
-    from .batch import assign_neutral_outputs, assign_outputs, discover
+    """The jobs with their outputs, and the names an earlier --rename run put in the mapping file."""
+    from .batch import assign_neutral_outputs, assign_outputs, discover, read_mapping
 
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: is a file; give the folder the outputs go to")
     jobs = discover(inputs, out)
     if not jobs:
         raise UsageError("no input images found")
     if mapping is not None and not rename:
         raise UsageError("--mapping records the names --rename gives; it needs --rename")
+    previous = read_mapping(mapping)
     if rename:
-        assign_neutral_outputs(jobs, out)
+        assign_neutral_outputs(jobs, out, previous)
     else:
         assign_outputs(jobs, out)
-    return jobs
+    return jobs, previous
 
 
 def _finish(summary, verb: str) -> None:
@@ -176,12 +187,19 @@ PASSWORD_FILE = typer.Option(None, "--password-file", help="A file holding a pas
 PARSER = typer.Option(None, "--parser", help="facexlib BiSeNet weights (parsing_bisenet.pth).")
 MASK = typer.Option(None, "--mask", help="A mask image (white = face), or a folder of masks mirroring the inputs.")
 MASKER = typer.Option(None, "--masker", help="bisenet (default), or file when --mask is given.")
-DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace outputs that already exist.")
 FORCE = typer.Option(False, "--force", help="Allow a double run (anonymizing an anonymized image, and so on).")
 MODE = typer.Option(Mode.crop, "--mode", help="crop: aligned face crops of the model's size; photo: any photo, "
                     "every face found, aligned and pasted back.")
-LANDMARKS = typer.Option(5, "--landmarks", help="landmarks masker: 5 (dlib, CC0) or 68 (iBUG 300-W: non-commercial).")
+def _landmark_count(value: int) -> int:
+    if value not in (5, 68):
+        raise typer.BadParameter(f"{value}: dlib's landmark models have 5 or 68 points")
+    return value
+
+
+LANDMARKS = typer.Option(5, "--landmarks", callback=_landmark_count,
+                         help="landmarks masker: 5 (dlib, CC0) or 68 (iBUG 300-W: non-commercial).")
 RENAME = typer.Option(False, "--rename", help="Write outputs under neutral names (000001.png, ...): file names often "
                       "carry people's names.")
 MAPPING = typer.Option(None, "--mapping", help="With --rename: where to write the input -> output name mapping (JSON).")
@@ -221,8 +239,12 @@ def anonymize_cmd(
         if dry_run:
             _finish(_dry_run(inputs, out, selection, detector, overwrite), "dry run")
         secret = _secret(key, password_file, confirm=True)
-        jobs = _prepare(inputs, out, rename, mapping)
+        jobs, named_before = _prepare(inputs, out, rename, mapping)
         masker_name = _masker_name(masker, mask, parser, engine, mode)
+        if mode == Mode.photo and masker_name == MaskerName.landmarks and landmarks != 5:
+            from .photo import PHOTO_LANDMARKS
+
+            raise UsageError(PHOTO_LANDMARKS)
         backend = open_backend(model, engine, device, parser)
         chosen = _anonymize_masker(backend, masker_name, mask, landmarks)
         face_finder = _detector(detector) if mode == Mode.photo else None
@@ -247,7 +269,7 @@ def anonymize_cmd(
 
     summary = run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err)
     if mapping is not None:
-        write_mapping(jobs, mapping)
+        write_mapping(jobs, mapping, named_before)
     _finish(summary, "anonymize")
 
 
@@ -272,7 +294,7 @@ def _detector(kind: str):
 
 def _dry_run(inputs: List[Path], out: Path, selection, detector: str, overwrite: bool):
     """Detect and draw, nothing else: no key, no model."""
-    from .batch import discover, run_jobs
+    from .batch import assign_outputs, discover, run_jobs
     from .images import LoadedImage, load_image
     from .photo import draw_faces
     from .pipeline import Output
@@ -280,8 +302,7 @@ def _dry_run(inputs: List[Path], out: Path, selection, detector: str, overwrite:
     jobs = discover(inputs, out)
     if not jobs:
         raise UsageError("no input images found")
-    for job in jobs:
-        job.output = out / job.relative.parent / (job.relative.stem + ".faces.png")
+    assign_outputs(jobs, out, suffix=".faces.png")
     finder = _detector(detector)
 
     def process(job, on_step):
@@ -315,13 +336,16 @@ def deanonymize_cmd(
 
     try:
         secret = _secret(key, password_file, confirm=False)
-        jobs = _prepare(inputs, out, rename, mapping)
+        jobs, named_before = _prepare(inputs, out, rename, mapping)
         if meta is not None and len(jobs) != 1:
             raise UsageError("--meta goes with exactly one input image")
-        if masker is not None and not recompute_mask:
-            raise UsageError("--masker only matters with --recompute-mask; the stored mask is used otherwise")
+        if (masker is not None or mask is not None) and not recompute_mask:
+            raise UsageError("--masker and --mask only matter with --recompute-mask; the stored mask is used otherwise")
         backend = open_backend(model, engine, device, parser)
         maskers = _recompute_maskers(backend, mask, landmarks) if recompute_mask else {}
+        if masker is not None:
+            # the metadata names the masker; --masker only says which one the user expects
+            maskers = {name: m for name, m in maskers.items() if name == masker.value}
     except RevanonError as exc:
         _fail(exc)
     if skip_auth:
@@ -347,7 +371,7 @@ def deanonymize_cmd(
     if mapping is not None:
         from .batch import write_mapping
 
-        write_mapping(jobs, mapping)
+        write_mapping(jobs, mapping, named_before)
     _finish(summary, "deanonymize")
 
 
@@ -620,6 +644,8 @@ def eval_cmd(
                 chosen_masker = _anonymize_masker(backend, _masker_name(masker, None, parser, engine), None, landmarks)
             else:
                 chosen_masker = None
+        if backend is None and not (chunk / "transform.json").is_file():
+            raise UsageError(f"{chunk}: no transforms to score; run this chunk with --stage transform (or all) first")
         size = backend.image_size if backend else json.loads((chunk / "transform.json").read_text())["image_size"]
         zip_images = ZipImages(images, size)
         recognizer = None

@@ -191,6 +191,9 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
             "random_key": bytes(rng.integers(0, 256, 32, dtype=np.uint8))}
     keys["one_bit_key"] = bytes([keys["key"][0] ^ 0x01]) + keys["key"][1:]
     targets = sorted({p.second for p in pairs if p.same or not genuine_only})
+    if len(targets) == 1:
+        raise UsageError(f"this chunk transforms one image ({targets[0]}); the known-plaintext attack takes the "
+                         "attacker's pair from another image of the same chunk, so give a chunk with at least two")
     started = time.perf_counter()
     pool = linkage_pool(images, candidates - 1, seed)
     ranks, fallbacks = [], 0
@@ -199,7 +202,8 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
                                               mask_dir=mask_dir, steps=steps, batch=batch, candidates=candidates,
                                               tick=progress or (lambda phase, n: None), pool_cache=pool_cache)
     facts = {"targets": targets, "steps": steps, "model_fingerprint": backend.fingerprint,
-             "image_size": backend.image_size, "linkage_ranks": ranks, "linkage_candidates": 1 + min(len(pool), candidates - 1),
+             "image_size": backend.image_size, "latent_shape": list(backend.latent_shape),
+             "linkage_ranks": ranks, "linkage_candidates": 1 + min(len(pool), candidates - 1),
              "linkage_pool": pool, "genuine_only": genuine_only,
              "transform_seconds": time.perf_counter() - started, "mask_fallbacks": fallbacks,
              "pairs": [[p.first, p.second, p.same] for p in pairs]}
@@ -243,8 +247,11 @@ def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path
         cands = np.concatenate([z_orig[i:i + 1], z_pool[others]])
         m = np.broadcast_to(masks[i][None] > 0, (c, h, w))
         probe = np.abs(z_anon[i])[m]
-        scores = [np.corrcoef(probe, np.abs(cand)[m])[0, 1] for cand in cands]
-        ranks.append(int(np.sum(np.array(scores) > scores[0])))  # 0 = the true source ranked first
+        if probe.size < 2 or np.ptp(probe) == 0:
+            continue  # an empty mask flips nothing and ranks nothing: no correlation to compare
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores = np.nan_to_num([np.corrcoef(probe, np.abs(cand)[m])[0, 1] for cand in cands], nan=-1.0)
+        ranks.append(int(np.sum(scores > scores[0])))  # 0 = the true source ranked first
 
     for condition, stack in results.items():
         for name, rgb in zip(targets, stack):
@@ -310,6 +317,33 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(values))
 
 
+def pixel_region(face_map: np.ndarray, latent_hw: tuple[int, int], image_size: int) -> np.ndarray:
+    """The pixels whose latents the keyed flip changes: the latent mask M, brought back to the image
+    grid (True inside). Outside it re-injection restores the original latents."""
+    mask = latent_mask(face_map, latent_hw)
+    if image_size % mask.shape[0] or image_size % mask.shape[1]:
+        return np.asarray(Image.fromarray(mask * 255).resize((image_size, image_size), Image.Resampling.NEAREST)) > 127
+    return np.kron(mask, np.ones((image_size // mask.shape[0], image_size // mask.shape[1]), np.uint8)) > 0
+
+
+def region_quality(original: np.ndarray, anonymized: np.ndarray, recovered: np.ndarray, inside: np.ndarray) -> dict:
+    """Where recovery is lost: PSNR inside and outside the region, and whether the outside came back
+    byte for byte (it does for a pixel model; a latent model's decoder redraws it). NaN for an empty side."""
+    outside = ~inside
+
+    def side(image, where):
+        return psnr(image[where], original[where]) if where.any() else float("nan")
+
+    return {"psnr_outside_anonymized": side(anonymized, outside), "psnr_outside_recovered": side(recovered, outside),
+            "psnr_inside_anonymized": side(anonymized, inside), "psnr_inside_recovered": side(recovered, inside),
+            "identical_outside_anonymized": bool(outside.any() and np.array_equal(anonymized[outside], original[outside])),
+            "identical_outside_recovered": bool(outside.any() and np.array_equal(recovered[outside], original[outside]))}
+
+
+REGION_FIGURES = ("psnr_outside_anonymized", "psnr_outside_recovered", "psnr_inside_anonymized", "psnr_inside_recovered",
+                  "identical_outside_anonymized", "identical_outside_recovered")
+
+
 def run_score(out: Path, images: ZipImages, recognizer, progress=None) -> Path:
     """Descriptors of the first images and of every condition of the second ones, saved in features.npz."""
     facts = json.loads((out / "transform.json").read_text())
@@ -335,10 +369,20 @@ def run_score(out: Path, images: ZipImages, recognizer, progress=None) -> Path:
                 quality["psnr"].append(psnr(rgb, original))
                 quality["ssim"].append(ssim(rgb, original))
             tick("score", 1)
+    regions = {figure: [] for figure in REGION_FIGURES}
+    if "latent_shape" in facts:  # transforms from before it was recorded have no regions
+        for name in facts["targets"]:
+            inside = pixel_region(face_map_from_file(out / "masks" / _png_name(name)), tuple(facts["latent_shape"][1:]),
+                                  facts["image_size"])
+            sides = region_quality(images(name), *(_load(out / "images" / c, name) for c in ("anonymized", "recovered")),
+                                   inside)
+            for figure in REGION_FIGURES:
+                regions[figure].append(sides[figure])
     keys = sorted(descriptors)
     np.savez(out / "features.npz", keys=np.array(["\t".join(k) for k in keys]),
              descriptors=np.stack([descriptors[k] for k in keys]), found=np.array([found[k] for k in keys]),
              psnr=np.array(quality["psnr"]), ssim=np.array(quality["ssim"]),
+             **{f"region_{figure}": np.array(values) for figure, values in regions.items()},
              linkage_ranks=np.array(facts["linkage_ranks"]), linkage_candidates=facts["linkage_candidates"],
              pairs=np.array(["\t".join([p.first, p.second, "1" if p.same else "0"]) for p in pairs]),
              transform_seconds=facts["transform_seconds"], score_seconds=time.perf_counter() - started)
@@ -393,6 +437,7 @@ def summarize(feature_files: list[Path], threshold: float | None = None) -> dict
     clean: dict[str, np.ndarray] = {}
     genuine = {condition: [] for condition in CONDITIONS}
     same_image, psnrs, ssims, ranks = [], [], [], []
+    regions = {figure: [] for figure in REGION_FIGURES}
     detected = {condition: [] for condition in ("original", "anonymized", "recovered")}
     pair_count, seconds, candidates = 0, 0.0, 0
     for path in feature_files:
@@ -414,6 +459,9 @@ def summarize(feature_files: list[Path], threshold: float | None = None) -> dict
             detected[condition] += [found[(condition, s)] for s in targets]
         psnrs += list(data["psnr"])
         ssims += list(data["ssim"])
+        for figure in REGION_FIGURES:
+            if f"region_{figure}" in data.files:
+                regions[figure] += list(data[f"region_{figure}"])
         ranks += list(data["linkage_ranks"])
         candidates = int(data["linkage_candidates"])
         seconds += float(data["transform_seconds"]) + float(data["score_seconds"])
@@ -440,12 +488,36 @@ def summarize(feature_files: list[Path], threshold: float | None = None) -> dict
         "recovery_psnr_db": _mean_std(psnrs), "recovery_ssim": _mean_std(ssims),
         "face_detection_rate": {c: float(np.mean(flags)) if flags else None for c, flags in detected.items()},
         "linkage": linkage,
+        "mask_regions": _region_summary(regions),
         "wall_seconds": seconds,
         "setting": settings[0],
         "counts": {"genuine_pairs": len(genuine["original"]), "cosine": len(same_image),
-                   "face_detection": len(same_image), "recovery": len(psnrs), "linkage": len(ranks)},
+                   "face_detection": len(same_image), "recovery": len(psnrs), "linkage": len(ranks),
+                   "region_outside": _finite_count(regions["psnr_outside_recovered"]),
+                   "region_inside": _finite_count(regions["psnr_inside_recovered"])},
         "chunks": [c.name for c in chunks],
     }
+
+
+def _finite_count(values: list[float]) -> int:
+    return int(np.isfinite(np.array(values, dtype=float)).sum())
+
+
+def _region_summary(regions: dict[str, list]) -> dict | None:
+    """PSNR per side of the mask and the share of images whose outside came back byte for byte;
+    images whose mask leaves one side empty count only on the other."""
+    if not regions["psnr_inside_recovered"]:
+        return None
+    outside = np.isfinite(np.array(regions["psnr_outside_recovered"], dtype=float))
+    inside = np.isfinite(np.array(regions["psnr_inside_recovered"], dtype=float))
+
+    def kept(figure, where):
+        return _mean_std([v for v, k in zip(regions[figure], where) if k])
+
+    return {"outside_psnr_db": {c: kept(f"psnr_outside_{c}", outside) for c in ("anonymized", "recovered")},
+            "inside_psnr_db": {c: kept(f"psnr_inside_{c}", inside) for c in ("anonymized", "recovered")},
+            "outside_byte_identical": {c: float(np.mean(np.array(regions[f"identical_outside_{c}"])[outside]))
+                                       if outside.any() else None for c in ("anonymized", "recovered")}}
 
 
 def _mean_std(values: list[float]) -> dict | None:
@@ -482,7 +554,8 @@ def combine(base: dict, extra: dict) -> dict:
     if base.get("setting") != extra.get("setting"):
         raise UsageError(f"the summaries differ in model, steps or linkage test: {base.get('setting')} vs {extra.get('setting')}")
     _refuse_overlaps(base["chunks"] + extra["chunks"])
-    n, m = base["counts"], extra["counts"]
+    # summaries from before the mask regions were measured count none of them
+    n, m = ({"region_outside": 0, "region_inside": 0, **summary["counts"]} for summary in (base, extra))
     both = {k: n[k] + m[k] for k in n}
 
     def mix(fraction_a, fraction_b, key):
@@ -502,9 +575,23 @@ def combine(base: dict, extra: dict) -> dict:
         "face_detection_rate": {c: mix(base["face_detection_rate"][c], extra["face_detection_rate"][c], "face_detection")
                                 for c in base["face_detection_rate"]},
         "linkage": {**la, "top1": mix(la["top1"], lb["top1"], "linkage"), "top5": mix(la["top5"], lb["top5"], "linkage")},
+        "mask_regions": _combined_regions(base.get("mask_regions"), n, extra.get("mask_regions"), m),
         "wall_seconds": base["wall_seconds"] + extra["wall_seconds"],
         "setting": base["setting"], "counts": both, "chunks": base["chunks"] + extra["chunks"],
     }
+
+
+def _combined_regions(a: dict | None, n: dict, b: dict | None, m: dict) -> dict | None:
+    if a is None or b is None:
+        return a or b
+    return {"outside_psnr_db": {c: _pooled(a["outside_psnr_db"][c], n["region_outside"], b["outside_psnr_db"][c],
+                                           m["region_outside"]) for c in a["outside_psnr_db"]},
+            "inside_psnr_db": {c: _pooled(a["inside_psnr_db"][c], n["region_inside"], b["inside_psnr_db"][c],
+                                          m["region_inside"]) for c in a["inside_psnr_db"]},
+            "outside_byte_identical": {
+                c: (_whole(a["outside_byte_identical"][c], n["region_outside"])
+                    + _whole(b["outside_byte_identical"][c], m["region_outside"])) / (n["region_outside"] + m["region_outside"])
+                if n["region_outside"] + m["region_outside"] else None for c in a["outside_byte_identical"]}}
 
 
 def markdown(summary: dict, title: str) -> str:
@@ -533,12 +620,26 @@ def markdown(summary: dict, title: str) -> str:
     if d["anonymized"] is not None:
         lines.append(f"- face detection rate: original {100 * d['original']:.1f}%, anonymized {100 * d['anonymized']:.1f}%, "
                      f"recovered {100 * d['recovered']:.1f}%")
+    r = summary.get("mask_regions")
+    if r:
+        o, i, same = r["outside_psnr_db"], r["inside_psnr_db"], r["outside_byte_identical"]
+        if o["recovered"]:
+            lines.append(f"- outside the mask ({summary['counts']['region_outside']} images): PSNR anonymized "
+                         f"{_db(o['anonymized'])}, recovered {_db(o['recovered'])}; byte-identical to the original: "
+                         f"anonymized {100 * same['anonymized']:.1f}%, recovered {100 * same['recovered']:.1f}%")
+        if i["recovered"]:
+            lines.append(f"- inside the mask ({summary['counts']['region_inside']} images): PSNR anonymized "
+                         f"{_db(i['anonymized'])}, recovered {_db(i['recovered'])}")
     k = summary["linkage"]
     if k["top1"] is not None:
         lines.append(f"- key-free linkage among {k['candidates']} candidates: top-1 {100 * k['top1']:.1f}% "
                      f"(chance {100 * k['chance_top1']:.1f}%), top-5 {100 * k['top5']:.1f}% (chance {100 * k['chance_top5']:.1f}%)")
     lines.append(f"- wall time: {summary['wall_seconds']:.0f} s")
     return "\n".join(lines) + "\n"
+
+
+def _db(figure: dict) -> str:
+    return f"{figure['mean']:.2f} ± {figure['std']:.2f} dB"
 
 
 def contact_sheet(out: Path, count: int = 12) -> np.ndarray:

@@ -81,7 +81,10 @@ class DlibFaces:
             self._hog = dlib.get_frontal_face_detector()
         else:
             raise UsageError(f"unknown detector {detector!r}; use hog or cnn")
-        name = {5: "shape_predictor_5_face_landmarks.dat", 68: "shape_predictor_68_face_landmarks.dat"}[landmarks]
+        predictors = {5: "shape_predictor_5_face_landmarks.dat", 68: "shape_predictor_68_face_landmarks.dat"}
+        if landmarks not in predictors:
+            raise UsageError(f"--landmarks {landmarks}: dlib's landmark models have 5 or 68 points")
+        name = predictors[landmarks]
         self._predictor = dlib.shape_predictor(str(model_path(name)))
         self.n_landmarks = landmarks
 

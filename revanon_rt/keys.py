@@ -34,7 +34,8 @@ def parse_key_text(text: bytes, source: str) -> bytes:
     if len(body) != 2 * KEY_BYTES:
         raise UsageError(
             f"{source}: a key file holds exactly {2 * KEY_BYTES} hexadecimal characters "
-            f"(and at most one newline), this one has {len(text)} bytes; make one with `revanon-rt keygen`"
+            f"(and at most one newline), this one has {len(text) if len(text) <= 4 * KEY_BYTES else 'more'} "
+            "bytes; make one with `revanon-rt keygen`"
         )
     try:
         return bytes.fromhex(body.decode("ascii"))

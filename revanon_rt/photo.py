@@ -13,7 +13,7 @@ import numpy as np
 
 from . import container
 from .encoding import b64encode
-from .errors import MetadataError, StateError
+from .errors import MetadataError, StateError, UsageError
 from .images import LoadedImage
 from .keys import ZERO_NONCE, Secret, flip_subkey, mac_subkey, new_nonce
 from .masks import latent_mask, pack_mask, unpack_mask
@@ -166,8 +166,15 @@ def _run_faces(backend, photo: np.ndarray, affines: list[np.ndarray], masks: lis
     return current, clamped
 
 
+# photo mode aligns each face with the 5-point model and draws its region from those same points
+PHOTO_LANDMARKS = ("photo mode finds, aligns and masks faces with dlib's 5-point landmarks; --landmarks 68 works on "
+                   "aligned crops (--mode crop)")
+
+
 def face_masks_for_crops(masker, crops: np.ndarray, landmarks: list, relative, latent_hw) -> list[np.ndarray]:
     if getattr(masker, "name", "") == "landmarks":
+        if masker.n_landmarks != 5:
+            raise UsageError(PHOTO_LANDMARKS)
         maps = [masker.face_map_from_landmarks(lm, crops.shape[1]) for lm in landmarks]
     else:
         maps = list(masker.face_maps(crops, [relative] * len(crops)))

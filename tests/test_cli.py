@@ -211,6 +211,9 @@ def test_double_runs_are_refused_unless_forced(models, zero_engines, keyfile, tm
     twice = cli("run", "deanonymize", tmp_path / "r" / "face.png", "--out", tmp_path / "r2", "--model",
                 models["zero"], "--key", keyfile)
     assert twice.returncode == 1 and "not 'anonymized'" in twice.stderr
+    forced_twice = cli("run", "deanonymize", tmp_path / "r" / "face.png", "--out", tmp_path / "r3", "--engine",
+                       zero_engines["zero"], "--key", keyfile, "--force")
+    assert forced_twice.returncode == 1 and "carries no auth tag" in forced_twice.stderr, forced_twice.stderr
 
 
 def test_existing_outputs_are_skipped_unless_overwrite(models, zero_engines, keyfile, tmp_path):
@@ -228,6 +231,56 @@ def test_existing_outputs_are_skipped_unless_overwrite(models, zero_engines, key
     into_input = cli("run", "anonymize", tmp_path / "out", "--out", tmp_path / "out", "--engine", zero_engines["zero"],
                      "--mask", mask, "--key", keyfile, "--overwrite", "--force")
     assert into_input.returncode == 1 and "would replace the input" in into_input.stderr
+
+
+def test_no_output_lands_on_any_input_and_renamed_runs_add_to_their_mapping(zero_engines, keyfile, tmp_path):
+    folder = tmp_path / "same"
+    save_png(folder / "a.png", random_image(32, seed=8))
+    Image.fromarray(random_image(32, seed=9)).save(folder / "a.jpg", quality=95)
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    common = ("--engine", zero_engines["zero"], "--mask", mask, "--key", keyfile)
+    into_itself = cli("run", "anonymize", folder, "--out", folder, "--overwrite", *common)
+    # a.png is refused; a.jpg must not take the name a.png, which is a.png's input
+    assert into_itself.returncode == 1 and "would replace the input" in into_itself.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in before} == before
+    assert sorted(p.name for p in folder.iterdir()) == ["a.jpg", "a.jpg.png", "a.png"]
+    typo = cli("run", "anonymize", folder / "a.png", "--out", tmp_path / "t", "--device", "gpu", *common)
+    assert typo.returncode == 2 and "--device must be auto, cpu, cuda or cuda:N" in typo.stderr
+
+    names = tmp_path / "names.json"
+    first = cli("run", "anonymize", folder / "a.png", "--out", tmp_path / "n", "--rename", "--mapping", names, *common)
+    assert first.returncode == 0, first.stderr
+    second = cli("run", "anonymize", folder / "a.png", folder / "a.jpg", "--out", tmp_path / "n", "--rename",
+                 "--mapping", names, *common)
+    # a.png is already in the mapping: skipped under its name; a.jpg gets the next number
+    assert second.returncode == 0 and "1 done, 1 skipped" in second.stderr, second.stderr
+    assert json.loads(names.read_text()) == {str(folder / "a.png"): str(tmp_path / "n" / "000001.png"),
+                                             str(folder / "a.jpg"): str(tmp_path / "n" / "000002.png")}
+    names.write_text("not json")
+    unreadable = cli("run", "anonymize", folder / "a.png", "--out", tmp_path / "n", "--rename", "--mapping", names, *common)
+    assert unreadable.returncode == 2 and "cannot read the existing mapping" in unreadable.stderr
+    assert names.read_text() == "not json"
+
+
+def test_recompute_mask_reruns_the_masker_the_metadata_names(zero_engines, keyfile, tmp_path):
+    original = random_image(32, seed=12)
+    src = save_png(tmp_path / "face.png", original)
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    engine = ("--engine", zero_engines["zero"], "--key", keyfile)
+    assert cli("run", "anonymize", src, "--out", tmp_path / "a", "--mask", mask, *engine).returncode == 0
+    anonymized = tmp_path / "a" / "face.png"
+    again = cli("run", "deanonymize", anonymized, "--out", tmp_path / "r", "--recompute-mask", "--mask", mask, *engine)
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(read_rgb(tmp_path / "r" / "face.png"), original), "the same mask file gives the same M"
+    without_flags = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", "--recompute-mask", *engine)
+    assert without_flags.returncode == 1 and "re-runs the 'file' masker" in without_flags.stderr
+    other_masker = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", "--recompute-mask", "--mask", mask,
+                       "--masker", "bisenet", *engine)
+    assert other_masker.returncode == 1 and "re-runs the 'file' masker" in other_masker.stderr
+    unused = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", "--mask", mask, *engine)
+    assert unused.returncode == 2 and "only matter with --recompute-mask" in unused.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyfile, tmp_path):

@@ -152,6 +152,12 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path):
     assert tar["attack_reuse"] == 1.0, "one pattern for every face: one known pair undoes the others"
     assert metrics["recovery_psnr_db"]["mean"] == 100.0 and metrics["face_detection_rate"]["anonymized"] < 0.5
     assert metrics["linkage"]["top1"] == 1.0, "sign flips keep |z_T|: key-free linkage is trivial here"
+    # a pixel model re-injects the original pixels outside the mask: they come back byte for byte
+    regions = metrics["mask_regions"]
+    assert regions["outside_byte_identical"] == {"anonymized": 1.0, "recovered": 1.0}
+    assert regions["inside_psnr_db"]["recovered"]["mean"] == 100.0 > 30 > regions["inside_psnr_db"]["anonymized"]["mean"]
+    assert metrics["counts"]["region_inside"] == metrics["counts"]["cosine"] == 3, "every distinct second image"
+    assert "outside the mask (3 images)" in (tmp_path / "eval" / "chunk-00000-00004" / "metrics.md").read_text()
     assert (tmp_path / "eval" / "chunk-00000-00004" / "contact_sheet.png").exists()
 
     pool_cache = tmp_path / "eval" / "linkage-pool.npz"
@@ -164,6 +170,10 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path):
              for chunk in ("chunk-00000-00004", "chunk-00004-00006")]
     assert pools[0] == pools[1] and len(pools[0]) == 27
     assert pool_cache.stat().st_mtime_ns == written
+    one_image = cli("eval", *common, "--start", "8", "--limit", "1")
+    assert one_image.returncode == 2 and "at least two" in one_image.stderr
+    nothing_to_score = cli("eval", *common, "--start", "6", "--limit", "2", "--stage", "score")
+    assert nothing_to_score.returncode == 2 and "no transforms to score" in nothing_to_score.stderr
     score_only = cli("eval", *common, "--start", "4", "--limit", "2", "--stage", "score")
     assert score_only.returncode == 0, score_only.stderr
     merged = cli("eval-merge", tmp_path / "eval")
@@ -188,6 +198,9 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path):
     assert combined["tar_at_far_0.1%"] == pytest.approx(direct["tar_at_far_0.1%"])
     for figure in ("cosine_original_vs_anonymized", "recovery_psnr_db", "face_detection_rate"):
         assert combined[figure] == pytest.approx(direct[figure]), figure
+    for side, by_condition in direct["mask_regions"].items():
+        for condition, figure in by_condition.items():
+            assert combined["mask_regions"][side][condition] == pytest.approx(figure), (side, condition)
     assert combined["linkage"] == pytest.approx(direct["linkage"])
     assert combined["impostor_scores"] == base["impostor_scores"] < direct["impostor_scores"]
     assert "clean images of pairs 0-3. Pairs 4-5 were added at that threshold" in (later / "metrics.md").read_text()

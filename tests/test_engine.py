@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,6 +239,36 @@ def test_build_never_leaves_half_an_engine(models, bisenet_pth, tmp_path):
     proc.wait(timeout=120)
     assert proc.returncode != 0
     assert not out.exists() and not list(tmp_path.glob(".engine.*")), list(tmp_path.iterdir())
+
+
+def test_overwrite_replaces_only_an_engine_and_a_tampered_engine_says_how_to_rebuild_it(engines, models, tmp_path):
+    model_copy = shutil.copytree(models["zero"], tmp_path / "model")
+    before = sorted(p.relative_to(model_copy) for p in model_copy.rglob("*"))
+    onto_model = cli("build", "--model", model_copy, "--out", model_copy, "--overwrite")
+    assert onto_model.returncode == 2 and "an input of this build" in onto_model.stderr
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    onto_folder = cli("build", "--model", model_copy, "--out", notes, "--overwrite")
+    assert onto_folder.returncode == 2 and "not an engine folder" in onto_folder.stderr
+    assert sorted(p.relative_to(model_copy) for p in model_copy.rglob("*")) == before
+    assert (notes / "todo.txt").read_text() == "keep me"
+
+    tampered = shutil.copytree(engines["zero"], tmp_path / "tampered")
+    with open(tampered / "unet.onnx", "ab") as fh:
+        fh.write(b"\0")
+    refused = cli("run", "anonymize", save_png(tmp_path / "face.png", random_image(32, seed=3)), "--out", tmp_path / "o",
+                  "--engine", tampered, "--mask", save_png(tmp_path / "mask.png", box_mask(32)), "--password-file",
+                  _password(tmp_path))
+    # the hint repeats every setting the engine was built with, here --batch 2
+    assert refused.returncode == 2 and "rebuild it: revanon-rt build" in refused.stderr, refused.stderr
+    assert "--batch 2" in " ".join(refused.stderr.split()), refused.stderr
+
+
+def _password(tmp_path):
+    path = tmp_path / "password.txt"
+    path.write_text("correct horse battery staple\n")
+    return path
 
 
 def test_tensorrt_without_tensorrt_names_what_to_install(models, tmp_path):

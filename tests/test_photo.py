@@ -201,6 +201,11 @@ def test_photo_options(zero_engines, group, keyfile, tmp_path):
                   tmp_path / "map.json", *common)
     assert renamed.returncode == 0 and (tmp_path / "n" / "000001.png").exists()
     assert json.loads((tmp_path / "map.json").read_text()) == {str(group): str(tmp_path / "n" / "000001.png")}
+    for landmarks, message in (("68", "photo mode finds, aligns and masks faces with dlib's 5-point"),
+                               ("7", "have 5 or 68 points")):
+        refused = cli("run", "anonymize", group, "--out", tmp_path / "m", *common, "--landmarks", landmarks)
+        assert refused.returncode == 2 and message in " ".join(refused.stderr.split()), refused.stderr
+    assert not (tmp_path / "m").exists()
     jpeg = cli("run", "anonymize", group, "--out", tmp_path / "j", "--output-format", "jpeg", *common)
     assert jpeg.returncode == 2 and "recovery needs every pixel" in jpeg.stderr
     crop_flag = cli("run", "anonymize", group, "--out", tmp_path / "c", "--faces", "largest", "--engine",
