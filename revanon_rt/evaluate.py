@@ -623,7 +623,10 @@ def markdown(summary: dict, title: str) -> str:
     r = summary.get("mask_regions")
     if r:
         o, i, same = r["outside_psnr_db"], r["inside_psnr_db"], r["outside_byte_identical"]
-        if o["recovered"]:
+        if same["anonymized"] == same["recovered"] == 1.0:
+            lines.append(f"- outside the mask ({summary['counts']['region_outside']} images): byte-identical to the "
+                         "original in every anonymized and recovered image")
+        elif o["recovered"]:
             lines.append(f"- outside the mask ({summary['counts']['region_outside']} images): PSNR anonymized "
                          f"{_db(o['anonymized'])}, recovered {_db(o['recovered'])}; byte-identical to the original: "
                          f"anonymized {100 * same['anonymized']:.1f}%, recovered {100 * same['recovered']:.1f}%")
