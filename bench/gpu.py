@@ -7,8 +7,8 @@ On the GPU machine (see bench/gpu_prepare.sh for the wheels and configs to carry
     python bench/gpu.py --out $OUT --only eager,fp32-b1     # some stages
     python bench/gpu.py --out /tmp/x --tiny --device cpu     # a smoke test of the script on a CPU
 
-Stages: machine facts; measured fp32/tf32/fp16 peaks; the diffusers-style eager loop (fp32, TF32
-off); then one compiled engine per (precision, batch) with latency or throughput, peak memory,
+Stages: machine facts; measured fp32/tf32/fp16 peaks; the FLOPs of one anonymization, counted on
+the engines' own modules (bench/flop_count.py); the diffusers-style eager loop (fp32, TF32 off); then one compiled engine per (precision, batch) with latency or throughput, peak memory,
 the fraction of the FLOP floor, a verify run (run-to-run over 20 replays, against eager,
 cross-backend recovery) and a profile of one UNet call. Results: gpu-results.jsonl and
 gpu-results.md in --out.
@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-GFLOP = {"unet": 202.0, "encoder": 345.0, "decoder": 671.0}
 CONFIGS = [  # (name, precision, batch, what it answers)
     ("fp32-b1", "fp32", 1, "strict fp32 latency, speed-up over eager"),
     ("fp32-b8", "fp32", 8, "strict fp32 throughput: the 70%-of-peak target"),
@@ -180,7 +179,20 @@ def diffusers_eager(model: Path, parser: Path | None, device: str, batch: int, s
             "faces_per_second": batch / seconds}
 
 
-def compiled_stage(name, precision, batch, model, parser, device, work, steps, rec, eager_latency, peak_tflops):
+def flop_stage(model, parser, device, steps, rec) -> float:
+    """GFLOP of one anonymization, counted on the modules the engines are built from."""
+    from flop_count import count_gflop, per_anonymization
+
+    from revanon_rt.reference import TorchReference
+
+    gflop = count_gflop(TorchReference(model, device=device, parser=parser))
+    total = per_anonymization(gflop, steps)
+    rec("flops", gflop_per_call=gflop, gflop_per_anonymization=total)
+    return total
+
+
+def compiled_stage(name, precision, batch, model, parser, device, work, steps, rec, eager_latency, peak_tflops,
+                   gflop_per_face):
     import torch
 
     from revanon_rt.engines import engine_class, open_engine
@@ -214,8 +226,7 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = sync_time(one_batch, 5, warmup=2)
-    flop_per_face = (2 * steps * GFLOP["unet"] + GFLOP["encoder"] + GFLOP["decoder"]) * 1e9
-    floor = flop_per_face / (peak_tflops * 1e12)
+    floor = gflop_per_face * 1e9 / (peak_tflops * 1e12)
     result = {"config": name, "precision": precision, "batch": batch, "build_seconds": build_s,
               "seconds_per_batch": seconds, "seconds_per_face": seconds / batch, "faces_per_second": batch / seconds,
               "flop_floor_seconds_per_face": floor, "fraction_of_fp32_floor": floor / (seconds / batch),
@@ -264,6 +275,10 @@ def markdown(records: list[dict]) -> str:
         if r["stage"] == "peaks":
             lines += ["", "Measured peaks (TFLOP/s): " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()
                                                                     if k.endswith("tflops"))]
+        if r["stage"] == "flops":
+            lines += ["", "FLOPs per call (GFLOP, FlopCounterMode): " + ", ".join(
+                f"{k} {v:.1f}" for k, v in r["gflop_per_call"].items())
+                + f"; one anonymization {r['gflop_per_anonymization']:.0f} GFLOP, the floor's numerator."]
     lines += ["", "| configuration | s/batch | s/face | faces/s | % of fp32 floor | speed-up vs eager | peak GiB |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for r in records:
@@ -306,6 +321,7 @@ def main() -> None:
     rec("peaks", **peak)
     model, bisenet = build_models(args.work, args.tiny, args.configs)
     rec("models", model=str(model), parser=str(bisenet) if bisenet else None)
+    gflop_per_face = flop_stage(model, bisenet, args.device, args.steps, rec)
     eager_latency = None
     if wanted("eager"):
         for batch in (1, 8):
@@ -318,7 +334,8 @@ def main() -> None:
             continue
         try:
             engine_dir, backend = compiled_stage(name, precision, batch, model, bisenet, args.device, args.work,
-                                                 args.steps, rec, eager_latency, peak["fp32_peak_tflops"])
+                                                 args.steps, rec, eager_latency, peak["fp32_peak_tflops"],
+                                                 gflop_per_face)
             if precision == "fp32":
                 profile_stage(name, backend, args.device, rec)
             verify_stage(name, engine_dir, model, bisenet, args.device, args.steps, args.replays, rec)

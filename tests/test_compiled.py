@@ -68,3 +68,29 @@ def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, t
 def test_onnxruntime_refuses_fast_precisions(models, tmp_path):
     result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--precision", "fp16")
     assert result.returncode == 2 and "builds fp32, not fp16" in result.stderr
+
+
+def test_the_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
+    """bench/gpu.py gets a half-hour GPU window now and then; a script that broke meanwhile would waste it.
+    Its --tiny CPU mode runs every kind of stage: peaks, FLOP count, eager loop, compiled build, profile, verify."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--out", str(tmp_path / "out"),
+                             "--work", str(tmp_path / "work"), "--tiny", "--device", "cpu", "--only", "eager,fp32-b1",
+                             "--steps", "2", "--replays", "2"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "out" / "gpu-results.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in records]
+    assert "error" not in stages, [r for r in records if r["stage"] == "error"]
+    for stage in ("machine", "peaks", "flops", "eager", "compiled", "profile", "verify"):
+        assert stage in stages, (stage, stages)
+    flops = next(r for r in records if r["stage"] == "flops")
+    assert set(flops["gflop_per_call"]) == {"unet", "encoder", "decoder", "parser"}
+    assert flops["gflop_per_anonymization"] == pytest.approx(
+        4 * flops["gflop_per_call"]["unet"] + sum(flops["gflop_per_call"][g] for g in ("encoder", "decoder", "parser")))
+    assert next(r for r in records if r["stage"] == "verify")["passed"]
+    table = (tmp_path / "out" / "gpu-results.md").read_text()
+    assert "| compiled fp32, batch 1 |" in table and "| diffusers eager fp32, batch 1 |" in table
