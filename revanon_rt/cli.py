@@ -339,8 +339,9 @@ def deanonymize_cmd(
         jobs, named_before = _prepare(inputs, out, rename, mapping)
         if meta is not None and len(jobs) != 1:
             raise UsageError("--meta goes with exactly one input image")
-        if (masker is not None or mask is not None) and not recompute_mask:
-            raise UsageError("--masker and --mask only matter with --recompute-mask; the stored mask is used otherwise")
+        if (masker is not None or mask is not None or parser is not None) and not recompute_mask:
+            raise UsageError("--masker, --mask and --parser only matter with --recompute-mask; the stored mask is "
+                             "used otherwise")
         backend = open_backend(model, engine, device, parser)
         maskers = _recompute_maskers(backend, mask, landmarks) if recompute_mask else {}
         if masker is not None:

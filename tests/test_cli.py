@@ -278,8 +278,9 @@ def test_recompute_mask_reruns_the_masker_the_metadata_names(zero_engines, keyfi
     other_masker = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", "--recompute-mask", "--mask", mask,
                        "--masker", "bisenet", *engine)
     assert other_masker.returncode == 1 and "re-runs the 'file' masker" in other_masker.stderr
-    unused = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", "--mask", mask, *engine)
-    assert unused.returncode == 2 and "only matter with --recompute-mask" in unused.stderr
+    for unused_flag in (("--mask", mask), ("--parser", tmp_path / "parsing_bisenet.pth")):
+        unused = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", *unused_flag, *engine)
+        assert unused.returncode == 2 and "only matter with --recompute-mask" in unused.stderr
     assert not (tmp_path / "x").exists()
 
 
