@@ -117,8 +117,6 @@ def _masker_name(masker: Optional[MaskerName], mask: Optional[Path], parser: Opt
 def _landmarks_masker(landmarks: int):
     from .faces import LICENSE_68, LandmarksMasker
 
-    if landmarks not in (5, 68):
-        raise UsageError(f"--landmarks {landmarks}: dlib's landmark models have 5 or 68 points")
     if landmarks == 68:
         err.print(f"[yellow]note[/yellow]: {LICENSE_68}")
     return LandmarksMasker(landmarks=landmarks)
@@ -140,8 +138,6 @@ def _anonymize_masker(backend, masker: MaskerName, mask: Optional[Path], landmar
 def _recompute_maskers(backend, mask: Optional[Path], landmarks: int) -> dict:
     from .masks import BiSeNetMasker, FileMasker
 
-    if landmarks not in (5, 68):
-        raise UsageError(f"--landmarks {landmarks}: dlib's landmark models have 5 or 68 points")
     maskers = {}
     if mask is not None:
         maskers["file"] = FileMasker(mask)
@@ -192,6 +188,8 @@ OVERWRITE = typer.Option(False, "--overwrite", help="Replace outputs that alread
 FORCE = typer.Option(False, "--force", help="Allow a double run (anonymizing an anonymized image, and so on).")
 MODE = typer.Option(Mode.crop, "--mode", help="crop: aligned face crops of the model's size; photo: any photo, "
                     "every face found, aligned and pasted back.")
+
+
 def _landmark_count(value: int) -> int:
     if value not in (5, 68):
         raise typer.BadParameter(f"{value}: dlib's landmark models have 5 or 68 points")

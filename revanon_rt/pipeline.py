@@ -128,10 +128,10 @@ def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backe
     key = secret.for_header(header["kdf"], source)
     verified = container.auth_matches(mac_subkey(key), header, image.rgb)
     if not verified:
-        if not opts.skip_auth and header["state"] != "anonymized" and "auth" not in header:
-            raise AuthError(f"{source}: a {header['state']} image carries no auth tag, so nothing can show that this "
-                            "key made it; de-anonymizing it again needs --skip-auth as well as --force")
         if not opts.skip_auth:
+            if header["state"] != "anonymized" and "auth" not in header:
+                raise AuthError(f"{source}: a {header['state']} image carries no auth tag, so nothing can show that "
+                                "this key made it; de-anonymizing it again needs --skip-auth as well as --force")
             raise AuthError(f"{source}: {container.AUTH_FAILED}")
         notes.append(f"{source}: auth check failed and was skipped (--skip-auth); the output is marked unverified")
     if header["model"]["fingerprint"] != backend.fingerprint:
