@@ -86,7 +86,7 @@ def build_engine(engine_cls, model_dir: Path, out_dir: Path, *, parser: Path | N
                       "latent_shape": list(reference.latent_shape), "autoencoder": reference.layout.autoencoder,
                       "source": str(Path(model_dir).resolve()),
                       "parser": str(Path(parser).resolve()) if parser else None},
-            "schedule": {**noise.to_manifest(), "timesteps_50": list(noise.for_steps(50).timesteps)},
+            "schedule": noise.to_manifest(),
             "graphs": graphs,
             "versions": _versions(), "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **extra,

@@ -257,7 +257,7 @@ def anonymize_cmd(
 
     def process(job, on_step):
         image = load_image(job.source)
-        existing = container.read_png_chunk(job.source)
+        existing = container.read_metadata(job.source)
         if mode == Mode.photo:
             from .photo import anonymize_photo
 
@@ -357,9 +357,7 @@ def deanonymize_cmd(
         if meta is not None:
             text, source = container.read_sidecar(meta), str(meta)
         else:
-            text, source = container.read_png_chunk(job.source), str(job.source)
-            if text is None and container.sidecar_path(job.source).exists():
-                text = container.read_sidecar(container.sidecar_path(job.source))
+            text, source = container.read_metadata(job.source), str(job.source)
             if text is None:
                 raise MetadataError(f"{job.source}: no revanon metadata (was the PNG chunk stripped? "
                                     "give the sidecar with --meta)")

@@ -121,6 +121,14 @@ def sidecar_path(image_path: Path) -> Path:
     return image_path.with_name(image_path.name + ".revanon.json")
 
 
+def read_metadata(image_path: Path) -> str | None:
+    """The image's revanon chunk, or else the sidecar beside it (for PNGs whose chunk was stripped)."""
+    text = read_png_chunk(image_path)
+    if text is None and sidecar_path(image_path).exists():
+        text = read_sidecar(sidecar_path(image_path))
+    return text
+
+
 def parse_header(text: str, source: str) -> dict:
     """Parse and validate metadata from an untrusted file; errors name the source."""
     try:

@@ -41,10 +41,22 @@ def _icc_is_rgb(icc: bytes | None) -> bool:
 
 
 def _sixteen_bit_to_u8(a: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    if a.max(initial=0) > 255:
-        a = a / 257.0
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(a.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_COLOUR_TYPES_WITH_ALPHA = (4, 6)  # grey + alpha, RGB + alpha
+
+
+def _refuse_sixteen_bit_alpha(path: Path) -> None:
+    """Pillow reads a 16-bit alpha channel as 8 bits, and outputs are 8-bit PNGs: carrying it through
+    untouched (spec §2) is impossible, so such an input is refused rather than silently changed."""
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16 \
+            and head[25] in PNG_COLOUR_TYPES_WITH_ALPHA:
+        raise InputError(f"{path}: its alpha channel has 16 bits, and revanon writes 8-bit PNGs, so the alpha "
+                         "could not be kept as it is; convert the image to 8 bits per channel first")
 
 
 def load_image(path: Path) -> LoadedImage:
@@ -58,6 +70,8 @@ def load_image(path: Path) -> LoadedImage:
                     f"{path}: {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
                     "(a decompression bomb, or a photo far larger than needed)"
                 )
+            if im.format == "PNG":
+                _refuse_sixteen_bit_alpha(path)
             icc = im.info.get("icc_profile")
             im.load()
             im = ImageOps.exif_transpose(im)
@@ -81,7 +95,8 @@ def _split_channels(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         gray = _sixteen_bit_to_u8(np.asarray(im))
         return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2)), None
-    if mode == "P" and "transparency" in im.info:
+    if mode in ("P", "RGB", "L") and "transparency" in im.info:
+        # a colour key (tRNS) would not survive new pixel values: carry it as an explicit alpha channel
         im = im.convert("RGBA")
     elif mode == "PA":
         im = im.convert("RGBA")

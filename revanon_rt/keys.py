@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import stat
 import struct
@@ -37,10 +38,10 @@ def parse_key_text(text: bytes, source: str) -> bytes:
             f"(and at most one newline), this one has {len(text) if len(text) <= 4 * KEY_BYTES else 'more'} "
             "bytes; make one with `revanon-rt keygen`"
         )
-    try:
-        return bytes.fromhex(body.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        raise UsageError(f"{source}: the key file is not hexadecimal") from None
+    # bytes.fromhex alone would skip spaces and give a short key
+    if re.fullmatch(rb"[0-9a-fA-F]+", body) is None:
+        raise UsageError(f"{source}: a key file holds only the hexadecimal characters 0-9, a-f, then at most one newline")
+    return bytes.fromhex(body.decode("ascii"))
 
 
 def read_key_file(path: Path) -> bytes:
@@ -184,7 +185,8 @@ def check_kdf(kdf: object, source: str) -> dict:
         raise MetadataError(f"{source}: unknown key derivation {kdf!r}; v1 knows raw and scrypt")
     if kdf["name"] == "scrypt":
         params = {k: kdf.get(k) for k in ("n", "r", "p")}
-        if params != {"n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}:
+        # type() and not ==: 131072.0 or true must not pass for 131072 or 1
+        if any(type(v) is not int for v in params.values()) or params != {"n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}:
             raise MetadataError(
                 f"{source}: foreign scrypt parameters {params}; v1 accepts only n=2^17, r=8, p=1"
             )

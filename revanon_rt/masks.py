@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .encoding import b64decode, b64encode
 from .errors import InputError, MetadataError, UsageError
@@ -35,10 +35,12 @@ def pack_mask(mask: np.ndarray) -> dict:
 
 def unpack_mask(entry: object, source: str) -> np.ndarray:
     try:
-        h, w = (int(v) for v in entry["shape"])
+        h, w = entry["shape"]
         bits = b64decode(entry["bits"])
     except (TypeError, KeyError, ValueError):
         raise MetadataError(f"{source}: malformed mask record") from None
+    if type(h) is not int or type(w) is not int:
+        raise MetadataError(f"{source}: the mask shape must be two integers, not {entry['shape']!r}")
     if not (1 <= h <= MAX_MASK_SIDE and 1 <= w <= MAX_MASK_SIDE):
         raise MetadataError(f"{source}: mask shape {h}x{w} is over the limit of {MAX_MASK_SIDE} per side")
     if len(bits) != (h * w + 7) // 8:
@@ -52,6 +54,7 @@ def face_map_from_file(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            im = ImageOps.exif_transpose(im)  # as images are read: a mask lines up with the face as displayed
             gray = im.convert("L").resize((FACE_MAP_SIZE, FACE_MAP_SIZE), Image.Resampling.NEAREST)
     except FileNotFoundError:
         raise InputError(f"{path}: mask file not found") from None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .fingerprint import read_config, weight_files
+from .masks import FACE_MAP_SIZE
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ def inspect_model_dir(root: Path) -> ModelLayout:
         raise UsageError(f"{root / 'unet'}: {out_ch} output channels for {in_ch} inputs; "
                          "a model that learns its variance does not predict plain epsilon")
     sample = _side(unet.get("sample_size"), "unet sample_size", root / "unet")
+    if FACE_MAP_SIZE % sample:
+        raise UsageError(f"{root / 'unet'}: a {sample}x{sample} latent grid; revanon v1 max-pools the "
+                         f"{FACE_MAP_SIZE}x{FACE_MAP_SIZE} face map onto it, so its side must divide {FACE_MAP_SIZE}")
 
     ae_config = None
     factor = 1

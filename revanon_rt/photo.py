@@ -13,7 +13,7 @@ import numpy as np
 
 from . import container
 from .encoding import b64encode
-from .errors import MetadataError, StateError, UsageError
+from .errors import InputError, MetadataError, StateError, UsageError
 from .images import LoadedImage
 from .keys import ZERO_NONCE, Secret, flip_subkey, mac_subkey, new_nonce
 from .masks import latent_mask, pack_mask, unpack_mask
@@ -188,11 +188,15 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, 
     """Anonymize every selected face of a photo. `planned` replaces detection (tests, tools);
     `nonces` and `salt` may be fixed for bit-for-bit comparisons."""
     if existing_metadata is not None and not opts.force:
-        raise StateError(f"{image.path}: already carries revanon metadata; anonymizing it twice needs --force")
+        raise StateError(f"{image.path}: already carries revanon metadata (in the PNG or a sidecar beside it); "
+                         "anonymizing it twice needs --force")
     key, kdf = secret.for_anonymize(salt)
     size = backend.image_size
     if planned is None:
         planned = plan_faces(detector.detect(image.rgb), size, selection or Selection())
+    if len(planned) > container.MAX_FACES:  # readers refuse more: its faces could never be recovered
+        raise InputError(f"{image.path}: {len(planned)} faces selected, and a revanon v1 image records at most "
+                         f"{container.MAX_FACES}; select fewer (--min-face, --skip) or split the photo")
     notes = [] if planned else [f"{image.path}: no faces found; the pixels pass through unchanged"]
     affines = [p.affine for p in planned]
     crops = np.stack([sample_crop(image.rgb, a, size) for a in affines]) if planned else None

@@ -96,7 +96,8 @@ def anonymize_image(image: LoadedImage, existing_metadata: str | None, backend, 
                     callback: StepCallback | None = None) -> Output:
     """Anonymize one aligned crop. `nonce` and `salt` may be fixed for bit-for-bit comparisons (spec §9)."""
     if existing_metadata is not None and not opts.force:
-        raise StateError(f"{image.path}: already carries revanon metadata; anonymizing it twice needs --force")
+        raise StateError(f"{image.path}: already carries revanon metadata (in the PNG or a sidecar beside it); "
+                         "anonymizing it twice needs --force")
     check_crop(image, backend.image_size)
     key, kdf = secret.for_anonymize(salt)
     face_map = masker.face_maps(image.rgb[None], [relative])[0]
@@ -126,14 +127,16 @@ def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backe
         raise StateError(f"{source}: its state is {header['state']!r}, not 'anonymized'; "
                          "de-anonymizing it again needs --force")
     key = secret.for_header(header["kdf"], source)
-    verified = container.auth_matches(mac_subkey(key), header, image.rgb)
-    if not verified:
+    authentic = container.auth_matches(mac_subkey(key), header, image.rgb)
+    if not authentic:
         if not opts.skip_auth:
             if header["state"] != "anonymized" and "auth" not in header:
                 raise AuthError(f"{source}: a {header['state']} image carries no auth tag, so nothing can show that "
                                 "this key made it; de-anonymizing it again needs --skip-auth as well as --force")
             raise AuthError(f"{source}: {container.AUTH_FAILED}")
         notes.append(f"{source}: auth check failed and was skipped (--skip-auth); the output is marked unverified")
+    # spec §7: an output made under --skip-auth is marked unverified even where this image's check passed
+    verified = authentic and not opts.skip_auth
     if header["model"]["fingerprint"] != backend.fingerprint:
         if not opts.ignore_model_mismatch:
             raise ModelMismatchError(

@@ -8,13 +8,14 @@ runtime can serve any step count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import UsageError
 
 MAX_STEPS = 1000
+DEFAULT_STEPS = 50
 
 
 def ddim_timesteps(num_train_timesteps: int, steps: int, spacing: str = "leading", offset: int = 0) -> list[int]:
@@ -47,24 +48,39 @@ class Schedule:
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    """What a model's scheduler config fixes: the ā table and how timesteps are spaced."""
+    """What a model's scheduler config fixes: the ā table and how timesteps are spaced.
+
+    `stored` holds timestep lists read from an engine manifest (spec §3: a runtime uses the stored
+    timesteps, it does not recompute them). Other step counts come from the integer mirror, which is
+    trusted only where it reproduces every stored list."""
 
     alphas_cumprod: np.ndarray  # float32, num_train_timesteps values
     spacing: str = "leading"
     offset: int = 0
+    stored: dict = field(default_factory=dict)  # steps -> tuple of timesteps
 
     def for_steps(self, steps: int) -> Schedule:
-        ts = ddim_timesteps(len(self.alphas_cumprod), steps, self.spacing, self.offset)
-        levels = np.append(self.alphas_cumprod[ts], np.float32(1.0)).astype(np.float32)
+        ts = self.stored.get(steps)
+        if ts is None:
+            ts = ddim_timesteps(len(self.alphas_cumprod), steps, self.spacing, self.offset)
+            for count, kept in self.stored.items():
+                if tuple(ddim_timesteps(len(self.alphas_cumprod), count, self.spacing, self.offset)) != kept:
+                    raise UsageError(f"the engine stores timesteps for {count} steps that this runtime does not "
+                                     f"reproduce for its {self.spacing!r} spacing; use --steps {count}")
+        levels = np.append(self.alphas_cumprod[list(ts)], np.float32(1.0)).astype(np.float32)
         return Schedule(tuple(ts), levels)
 
-    def to_manifest(self) -> dict:
+    def to_manifest(self, stored_steps: tuple[int, ...] = (DEFAULT_STEPS,)) -> dict:
         return {
             "alphas_cumprod": [float(v) for v in self.alphas_cumprod],
             "timestep_spacing": self.spacing,
             "steps_offset": self.offset,
+            **{f"timesteps_{steps}": list(self.for_steps(steps).timesteps) for steps in stored_steps},
         }
 
     @classmethod
     def from_manifest(cls, entry: dict) -> "NoiseSchedule":
-        return cls(np.asarray(entry["alphas_cumprod"], dtype=np.float32), entry["timestep_spacing"], int(entry["steps_offset"]))
+        stored = {int(key.removeprefix("timesteps_")): tuple(int(t) for t in value)
+                  for key, value in entry.items() if key.startswith("timesteps_")}
+        return cls(np.asarray(entry["alphas_cumprod"], dtype=np.float32), entry["timestep_spacing"],
+                   int(entry["steps_offset"]), stored)

@@ -192,6 +192,12 @@ def test_wrong_key_or_edits_are_refused_and_nothing_is_written(models, zero_engi
     inside = box_mask(32) > 0
     assert (wrong_recovery[inside] != original[inside]).mean() > 0.3
 
+    right_but_skipped = cli("run", "deanonymize", anon, "--out", tmp_path / "out4", "--engine", zero_engines["zero"],
+                            "--key", keyfile, "--skip-auth")
+    assert right_but_skipped.returncode == 0
+    assert json.loads(container.read_png_chunk(tmp_path / "out4" / "face.png"))["unverified"] is True, \
+        "spec §7: --skip-auth marks every output unverified, the check passing or not"
+
 
 def test_double_runs_are_refused_unless_forced(models, zero_engines, keyfile, tmp_path):
     src = save_png(tmp_path / "face.png", random_image(32, seed=5))
@@ -398,6 +404,10 @@ def test_password_sidecar_and_meta_for_stripped_pngs(models, zero_engines, tmp_p
     refused = cli("run", "deanonymize", stripped, "--out", tmp_path / "rec2", "--engine", zero_engines["zero"],
                   "--password-file", wrong, "--meta", sidecar)
     assert refused.returncode == 1 and AUTH_MESSAGE in refused.stderr
+    container.sidecar_path(stripped).write_bytes(sidecar.read_bytes())
+    again = cli("run", "anonymize", stripped, "--out", tmp_path / "anon2", "--engine", zero_engines["zero"],
+                "--mask", mask, "--password-file", password)
+    assert again.returncode == 1 and "a sidecar beside it" in again.stderr, "a stripped anonymized image is still one"
 
 
 def test_insecure_key_reuse_warns_and_records_a_null_nonce(models, zero_engines, keyfile, tmp_path):

@@ -147,6 +147,32 @@ def test_load_applies_exif_orientation_and_handles_modes(tmp_path):
     deep = tmp_path / "d.png"
     Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(deep)
     assert np.array_equal(load_image(deep).rgb[..., 0], rgb[..., 0])
+    dark = tmp_path / "dark16.png"  # 16-bit values below 256 are near black, not 8-bit values
+    Image.fromarray(np.full((16, 16), 200, np.uint16)).save(dark)
+    assert np.array_equal(load_image(dark).rgb, np.ones((16, 16, 3), np.uint8))
+
+
+def test_colour_key_transparency_becomes_alpha_and_sixteen_bit_alpha_is_refused(tmp_path):
+    rgb = random_image(16, seed=4)
+    keyed = tmp_path / "keyed.png"
+    Image.fromarray(rgb).save(keyed, transparency=tuple(int(v) for v in rgb[0, 0]))
+    loaded = load_image(keyed)
+    assert loaded.alpha is not None and loaded.alpha[0, 0] == 0 and np.array_equal(loaded.rgb, rgb)
+    assert (loaded.alpha == 0).sum() == (rgb == rgb[0, 0]).all(axis=2).sum()
+    grey_keyed = tmp_path / "grey_keyed.png"
+    Image.fromarray(rgb[..., 1]).save(grey_keyed, transparency=int(rgb[3, 3, 1]))
+    assert load_image(grey_keyed).alpha[3, 3] == 0
+
+    def chunk(ctype, body):
+        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+    rows = b"".join(b"\0" + np.full((4, 4), 40000, ">u2").tobytes() for _ in range(4))  # 4x4 RGBA, 16 bits
+    deep_alpha = tmp_path / "deep_alpha.png"
+    deep_alpha.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 6, 0, 0, 0))
+                           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    assert Image.open(deep_alpha).mode == "RGBA", "a valid 16-bit RGBA PNG, which Pillow reads as 8 bits"
+    with pytest.raises(InputError, match="deep_alpha.png: its alpha channel has 16 bits"):
+        load_image(deep_alpha)
 
 
 def test_bad_images_name_the_file(tmp_path):
@@ -191,3 +217,23 @@ def test_write_atomic_never_clobbers(tmp_path):
     assert write_atomic(path, b"three", overwrite=True)
     assert path.read_bytes() == b"three"
     assert [p.name for p in path.parent.iterdir()] == ["a.png"], "no temporary files left behind"
+
+
+def test_file_masker_resizes_nearest_thresholds_at_128_and_follows_exif_orientation(tmp_path):
+    from revanon_rt.masks import face_map_from_file
+
+    values = np.random.default_rng(5).integers(0, 256, (7, 5)).astype(np.uint8)
+    values[0, :3] = (127, 128, 129)
+    path = tmp_path / "m.png"
+    Image.fromarray(values).save(path)
+    nearest = np.asarray(Image.fromarray(values).resize((512, 512), Image.Resampling.NEAREST))
+    assert np.array_equal(face_map_from_file(path), (nearest >= 128).astype(np.uint8))
+
+    stored = np.zeros((8, 4), np.uint8)
+    stored[:, :2] = 255  # left half white as stored; rotated 90° clockwise on display, the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = tmp_path / "rotated.png"
+    Image.fromarray(stored).save(rotated, exif=exif)
+    face_map = face_map_from_file(rotated)
+    assert face_map[:256].all() and not face_map[256:].any()

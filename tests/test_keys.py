@@ -3,6 +3,7 @@
 import os
 import stat
 
+import numpy as np
 import pytest
 
 from revanon_rt import keys
@@ -28,6 +29,7 @@ def test_keygen_creates_0600_hex_key_and_never_overwrites(tmp_path):
 @pytest.mark.parametrize("content, ok", [
     (b"ab" * 32, True), (b"ab" * 32 + b"\n", True), (b"ab" * 32 + b"\r\n", True),
     (b"ab" * 32 + b"\n\n", False), (b"ab" * 31, False), (b"zz" * 32, False), (b"", False), (b"ab" * 33, False),
+    (b"ab" * 31 + b"  ", False), (b"ab" * 31 + b" a", False), (b"ab" * 31 + b"\tab", False),
 ])
 def test_key_file_format(tmp_path, content, ok):
     path = tmp_path / "k"
@@ -75,6 +77,8 @@ def test_password_secret_round_trips_salt_through_the_header():
     ({"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": 2**17, "r": 8, "p": 4}, "foreign scrypt"),
     ({"name": "scrypt", "salt": "AAAA", "n": 2**17, "r": 8, "p": 1}, "16 bytes"),
     ({"name": "scrypt", "salt": "not base64!", "n": 2**17, "r": 8, "p": 1}, "base64"),
+    ({"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": 131072.0, "r": 8, "p": 1}, "foreign scrypt"),
+    ({"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": 2**17, "r": 8, "p": True}, "foreign scrypt"),
 ])
 def test_foreign_kdf_parameters_are_refused(kdf, message):
     with pytest.raises(MetadataError, match=message):
@@ -88,3 +92,13 @@ def test_secret_kind_must_match_the_header():
         keys.Secret.from_key(bytes(32)).for_header({"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA=="}, "a.png")
     with pytest.raises(InputError, match="--key"):
         keys.Secret.from_password("pw").for_header({"name": "raw"}, "a.png")
+
+
+@pytest.mark.parametrize("shape", [[1.9, True], [8.0, 8], ["8", 8], [8], [8, 8, 1]])
+def test_a_stored_mask_shape_must_be_two_integers(shape):
+    from revanon_rt.masks import pack_mask, unpack_mask
+
+    entry = {**pack_mask(np.ones((8, 8), np.uint8)), "shape": shape}
+    with pytest.raises(MetadataError, match="mask"):
+        unpack_mask(entry, "img.png")
+    assert unpack_mask(pack_mask(np.ones((8, 8), np.uint8)), "img.png").shape == (8, 8)

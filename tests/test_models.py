@@ -76,6 +76,7 @@ def test_autoencoder_kl_uses_posterior_mean_times_scaling_factor(tmp_path):
     ("truncated_weights", "diffusion_pytorch_model.safetensors"),
     ("bad_config", "config.json"),
     ("no_weights", "no weights"),
+    ("grid_not_dividing_512", "must divide 512"),
 ])
 def test_broken_model_folders_are_refused_by_name(models, tmp_path, breakage, message):
     model = tmp_path / "model"
@@ -92,6 +93,8 @@ def test_broken_model_folders_are_refused_by_name(models, tmp_path, breakage, me
         weights.write_bytes(weights.read_bytes()[:5000])
     elif breakage == "bad_config":
         (model / "unet" / "config.json").write_text("{not json")
+    elif breakage == "grid_not_dividing_512":
+        _edit_json(model / "unet" / "config.json", sample_size=12)
     elif breakage == "no_weights":
         (model / "vqvae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(UsageError, match=message):

@@ -123,6 +123,22 @@ def test_overlapping_faces_recover_in_reverse_order(models):
     assert np.array_equal(back.image.rgb, photo)
 
 
+def test_a_photo_with_more_faces_than_a_reader_accepts_is_refused(models):
+    """Readers refuse records of over 256 faces (spec §7), so writing one would lose the originals."""
+    from revanon_rt.errors import InputError
+    from revanon_rt.images import LoadedImage
+    from revanon_rt.keys import Secret
+    from revanon_rt.photo import PlannedFace, anonymize_photo
+    from revanon_rt.pipeline import Options
+    from revanon_rt.reference import TorchReference
+
+    photo = random_image(160, seed=73)
+    planned = [PlannedFace([0, 0, 64, 64], np.array([[1.0, 0, 0], [0, 1.0, 0]]))] * (container.MAX_FACES + 1)
+    with pytest.raises(InputError, match="257 faces selected.*at most 256"):
+        anonymize_photo(LoadedImage(Path("crowd.png"), photo, None, None), None, TorchReference(models["zero64"]),
+                        None, Secret.from_key(bytes(32)), Options(), "crowd.png", planned=planned)
+
+
 def test_group_photo_every_face_found_background_untouched(zero_engines, group, keyfile, tmp_path):
     out, rec = tmp_path / "anon", tmp_path / "rec"
     result = cli("run", "anonymize", group, "--mode", "photo", "--out", out, "--engine", zero_engines["zero64"],

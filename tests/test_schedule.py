@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from diffusers import DDIMScheduler
 
+from revanon_rt.errors import UsageError
 from revanon_rt.schedule import NoiseSchedule, ddim_timesteps
 from revanon_rt.tiny import COMPVIS_SCHEDULER
 
@@ -27,3 +28,20 @@ def test_levels_follow_the_timesteps_and_end_at_one():
     round_trip = NoiseSchedule.from_manifest(noise.to_manifest())
     assert np.array_equal(round_trip.alphas_cumprod, noise.alphas_cumprod)
     assert round_trip.for_steps(7).timesteps == noise.for_steps(7).timesteps
+
+
+def test_a_runtime_uses_the_stored_timesteps_and_trusts_its_mirror_only_where_it_reproduces_them():
+    scheduler = DDIMScheduler.from_config({k: v for k, v in COMPVIS_SCHEDULER.items() if not k.startswith("_")})
+    entry = NoiseSchedule(scheduler.alphas_cumprod.numpy(), "leading", 0).to_manifest()
+    scheduler.set_timesteps(50)
+    assert entry["timesteps_50"] == scheduler.timesteps.tolist()
+    assert NoiseSchedule.from_manifest(entry).for_steps(7).timesteps == tuple(range(852, -1, -142))
+
+    # a table that the mirror cannot reproduce (as if diffusers had changed its spacing): used for
+    # its own step count, and every other count is refused instead of silently recomputed
+    foreign = {**entry, "timesteps_50": [t + 1 for t in entry["timesteps_50"]]}
+    engine_schedule = NoiseSchedule.from_manifest(foreign)
+    assert engine_schedule.for_steps(50).timesteps == tuple(foreign["timesteps_50"])
+    assert engine_schedule.for_steps(50).levels[0] == scheduler.alphas_cumprod[981]
+    with pytest.raises(UsageError, match="use --steps 50"):
+        engine_schedule.for_steps(7)

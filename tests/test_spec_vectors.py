@@ -124,6 +124,10 @@ def test_fingerprint_survives_bin_to_safetensors(tmp_path, models):
     torch.save(load_file(weights), as_bin / "unet" / "diffusion_pytorch_model.bin")
     weights.unlink()
     assert model_fingerprint(as_bin) == model_fingerprint(models["pixel"])
+    both = tmp_path / "both"
+    shutil.copytree(models["pixel"], both)
+    torch.save({"stale": torch.ones(3)}, both / "unet" / "diffusion_pytorch_model.bin")
+    assert model_fingerprint(both) == model_fingerprint(models["pixel"]), "*.bin counts only without safetensors"
     config = json.loads((as_bin / "unet" / "config.json").read_text())
     config["_diffusers_version"] = "9.9.9"  # keys starting with _ do not count
     (as_bin / "unet" / "config.json").write_text(json.dumps(config))
