@@ -82,5 +82,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.append(str(HERE.parent))  # after an installed revanon_rt, which has engines/ and export/ inside
     main()

@@ -17,18 +17,24 @@ MODEL=${MODEL:-$WORK/models/demo-lfw128}
 EVAL_PAIRS=${EVAL_PAIRS:-1200}
 EVAL_CHUNK=${EVAL_CHUNK:-200}
 PHOTOS=${PHOTOS:-12}
-RT="$PYTHON -m revanon_rt"
+# -P: the checkout's revanon_rt/ (without the engines/ and export/ it installs with) must not shadow /tmp/site
+RT="$PYTHON -P -m revanon_rt"
 name=$(basename "$MODEL")
 stage=$1; shift
 
 case $stage in
 install)
-  if [ ! -f /tmp/site/.installed ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl .whl-dlib/*.whl
-    python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site .
-    touch /tmp/site/.installed
-  fi
-  python3 -c "import revanon_rt, diffusers, dlib, torch; print('ready:', torch.cuda.get_device_name())"
+  # the project is copied, not built: a bare machine needs no setuptools, and the copy is never stale
+  mkdir -p /tmp/site
+  for wheels in .whl .whl-dlib; do
+    if [ -d $wheels ] && [ ! -f /tmp/site/.installed$wheels ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels/*.whl
+      touch /tmp/site/.installed$wheels
+    fi
+  done
+  rm -rf /tmp/site/revanon_rt && cp -r revanon_rt /tmp/site/ && cp -r engines export /tmp/site/revanon_rt/
+  python3 -P -c "import revanon_rt.engines, diffusers, torch; print('ready:', torch.cuda.get_device_name())"
+  python3 -P -c "import dlib" 2>/dev/null || echo "no dlib yet: carry .whl-dlib in the first train, eval or photos call"
   ;;
 train)
   minutes=$1; shift

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ def apply_precision(precision: str) -> None:
     torch.backends.cudnn.deterministic = True
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.use_deterministic_algorithms(True)
+    # deterministic mode would also fill every new buffer with NaN first; no kernel here reads one unwritten
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def compute_dtype(precision: str):
@@ -55,6 +58,17 @@ def inductor_configs() -> dict:
     wanted = {"max_autotune": False, "max_autotune_gemm": False, "coordinate_descent_tuning": False,
               "deterministic": True}
     return {key: value for key, value in wanted.items() if hasattr(config, key)}
+
+
+def eager_numerics_options() -> dict:
+    """For the loop's update kernels: Triton would contract a·b + c into FMAs, divide approximately and
+    flush denormals, where numpy rounds each operation. These keep the fused loop equal to the plain
+    functions bit for bit, so that a face anonymized here recovers on every other backend."""
+    from torch._inductor import config
+
+    wanted = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
+              "eager_numerics.disable_ftz": True}
+    return {key: value for key, value in wanted.items() if key in config._config}
 
 
 class CastIO(torch.nn.Module):
@@ -77,6 +91,9 @@ class CompiledEngine:
     @classmethod
     def reference_device(cls, device: str) -> str:
         """Packages are compiled for the device they will run on, from modules living there."""
+        if device.startswith("cuda:"):
+            raise UsageError(f"--device {device}: the compiled backend runs on the current CUDA device; "
+                             "choose it with CUDA_VISIBLE_DEVICES and give --device cuda")
         if device in ("auto", "cuda") and torch.cuda.is_available():
             return "cuda"
         if device == "cuda":
@@ -113,6 +130,8 @@ class CompiledEngine:
                              f"{torch.__version__}; compiled packages are tied to their torch version, "
                              f"{rebuild_hint(manifest.engine_dir, manifest.data)}")
         built_on = facts.get("device", "cpu")
+        if device.startswith("cuda:"):
+            self.reference_device(device)
         if device not in ("auto", built_on):
             raise UsageError(f"{manifest.engine_dir}: compiled for {built_on}, asked to run on {device}; "
                              f"{rebuild_hint(manifest.engine_dir, manifest.data)} --device {device}")
@@ -130,8 +149,7 @@ class CompiledEngine:
         self._loops: dict = {}
 
     def call(self, graph: str, *tensors):
-        out = self.runners[graph](*tensors)
-        return out[0] if isinstance(out, (list, tuple)) else out
+        return _call(self.runners, graph, *tensors)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         names = [spec["name"] for spec in self.manifest.graphs[graph]["inputs"]]
@@ -153,7 +171,8 @@ class FusedLoop:
 
     def __init__(self, engine: CompiledEngine, schedule):
         m = engine.manifest
-        self.engine = engine
+        self.runners = engine.runners  # not the engine, which holds this loop: no reference cycle
+        self.on_gpu = engine.on_gpu
         b, (c, h, w), size = m.batch, m.latent_shape, m.image_size
         dev = engine.device
         steps, levels = schedule.steps, schedule.levels
@@ -168,30 +187,33 @@ class FusedLoop:
         den = [ddim_coefficients(levels[i], levels[i + 1]) for i in range(steps)]
         self.inv_coeffs = torch.tensor(inv, dtype=torch.float32, device=dev)
         self.den_coeffs = torch.tensor(den, dtype=torch.float32, device=dev)
-        self.inv_t = torch.tensor([[schedule.timesteps[i]] * b for i in range(steps - 1, -1, -1)], device=dev)
-        self.den_t = torch.tensor([[t] * b for t in schedule.timesteps], device=dev)
-        self.invert_update = torch.compile(_invert_update, fullgraph=True, dynamic=False)
-        self.denoise_update = torch.compile(_denoise_update, fullgraph=True, dynamic=False)
+        # one tensor per step: rows of one table would sit at offsets AOTI finds misaligned and copies
+        self.inv_t = [torch.full((b,), schedule.timesteps[i], dtype=torch.int64, device=dev)
+                      for i in range(steps - 1, -1, -1)]
+        self.den_t = [torch.full((b,), t, dtype=torch.int64, device=dev) for t in schedule.timesteps]
+        options = eager_numerics_options()
+        self.invert_update = torch.compile(_invert_update, fullgraph=True, dynamic=False, options=options)
+        self.denoise_update = torch.compile(_denoise_update, fullgraph=True, dynamic=False, options=options)
         self.graph = None
 
     def _body(self) -> None:
-        e, keep = self.engine, self.keep
-        keep[0].copy_(e.call("encoder", self.x_in) if self.has_autoencoder else self.x_in)
+        call, keep = partial(_call, self.runners), self.keep
+        keep[0].copy_(call("encoder", self.x_in) if self.has_autoencoder else self.x_in)
         for n in range(self.steps):
-            eps = e.call("unet", keep[n], self.inv_t[n])
+            eps = call("unet", keep[n], self.inv_t[n])
             keep[n + 1].copy_(self.invert_update(keep[n], eps, self.inv_coeffs[n]))
         z = keyed_flip(keep[self.steps], self.mask, self.pattern)
         for i in range(self.steps):
-            eps = e.call("unet", z, self.den_t[i])
+            eps = call("unet", z, self.den_t[i])
             z = self.denoise_update(z, eps, keep[self.steps - 1 - i], self.mask, self.den_coeffs[i])
-        self.x_out.copy_(e.call("decoder", z) if self.has_autoencoder else z)
+        self.x_out.copy_(call("decoder", z) if self.has_autoencoder else z)
 
     def run(self, x: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             self.x_in.copy_(torch.from_numpy(x))
             self.mask.copy_(torch.from_numpy(mask))
             self.pattern.copy_(torch.from_numpy(pattern))
-            if not self.engine.on_gpu:
+            if not self.on_gpu:
                 self._body()
             else:
                 if self.graph is None:
@@ -206,9 +228,16 @@ class FusedLoop:
             self._body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # captured on the warm-up's stream, so per-stream workspaces (cuBLAS) already exist
+        with torch.cuda.graph(graph, stream=side):
             self._body()
+        torch.cuda.current_stream().wait_stream(side)
         self.graph = graph
+
+
+def _call(runners: dict, graph: str, *tensors):
+    out = runners[graph](*tensors)
+    return out[0] if isinstance(out, (list, tuple)) else out
 
 
 def _invert_update(z, eps, coeffs):

@@ -80,6 +80,11 @@ class OnnxRuntimeEngine:
             except Exception as exc:
                 raise UsageError(f"{manifest.graph_path(name)}: onnxruntime cannot load it ({exc})") from None
         self.on_gpu = self.sessions and self.sessions[next(iter(self.sessions))].get_providers()[0] != "CPUExecutionProvider"
+        if device.startswith("cuda") and not self.on_gpu:
+            # onnxruntime falls back to the CPU when the CUDA provider cannot start, and says so only in a log
+            raise UsageError(f"--device {device}: onnxruntime's CUDA provider did not start (check the CUDA and "
+                             "cuDNN libraries onnxruntime-gpu needs); --device cpu runs on the CPU")
+        self._output_device = ("cuda", int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0)
         self._bindings = {name: session.io_binding() for name, session in self.sessions.items()}
 
     @classmethod
@@ -123,10 +128,10 @@ class OnnxRuntimeEngine:
         binding = self._bindings[graph]
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        device = "cuda" if self.on_gpu else "cpu"
+        device, device_id = self._output_device if self.on_gpu else ("cpu", 0)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for output in self.sessions[graph].get_outputs():
-            binding.bind_output(output.name, device)
+            binding.bind_output(output.name, device, device_id)
         self.sessions[graph].run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]

@@ -6,6 +6,7 @@ Not exercised by this project's CI (neither is installable there); see the READM
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,9 @@ class TensorRTEngine(OnnxRuntimeEngine):
     def session_providers(cls, manifest: EngineManifest, device: str) -> list:
         if not ort_trt_available():
             raise UsageError(INSTALL_HINT)
+        # the EP has no TF32 switch and TensorRT allows TF32 by default; NVIDIA's libraries read this
+        # variable when they start, before the first session
+        os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
         cache = manifest.engine_dir / "trt_cache"
         cache.mkdir(exist_ok=True)
         trt_options = {"trt_fp16_enable": False, "trt_int8_enable": False,
@@ -105,4 +109,5 @@ class NativeTensorRTEngine:
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         outputs = self.runners[graph].infer(feeds)
-        return np.asarray(next(iter(outputs.values())))
+        # polygraphy may reuse its output buffers on the next call: the result must be a copy
+        return np.array(next(iter(outputs.values())), copy=True)

@@ -45,7 +45,9 @@ def parity(reference_out: np.ndarray, engine_out: np.ndarray) -> dict:
 def _reference_run(reference, descriptor) -> np.ndarray:
     import torch
 
-    with torch.inference_mode():
+    from ..reference import tf32_off
+
+    with torch.inference_mode(), tf32_off():
         return descriptor.module(*descriptor.torch_args(reference.device)).cpu().numpy()
 
 

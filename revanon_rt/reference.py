@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,21 @@ def use_strict_fp32() -> None:
     torch.backends.cudnn.deterministic = True
     torch.set_float32_matmul_precision("highest")
     torch.use_deterministic_algorithms(True)
+
+
+@contextmanager
+def tf32_off():
+    """TF32 off for the reference's own calls. A tf32 compiled engine in the same process turns it on
+    globally, and the reference must stay strict fp32 beside it."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
 
 
 def torch_device(name: str) -> torch.device:
@@ -149,7 +165,7 @@ class TorchReference:
         return self.noise.for_steps(steps)
 
     def _run(self, module, *arrays: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), tf32_off():
             out = module(*(torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in arrays))
         return out.cpu().numpy()
 

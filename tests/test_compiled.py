@@ -94,3 +94,21 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
     assert next(r for r in records if r["stage"] == "verify")["passed"]
     table = (tmp_path / "out" / "gpu-results.md").read_text()
     assert "| compiled fp32, batch 1 |" in table and "| diffusers eager fp32, batch 1 |" in table
+
+    # a window runs one configuration per 10-minute command: the next command reuses the engine, the
+    # peaks and the FLOP count from --work instead of paying for them again
+    again = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--out", str(tmp_path / "out2"),
+                            "--work", str(tmp_path / "work"), "--tiny", "--device", "cpu", "--only", "fp32-b1",
+                            "--steps", "2", "--no-verify"], capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "out2" / "gpu-results.jsonl").read_text().splitlines()]
+    compiled = next(r for r in records if r["stage"] == "compiled")
+    assert compiled["engine_reused"] and compiled["build_seconds"] is None
+    assert [r["stage"] for r in records].count("verify") == 0 and "error" not in [r["stage"] for r in records]
+    assert next(r for r in records if r["stage"] == "flops")["gflop_per_call"] == flops["gflop_per_call"]
+    merged = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--out", str(tmp_path / "merged"),
+                             "--merge", str(tmp_path / "out" / "gpu-results.jsonl"),
+                             str(tmp_path / "out2" / "gpu-results.jsonl")], capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    table = (tmp_path / "merged" / "gpu-results.md").read_text()
+    assert table.count("| compiled fp32, batch 1 |") == 2 and table.count("Measured peaks") == 1
