@@ -112,3 +112,23 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
     assert merged.returncode == 0, merged.stderr
     table = (tmp_path / "merged" / "gpu-results.md").read_text()
     assert table.count("| compiled fp32, batch 1 |") == 2 and table.count("Measured peaks") == 1
+
+
+def test_update_kernels_ask_for_eager_numerics_and_the_reference_stays_strict_beside_tf32():
+    """Triton would contract FMAs and divide approximately in the fused update; the options that stop it
+    are looked up by name, so a torch that renamed them would silently lose them without this test."""
+    import torch
+
+    from revanon_rt.engines.compiled import apply_precision, eager_numerics_options
+    from revanon_rt.reference import tf32_off
+
+    assert eager_numerics_options() == {"emulate_precision_casts": True, "eager_numerics.division_rounding": True,
+                                        "eager_numerics.disable_ftz": True}
+    try:
+        apply_precision("tf32")  # what opening a tf32 engine does to the process
+        with tf32_off():
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cuda.matmul.allow_tf32, "the engine's own setting is restored"
+    finally:
+        apply_precision("fp32")
