@@ -41,7 +41,8 @@ def _icc_is_rgb(icc: bytes | None) -> bool:
 
 
 def _sixteen_bit_to_u8(a: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(a.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    # the high byte, as Pillow reads 16-bit RGB: one image stored as 16-bit grey or RGB reads the same
+    return (np.clip(a, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

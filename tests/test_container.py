@@ -124,6 +124,10 @@ def test_auth_covers_pixels_and_every_metadata_byte():
     assert not container.auth_matches(k_mac, moved, rgb)
 
 
+def _png_chunk(ctype: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+
 def test_load_applies_exif_orientation_and_handles_modes(tmp_path):
     rgb = random_image(16, seed=3)
     exif = Image.Exif()
@@ -147,9 +151,17 @@ def test_load_applies_exif_orientation_and_handles_modes(tmp_path):
     deep = tmp_path / "d.png"
     Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(deep)
     assert np.array_equal(load_image(deep).rgb[..., 0], rgb[..., 0])
-    dark = tmp_path / "dark16.png"  # 16-bit values below 256 are near black, not 8-bit values
+    dark = tmp_path / "dark16.png"  # 16-bit values below 256 are black, not 8-bit values
     Image.fromarray(np.full((16, 16), 200, np.uint16)).save(dark)
-    assert np.array_equal(load_image(dark).rgb, np.ones((16, 16, 3), np.uint8))
+    assert np.array_equal(load_image(dark).rgb, np.zeros((16, 16, 3), np.uint8))
+    levels = np.arange(0, 65536, 257, dtype=np.uint16)[None].repeat(4, 0) + np.uint16(200)  # 4 x 256, off-grid
+    grey16 = tmp_path / "grey16.png"
+    Image.fromarray(levels).save(grey16)
+    rows = b"".join(b"\0" + np.repeat(levels[y], 3).astype(">u2").tobytes() for y in range(4))
+    rgb16 = tmp_path / "rgb16.png"  # the same image as 16-bit RGB, which Pillow reduces to its high byte
+    rgb16.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 256, 4, 16, 2, 0, 0, 0))
+                      + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
+    assert np.array_equal(load_image(grey16).rgb, load_image(rgb16).rgb)
 
 
 def test_colour_key_transparency_becomes_alpha_and_sixteen_bit_alpha_is_refused(tmp_path):
@@ -163,13 +175,10 @@ def test_colour_key_transparency_becomes_alpha_and_sixteen_bit_alpha_is_refused(
     Image.fromarray(rgb[..., 1]).save(grey_keyed, transparency=int(rgb[3, 3, 1]))
     assert load_image(grey_keyed).alpha[3, 3] == 0
 
-    def chunk(ctype, body):
-        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
-
     rows = b"".join(b"\0" + np.full((4, 4), 40000, ">u2").tobytes() for _ in range(4))  # 4x4 RGBA, 16 bits
     deep_alpha = tmp_path / "deep_alpha.png"
-    deep_alpha.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 6, 0, 0, 0))
-                           + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    deep_alpha.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 6, 0, 0, 0))
+                           + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
     assert Image.open(deep_alpha).mode == "RGBA", "a valid 16-bit RGBA PNG, which Pillow reads as 8 bits"
     with pytest.raises(InputError, match="deep_alpha.png: its alpha channel has 16 bits"):
         load_image(deep_alpha)
@@ -183,13 +192,9 @@ def test_bad_images_name_the_file(tmp_path):
     garbage.write_bytes(b"not an image at all")
     bomb = tmp_path / "bomb.png"
     ihdr = struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)
-
-    def chunk(ctype, body):
-        return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
-
     # a valid 100000 x 100000 PNG header with a tiny compressed body: 30 GB once decoded
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1000)))
-                     + chunk(b"IEND", b""))
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+                     + _png_chunk(b"IDAT", zlib.compress(bytes(1000))) + _png_chunk(b"IEND", b""))
     for path, message in [(truncated, "cannot read"), (garbage, "cannot read"), (bomb, "over the limit"),
                           (tmp_path / "missing.png", "no such file")]:
         with pytest.raises(InputError, match=str(path.name)) as info:
