@@ -726,9 +726,16 @@ def eval_merge_cmd(
     """Combine the chunks of an evaluation into one summary (metrics.json, metrics.md)."""
     from .evaluate import combine, markdown, summarize
 
+    from .evaluate import pair_ranges
+
     files = sorted(folder.glob("chunk-*/features.npz"))
     if not files:
         _fail(UsageError(f"{folder}: no chunk-*/features.npz to merge; run eval with --stage score first"))
+    unscored = sorted(c.name for c in folder.glob("chunk-*") if (c / "transform.json").is_file()
+                      and not (c / "features.npz").is_file())
+    if unscored:  # merging without them would quietly drop their pairs
+        _fail(UsageError(f"{folder}: {', '.join(unscored)} have transforms but no scores; run eval --stage score "
+                         "on them, or move them out of the folder"))
     base = None
     if extend is not None:
         if extend.resolve() == (folder / "metrics.json").resolve():
@@ -746,6 +753,9 @@ def eval_merge_cmd(
             summary = combine(base, summarize(files, threshold=base["threshold_cosine_far_0.1%"]))
     except UsageError as exc:
         _fail(exc)
+    covered = pair_ranges(summary["chunks"])
+    if "," in covered or not covered.startswith("0-"):
+        err.print(f"[yellow]note[/yellow]: the chunks cover pairs {covered} only")
     (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
     (folder / "metrics.md").write_text(markdown(summary, title))
     err.print(markdown(summary, title))

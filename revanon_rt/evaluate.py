@@ -13,6 +13,7 @@ A chunk (--start/--limit) writes its own folder; `eval-merge` summarizes all chu
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -196,28 +197,30 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
                          "attacker's pair from another image of the same chunk, so give a chunk with at least two")
     started = time.perf_counter()
     pool = linkage_pool(images, candidates - 1, seed)
-    ranks, fallbacks = [], 0
+    ranks, ranked, fallbacks = [], [], []
     if targets:
-        ranks, fallbacks = _transform_targets(backend, targets, images, out, rng, keys, pool, masker=masker,
+        ranks, ranked, fallbacks = _transform_targets(backend, targets, images, out, seed, keys, pool, masker=masker,
                                               mask_dir=mask_dir, steps=steps, batch=batch, candidates=candidates,
                                               tick=progress or (lambda phase, n: None), pool_cache=pool_cache)
     facts = {"targets": targets, "steps": steps, "model_fingerprint": backend.fingerprint,
              "image_size": backend.image_size, "latent_shape": list(backend.latent_shape),
-             "linkage_ranks": ranks, "linkage_candidates": 1 + min(len(pool), candidates - 1),
+             "linkage_ranks": ranks, "linkage_names": ranked, "linkage_candidates": 1 + min(len(pool), candidates - 1),
              "linkage_pool": pool, "genuine_only": genuine_only,
-             "transform_seconds": time.perf_counter() - started, "mask_fallbacks": fallbacks,
+             "transform_seconds": time.perf_counter() - started, "mask_fallbacks": len(fallbacks),
+             "mask_fallback_names": fallbacks,
              "pairs": [[p.first, p.second, p.same] for p in pairs]}
     out.mkdir(parents=True, exist_ok=True)
     (out / "transform.json").write_text(json.dumps(facts, indent=1))
     return facts
 
 
-def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path, rng, keys: dict[str, bytes],
+def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path, seed: int, keys: dict[str, bytes],
                        pool: list[str], *, masker, mask_dir, steps, batch, candidates, tick, pool_cache):
-    """Masks, every condition's images and the linkage ranks of the targets; returns (ranks, mask fallbacks)."""
+    """Masks, every condition's images and the linkage ranks of the targets; returns (ranks, the names they
+    belong to, the targets whose mask fell back to the template)."""
     c, h, w = backend.latent_shape
     rgbs = np.stack([images(n) for n in targets])
-    maps, fallbacks = [], 0
+    maps, fallbacks = [], []
     tick("masks", 0)
     for name, rgb in zip(targets, rgbs):
         if mask_dir is not None:
@@ -229,19 +232,20 @@ def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path
                 if masker.name != "landmarks":
                     raise
                 # the crops are aligned: where dlib finds no face, the template says where it is
-                face_map, fallbacks = template_region(images.size), fallbacks + 1
+                face_map = template_region(images.size)
+                fallbacks.append(name)
         _save(out / "masks", name, np.repeat((face_map * 255).astype(np.uint8)[..., None], 3, axis=2))
         maps.append(face_map)
         tick("masks", 1)
     masks = np.stack([latent_mask(f, (h, w)) for f in maps])
-    nonces = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in targets]
+    nonces = [image_nonce(seed, name) for name in targets]
 
     transformed, z_orig, z_anon = transform_conditions(backend, rgbs, masks, nonces, keys, steps, batch, tick)
     results = {"original": rgbs, **transformed}
 
     # Key-free linkage: rank 100 candidate originals by the correlation of |z_T| inside the mask.
     z_pool = _pool_latents(backend, images, pool, steps, batch, pool_cache, tick)
-    ranks = []
+    ranks, ranked = [], []
     for i, name in enumerate(targets):
         others = [j for j, p in enumerate(pool) if identity(p) != identity(name)][: candidates - 1]
         cands = np.concatenate([z_orig[i:i + 1], z_pool[others]])
@@ -252,11 +256,18 @@ def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path
         with np.errstate(invalid="ignore", divide="ignore"):
             scores = np.nan_to_num([np.corrcoef(probe, np.abs(cand)[m])[0, 1] for cand in cands], nan=-1.0)
         ranks.append(int(np.sum(scores > scores[0])))  # 0 = the true source ranked first
+        ranked.append(name)
 
     for condition, stack in results.items():
         for name, rgb in zip(targets, stack):
             _save(out / "images" / condition, name, rgb)
-    return ranks, fallbacks
+    return ranks, ranked, fallbacks
+
+
+def image_nonce(seed: int, name: str) -> bytes:
+    """Each image's nonce, from the run's seed and its name: distinct per face as the tool's are, and the
+    same whichever chunk transforms the image."""
+    return hashlib.sha256(f"revanon-eval/{seed}/{name}".encode()).digest()[:16]
 
 
 def linkage_pool(images: ZipImages, count: int, seed: int) -> list[str]:
@@ -403,7 +414,7 @@ def _pair_range(chunk_name: str) -> range:
         raise UsageError(f"{chunk_name}: not a chunk folder name (chunk-START-END)") from None
 
 
-def _pair_ranges(chunk_names: list[str]) -> str:
+def pair_ranges(chunk_names: list[str]) -> str:
     """'0-319, 600-799' for the chunks that cover those pairs."""
     spans: list[list[int]] = []
     for r in sorted((_pair_range(name) for name in chunk_names), key=lambda r: r.start):
@@ -426,8 +437,9 @@ def _refuse_overlaps(chunk_names: list[str]) -> None:
 def summarize(feature_files: list[Path], threshold: float | None = None) -> dict:
     """TAR@FAR=0.1% per condition and the other figures, over every chunk given.
 
-    Each pair is scored against its own chunk's transforms: an image that two chunks share was
-    anonymized twice, under different nonces. threshold: use this one instead of setting it here."""
+    Each pair is scored against its own chunk's transforms. An image that two chunks share was transformed
+    in both; the per-image figures (cosine, detection, PSNR, SSIM, regions, linkage) count it once, from its
+    first chunk. threshold: use this one instead of setting it here."""
     chunks = [path.parent for path in feature_files]
     _refuse_overlaps([c.name for c in chunks])
     settings = [_setting(c) for c in chunks]
@@ -439,7 +451,8 @@ def summarize(feature_files: list[Path], threshold: float | None = None) -> dict
     same_image, psnrs, ssims, ranks = [], [], [], []
     regions = {figure: [] for figure in REGION_FIGURES}
     detected = {condition: [] for condition in ("original", "anonymized", "recovered")}
-    pair_count, seconds, candidates = 0, 0.0, 0
+    pair_count, seconds, candidates, fallbacks = 0, 0.0, 0, 0
+    seen: set[str] = set()
     for path in feature_files:
         data = np.load(path)
         desc, found = {}, {}
@@ -453,16 +466,27 @@ def summarize(feature_files: list[Path], threshold: float | None = None) -> dict
             if same == "1":
                 for condition in CONDITIONS:
                     genuine[condition].append(float(desc[("clean", first)] @ desc[(condition, second)]))
-        targets = sorted(name for condition, name in desc if condition == "anonymized")
-        same_image += [float(desc[("original", s)] @ desc[("anonymized", s)]) for s in targets]
+        targets = sorted(name for condition, name in desc if condition == "anonymized")  # as the arrays are
+
+        def once(values, names=targets):
+            return [v for v, name in zip(values, names) if name not in seen]
+
+        same_image += once([float(desc[("original", s)] @ desc[("anonymized", s)]) for s in targets])
         for condition in detected:
-            detected[condition] += [found[(condition, s)] for s in targets]
-        psnrs += list(data["psnr"])
-        ssims += list(data["ssim"])
+            detected[condition] += once([found[(condition, s)] for s in targets])
+        psnrs += once(data["psnr"])
+        ssims += once(data["ssim"])
         for figure in REGION_FIGURES:
             if f"region_{figure}" in data.files:
-                regions[figure] += list(data[f"region_{figure}"])
-        ranks += list(data["linkage_ranks"])
+                regions[figure] += once(data[f"region_{figure}"])
+        facts = json.loads((path.parent / "transform.json").read_text())
+        # runs from before the names were kept: the ranks line up with the targets unless a mask was empty
+        ranked = facts.get("linkage_names", targets if len(data["linkage_ranks"]) == len(targets) else None)
+        ranks += once(data["linkage_ranks"], ranked) if ranked is not None else list(data["linkage_ranks"])
+        chunk_fallbacks = len(once(facts["mask_fallback_names"], facts["mask_fallback_names"])) \
+            if "mask_fallback_names" in facts else facts.get("mask_fallbacks")  # older runs kept only the count
+        fallbacks = None if fallbacks is None or chunk_fallbacks is None else fallbacks + chunk_fallbacks
+        seen.update(targets)
         candidates = int(data["linkage_candidates"])
         seconds += float(data["transform_seconds"]) + float(data["score_seconds"])
     # clean impostor scores: every cross-identity combination of clean images
@@ -489,6 +513,7 @@ def summarize(feature_files: list[Path], threshold: float | None = None) -> dict
         "face_detection_rate": {c: float(np.mean(flags)) if flags else None for c, flags in detected.items()},
         "linkage": linkage,
         "mask_regions": _region_summary(regions),
+        "mask_fallbacks": fallbacks,
         "wall_seconds": seconds,
         "setting": settings[0],
         "counts": {"genuine_pairs": len(genuine["original"]), "cosine": len(same_image),
@@ -576,6 +601,8 @@ def combine(base: dict, extra: dict) -> dict:
                                 for c in base["face_detection_rate"]},
         "linkage": {**la, "top1": mix(la["top1"], lb["top1"], "linkage"), "top5": mix(la["top5"], lb["top5"], "linkage")},
         "mask_regions": _combined_regions(base.get("mask_regions"), n, extra.get("mask_regions"), m),
+        "mask_fallbacks": None if base.get("mask_fallbacks") is None or extra.get("mask_fallbacks") is None
+        else base["mask_fallbacks"] + extra["mask_fallbacks"],
         "wall_seconds": base["wall_seconds"] + extra["wall_seconds"],
         "setting": base["setting"], "counts": both, "chunks": base["chunks"] + extra["chunks"],
     }
@@ -606,8 +633,8 @@ def markdown(summary: dict, title: str) -> str:
              "", "| second image | TAR@FAR=0.1% |", "|---|---:|"]
     if "threshold_from" in summary:
         later = [c for c in summary["chunks"] if c not in summary["threshold_from"]]
-        lines[3:3] = ["", f"The impostor scores come from the clean images of pairs {_pair_ranges(summary['threshold_from'])}. "
-                      f"Pairs {_pair_ranges(later)} were added at that threshold; their own clean images are not among them."]
+        lines[3:3] = ["", f"The impostor scores come from the clean images of pairs {pair_ranges(summary['threshold_from'])}. "
+                      f"Pairs {pair_ranges(later)} were added at that threshold; their own clean images are not among them."]
     lines += [f"| {label} | {100 * value:.1f}% |" for label, value in rows if value is not None]
     c = summary["cosine_original_vs_anonymized"]
     lines.append("")
@@ -637,6 +664,10 @@ def markdown(summary: dict, title: str) -> str:
     if k["top1"] is not None:
         lines.append(f"- key-free linkage among {k['candidates']} candidates: top-1 {100 * k['top1']:.1f}% "
                      f"(chance {100 * k['chance_top1']:.1f}%), top-5 {100 * k['top5']:.1f}% (chance {100 * k['chance_top5']:.1f}%)")
+    if summary.get("mask_fallbacks"):
+        lines.append(f"- masks: dlib found no face in {summary['mask_fallbacks']} of {summary['counts']['cosine']} "
+                     "transformed images, which took the template face region of the aligned crop instead (where "
+                     "`run anonymize --masker landmarks` stops and asks for a mask)")
     lines.append(f"- wall time: {summary['wall_seconds']:.0f} s")
     return "\n".join(lines) + "\n"
 

@@ -235,3 +235,29 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path):
     assert grown["pairs"] == 10 and grown["genuine_pairs"] == 8
     assert grown["counts"]["cosine"] == summary["counts"]["cosine"] + 2
     assert grown["impostor_scores"] > summary["impostor_scores"]
+
+
+def test_an_image_two_chunks_share_gets_one_nonce_and_counts_once(zero_engines, tmp_path):
+    """Pairs 6 and 7 share their second image. Each image's nonce comes from its name, so both chunks
+    anonymize it identically, as one run of the tool would; the per-image figures count it once."""
+    out = tmp_path / "eval"
+    common = ("--pairs", LFW / "dev_pairs.txt", "--images", LFW / "dev-128.zip", "--engine", zero_engines["zero64"],
+              "--steps", "3", "--candidates", "8", "--out", out)
+    for start in (5, 7):
+        done = cli("eval", *common, "--start", str(start), "--limit", "2")
+        assert done.returncode == 0, done.stderr
+    shared = "Angela_Bassett/Angela_Bassett_0005.png"
+    assert (out / "chunk-00005-00007" / "images" / "anonymized" / shared).read_bytes() == \
+        (out / "chunk-00007-00009" / "images" / "anonymized" / shared).read_bytes()
+    merged = cli("eval-merge", out)
+    assert merged.returncode == 0, merged.stderr
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["genuine_pairs"] == 4 and summary["counts"]["cosine"] == summary["counts"]["recovery"] == 3
+    assert summary["counts"]["linkage"] == summary["counts"]["region_inside"] == 3
+    assert summary["mask_fallbacks"] == 0, "--engine on crops: dlib found every face"
+    assert "cover pairs 5-8 only" in merged.stderr
+
+    unscored = cli("eval", *common, "--start", "9", "--limit", "2", "--stage", "transform")
+    assert unscored.returncode == 0, unscored.stderr
+    refused = cli("eval-merge", out)
+    assert refused.returncode == 2 and "chunk-00009-00011 have transforms but no scores" in refused.stderr
