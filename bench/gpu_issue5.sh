@@ -17,8 +17,10 @@ MODEL=${MODEL:-$WORK/models/demo-lfw128}
 EVAL_PAIRS=${EVAL_PAIRS:-1200}
 EVAL_CHUNK=${EVAL_CHUNK:-200}
 PHOTOS=${PHOTOS:-12}
-# -P: the checkout's revanon_rt/ (without the engines/ and export/ it installs with) must not shadow /tmp/site
-RT="$PYTHON -P -m revanon_rt"
+# the checkout's revanon_rt/ (without the engines/ and export/ it installs with) must not shadow /tmp/site,
+# in this script's commands or in the processes they start; logs must reach $OUT as they are written
+export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+RT="$PYTHON -m revanon_rt"
 name=$(basename "$MODEL")
 stage=$1; shift
 
@@ -33,8 +35,8 @@ install)
     fi
   done
   rm -rf /tmp/site/revanon_rt && cp -r revanon_rt /tmp/site/ && cp -r engines export /tmp/site/revanon_rt/
-  python3 -P -c "import revanon_rt.engines, diffusers, torch; print('ready:', torch.cuda.get_device_name())"
-  python3 -P -c "import dlib" 2>/dev/null || echo "no dlib yet: carry .whl-dlib in the first train, eval or photos call"
+  python3 -c "import revanon_rt.engines, diffusers, torch; print('ready:', torch.cuda.get_device_name())"
+  python3 -c "import dlib" 2>/dev/null || echo "no dlib yet: carry .whl-dlib in the first train, eval or photos call"
   ;;
 train)
   minutes=$1; shift
@@ -44,25 +46,33 @@ train)
   cp $MODEL/checkpoint/loss.csv $MODEL/checkpoint/pieces.jsonl $OUT/demo-lfw128/
   ;;
 eval)
+  # Each chunk's dlib scoring runs on the CPU cores while the GPU transforms the next chunk. A retry on a
+  # warm machine keeps the chunks already done: transform.json and features.npz are written last.
   dev=.data/lfw-dev
-  rm -rf $WORK/eval && mkdir -p $WORK/eval
-  starts=$(seq 0 $EVAL_CHUNK $((EVAL_PAIRS - 1)))
-  for start in $starts; do   # the model work, one process on the GPU
-    $RT eval --pairs $dev/dev_pairs.txt --images $dev/dev-128.zip --model $MODEL --masker landmarks \
-      --stage transform --start $start --limit $EVAL_CHUNK --batch 64 --device $DEVICE --genuine-only --out $WORK/eval
-  done
+  mkdir -p $WORK/eval $OUT/eval
   pids=()
-  for start in $starts; do   # dlib, one process per chunk on the CPU cores
-    $RT eval --pairs $dev/dev_pairs.txt --images $dev/dev-128.zip --model $MODEL --masker landmarks \
-      --stage score --start $start --limit $EVAL_CHUNK --out $WORK/eval > $WORK/eval/score-$start.log 2>&1 &
-    pids+=($!)
+  for start in $(seq 0 $EVAL_CHUNK $((EVAL_PAIRS - 1))); do
+    end=$((start + EVAL_CHUNK < EVAL_PAIRS ? start + EVAL_CHUNK : EVAL_PAIRS))
+    chunk=$WORK/eval/chunk-$(printf %05d $start)-$(printf %05d $end)
+    args=(--pairs $dev/dev_pairs.txt --images $dev/dev-128.zip --masker landmarks --start $start
+          --limit $EVAL_CHUNK --out $WORK/eval)
+    if [ ! -f $chunk/transform.json ]; then
+      $RT eval "${args[@]}" --model $MODEL --stage transform --batch 64 --device $DEVICE --genuine-only \
+        2>&1 | tee $OUT/eval/transform-$start.log
+    fi
+    if [ ! -f $chunk/features.npz ]; then
+      $RT eval "${args[@]}" --stage score > $OUT/eval/score-$start.log 2>&1 &
+      pids+=($!)
+    fi
   done
-  for pid in "${pids[@]}"; do wait "$pid" || { tail -n 20 $WORK/eval/score-*.log; exit 1; }; done
+  for pid in "${pids[@]}"; do wait "$pid" || { tail -n 20 $OUT/eval/score-*.log; exit 1; }; done
   $RT eval-merge $WORK/eval
-  mkdir -p $OUT/eval && cp $WORK/eval/metrics.json $WORK/eval/metrics.md $OUT/eval/
+  cp $WORK/eval/metrics.json $WORK/eval/metrics.md $OUT/eval/
   ;;
 photos)
   mkdir -p $OUT/results
+  # the README's figure first: what a timeout cuts is the tail
+  $PYTHON docs/draw_photo_example.py --model $MODEL --device $DEVICE --out $OUT/photo-example.png
   $PYTHON bench/photo_recovery.py --model $MODEL --device $DEVICE --photos $PHOTOS \
     --originals .data/lfw-dev/dev-250-originals.zip
   cp bench/results/photo-recovery-$name.* $OUT/results/
@@ -74,7 +84,6 @@ photos)
       --steps $steps
   done
   cp bench/results/inversion-drift-$name-*.* $OUT/results/
-  $PYTHON docs/draw_photo_example.py --model $MODEL --device $DEVICE --out $OUT/photo-example.png
   ;;
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -113,11 +113,14 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
     scheduler = DDIMScheduler.from_config({k: v for k, v in SCHEDULER.items() if not k.startswith("_")})
     abar = scheduler.alphas_cumprod.to(dev)
     step, rng_state = 0, None
     if resume:
-        state = torch.load(state_path, map_location=dev, weights_only=False)
+        # on the CPU: AdamW keeps each "step" where it was loaded, and on a GPU it would read them back
+        # with a sync per parameter per step; load_state_dict moves weights and moments to the model's device
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -162,8 +165,7 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
             optimizer.step()
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for e, p in zip(ema.parameters(), unet.parameters()):
-                    e.lerp_(p, 1 - decay)
+                torch._foreach_lerp_(ema_params, unet_params, 1 - decay)  # one launch, not one per tensor
             step += 1
             window.append(float(loss.detach()))
             if step % 100 == 0 or step == max_steps:

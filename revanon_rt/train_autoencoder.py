@@ -77,12 +77,14 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
     rng = np.random.default_rng(cfg.seed)
     step = 0
     if resume:
-        state = torch.load(ckpt / STATE, map_location=dev, weights_only=False)
+        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)  # as train.py, for AdamW's step
         vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"].cpu())
+        if dev.type == "cuda" and state.get("cuda_rng") is not None:  # else a piece replays the first's noise
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
         log(f"resumed at step {step}")
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / CONFIG).write_text(json.dumps(asdict(cfg)))
@@ -157,7 +159,8 @@ def _save_state(path: Path, vae, optimizer, step: int, rng) -> None:
 
     tmp = path.with_suffix(".tmp")
     torch.save({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, tmp)
+                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}, tmp)
     tmp.replace(path)
 
 
