@@ -501,6 +501,10 @@ def verify_cmd(
     for name, check in report["checks"].items():
         mark = "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]"
         out.print(f"{mark} {name}: {_fmt(check['value'])} (needs {check['threshold']})")
+    precision = backend.engine.manifest.data.get("precision", "fp32")
+    if precision != "fp32":
+        out.print(f"note: this engine computes in {precision}, which it was built to trade for speed; the thresholds "
+                  f"are strict fp32's, and the figures above are what {precision} costs, recovery included")
     if json_out:
         from .images import write_atomic
 

@@ -49,6 +49,24 @@ def test_verify_proves_the_fused_loop_equal_to_the_plain_functions(compiled_zero
     assert report["stages"]["fused loop vs plain functions"]["max_abs"] < 1e-5
 
 
+def test_a_fast_precision_builds_runs_and_verify_reports_its_cost(models, tmp_path):
+    """bf16 on the CPU: the opt-in fast mode builds, round-trips through the CLI, and verify prints what it
+    costs against the strict reference instead of passing it off as exact."""
+    engine = tmp_path / "bf16"
+    built = cli("build", "--backend", "compiled", "--model", models["ldm"], "--out", engine, "--device", "cpu",
+                "--precision", "bf16")
+    assert built.returncode == 0, built.stderr
+    assert json.loads((engine / "engine.json").read_text())["precision"] == "bf16"
+    result = cli("verify", "--engine", engine, "--model", models["ldm"], "--steps", "4", "--replays", "2",
+                 "--json", tmp_path / "v.json")
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert result.returncode == (0 if report["passed"] else 1)
+    assert "computes in bf16" in result.stdout and "what bf16 costs" in result.stdout
+    assert report["stages"]["encode"]["rel_l2"] > 1e-4, "bf16 weights really are in use"
+    assert report["checks"]["fused loop equals plain functions"]["passed"], "the loop math stays fp32"
+    assert {"recovery pytorch -> engine", "recovery engine -> pytorch"} <= set(report["stages"])
+
+
 def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, tmp_path):
     from revanon_rt.engines.manifest import manifest_digest
 
