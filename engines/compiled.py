@@ -24,6 +24,7 @@ try:
 except ImportError:
     raise UsageError("the compiled backend needs torch: pip install 'revanon-rt[torch]'") from None
 
+from ..reference import set_tf32, use_strict_fp32
 from ..sampler import ddim_coefficients, ddim_update, keyed_flip, reinject
 from .manifest import EngineManifest, rebuild_hint
 
@@ -33,18 +34,10 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def apply_precision(precision: str) -> None:
-    """Strict fp32 unless TF32 is asked for; deterministic kernels in every mode."""
-    import os
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    torch.use_deterministic_algorithms(True)
-    # deterministic mode would also fill every new buffer with NaN first; no kernel here reads one unwritten
-    torch.utils.deterministic.fill_uninitialized_memory = False
+    """The reference's strict fp32 and deterministic kernels, with TF32 only when it is asked for."""
+    use_strict_fp32()  # importing the reference has set CUBLAS_WORKSPACE_CONFIG before torch starts CUDA
+    if precision == "tf32":
+        set_tf32(True)
 
 
 def compute_dtype(precision: str):

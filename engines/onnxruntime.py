@@ -43,6 +43,11 @@ def session_options(threads: int | None = None, optimization: str = "all", mem_p
     return so
 
 
+def cuda_device_id(device: str) -> int:
+    """0 for cuda and auto, N for cuda:N."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+
+
 def cpu_or_cuda_providers(device: str) -> list:
     import onnxruntime as ort
 
@@ -50,9 +55,7 @@ def cpu_or_cuda_providers(device: str) -> list:
     wants_cuda = device in ("cuda", "auto") or device.startswith("cuda:")
     if wants_cuda and "CUDAExecutionProvider" in available:
         # DEFAULT conv algorithm search: no per-run benchmarking whose winner could change the bits
-        options = {"cudnn_conv_algo_search": "DEFAULT", "use_tf32": 0}
-        if device.startswith("cuda:"):
-            options["device_id"] = int(device.split(":", 1)[1])
+        options = {"cudnn_conv_algo_search": "DEFAULT", "use_tf32": 0, "device_id": cuda_device_id(device)}
         return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     if device == "cuda" or device.startswith("cuda:"):
         raise UsageError("--device cuda: this onnxruntime has no CUDAExecutionProvider; "
@@ -84,7 +87,6 @@ class OnnxRuntimeEngine:
             # onnxruntime falls back to the CPU when the CUDA provider cannot start, and says so only in a log
             raise UsageError(f"--device {device}: onnxruntime's CUDA provider did not start (check the CUDA and "
                              "cuDNN libraries onnxruntime-gpu needs); --device cpu runs on the CPU")
-        self._output_device = ("cuda", int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0)
         self._bindings = {name: session.io_binding() for name, session in self.sessions.items()}
 
     @classmethod
@@ -128,7 +130,7 @@ class OnnxRuntimeEngine:
         binding = self._bindings[graph]
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
-        device, device_id = self._output_device if self.on_gpu else ("cpu", 0)
+        device, device_id = ("cuda", cuda_device_id(self.device)) if self.on_gpu else ("cpu", 0)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for output in self.sessions[graph].get_outputs():

@@ -22,13 +22,17 @@ import torch  # noqa: E402
 from . import nets  # noqa: E402
 
 
+def set_tf32(allowed: bool) -> None:
+    """TF32 in cuBLAS and cuDNN, or strict fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    torch.set_float32_matmul_precision("high" if allowed else "highest")
+
+
 def use_strict_fp32() -> None:
     """No TF32, no autotuning, deterministic kernels: the reference must mean the same thing everywhere."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    set_tf32(False)
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
-    torch.set_float32_matmul_precision("highest")
     torch.use_deterministic_algorithms(True)
     # deterministic mode would also NaN-fill every new buffer: ~300 extra writes per UNet call, and no
     # kernel here reads memory it did not write
@@ -41,8 +45,7 @@ def tf32_off():
     globally, and the reference must stay strict fp32 beside it."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    set_tf32(False)
     try:
         yield
     finally:
