@@ -82,6 +82,10 @@ class CompiledEngine:
     precisions = PRECISIONS
 
     @classmethod
+    def require_available(cls) -> None:
+        """Importing this module needs torch, so a compiled engine can always build once it is imported."""
+
+    @classmethod
     def reference_device(cls, device: str) -> str:
         """Packages are compiled for the device they will run on, from modules living there."""
         if device.startswith("cuda:"):
@@ -116,7 +120,7 @@ class CompiledEngine:
             facts["gpu"] = torch.cuda.get_device_name()
         return {"compiled": facts}
 
-    def __init__(self, manifest: EngineManifest, device: str = "auto", options=None):
+    def __init__(self, manifest: EngineManifest, device: str = "auto"):
         facts = manifest.data.get("compiled", {})
         if facts.get("torch") != torch.__version__:
             raise UsageError(f"{manifest.engine_dir}: compiled with torch {facts.get('torch')}, this is torch "

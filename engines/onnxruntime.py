@@ -68,13 +68,13 @@ class OnnxRuntimeEngine:
 
     kind = "onnxruntime"
 
-    def __init__(self, manifest: EngineManifest, device: str = "cpu", options=None):
+    def __init__(self, manifest: EngineManifest, device: str = "cpu"):
         import onnxruntime as ort
 
         self.manifest = manifest
         self.device = device
         providers = self.session_providers(manifest, device)
-        options = options or session_options()
+        options = session_options()
         self.sessions = {}
         for name in manifest.graphs:
             try:
@@ -94,6 +94,14 @@ class OnnxRuntimeEngine:
         return cpu_or_cuda_providers(device)
 
     precisions = ("fp32",)
+
+    @classmethod
+    def require_available(cls) -> None:
+        """Raise a UsageError saying what to install when this backend cannot build here."""
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise UsageError("this backend needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
 
     @classmethod
     def reference_device(cls, device: str) -> str:
@@ -117,12 +125,6 @@ class OnnxRuntimeEngine:
 
         return {"onnx": {**graph_info(staging_dir / graphs["unet"]["file"]),
                          "exporter": "torch.onnx.export(dynamo=True) + polygraphy fold"}}
-
-    @classmethod
-    def build(cls, model_dir: Path, out_dir: Path, **kwargs) -> Path:
-        from ..export.build import build_engine
-
-        return build_engine(cls, model_dir, out_dir, **kwargs)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """One call with IOBinding: inputs are bound once per call and the output lands in an

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .manifest import EngineManifest, file_sha256
-from .onnxruntime import OnnxRuntimeEngine
+from .onnxruntime import OnnxRuntimeEngine, cuda_device_id
 
 INSTALL_HINT = ("the tensorrt backend needs onnxruntime-gpu built with TensorRT (TensorrtExecutionProvider), "
                 "or the tensorrt and polygraphy packages: pip install tensorrt polygraphy")
@@ -51,6 +51,10 @@ class TensorRTEngine(OnnxRuntimeEngine):
     kind = "tensorrt"
 
     @classmethod
+    def require_available(cls) -> None:
+        require_tensorrt()
+
+    @classmethod
     def session_providers(cls, manifest: EngineManifest, device: str) -> list:
         if not ort_trt_available():
             raise UsageError(INSTALL_HINT)
@@ -59,11 +63,12 @@ class TensorRTEngine(OnnxRuntimeEngine):
         os.environ.setdefault("NVIDIA_TF32_OVERRIDE", "0")
         cache = manifest.engine_dir / "trt_cache"
         cache.mkdir(exist_ok=True)
-        trt_options = {"trt_fp16_enable": False, "trt_int8_enable": False,
+        device_id = cuda_device_id(device)
+        trt_options = {"device_id": device_id, "trt_fp16_enable": False, "trt_int8_enable": False,
                        "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
         return [("TensorrtExecutionProvider", trt_options),
-                ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "DEFAULT", "use_tf32": 0})]
+                ("CUDAExecutionProvider", {"device_id": device_id, "cudnn_conv_algo_search": "DEFAULT", "use_tf32": 0})]
 
     @classmethod
     def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict:
@@ -78,9 +83,13 @@ class NativeTensorRTEngine:
 
     kind = "tensorrt"
 
-    def __init__(self, manifest: EngineManifest, device: str = "cuda", options=None):
+    def __init__(self, manifest: EngineManifest, device: str = "cuda"):
         if not native_available():
             raise UsageError(INSTALL_HINT)
+        if cuda_device_id(device) != 0:
+            # polygraphy's runners use the process's current CUDA device, which this engine does not switch
+            raise UsageError(f"--device {device}: native TensorRT engines run on the first visible GPU; "
+                             f"choose the GPU with CUDA_VISIBLE_DEVICES={cuda_device_id(device)} and --device cuda")
         from polygraphy.backend.common import BytesFromPath
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 

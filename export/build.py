@@ -19,6 +19,7 @@ from .. import __version__
 from ..engines.manifest import FORMAT, MANIFEST, file_sha256, read_manifest, write_manifest
 from ..batch import is_within
 from ..errors import UsageError
+from ..verify import differences
 from .descriptors import descriptors_for
 
 
@@ -37,9 +38,7 @@ def _versions() -> dict:
 def parity(reference_out: np.ndarray, engine_out: np.ndarray) -> dict:
     if reference_out.dtype == np.uint8:
         return {"differing": int(np.count_nonzero(reference_out != engine_out)), "total": int(reference_out.size)}
-    diff = engine_out.astype(np.float64) - reference_out.astype(np.float64)
-    norm = float(np.linalg.norm(reference_out.astype(np.float64)))
-    return {"max_abs": float(np.abs(diff).max()), "rel_l2": float(np.linalg.norm(diff) / norm) if norm else 0.0}
+    return differences(reference_out, engine_out)
 
 
 def _reference_run(reference, descriptor) -> np.ndarray:
@@ -55,6 +54,7 @@ def build_engine(engine_cls, model_dir: Path, out_dir: Path, *, parser: Path | N
                  overwrite: bool = False, device: str = "cpu", precision: str = "fp32", log=print) -> Path:
     from ..reference import TorchReference
 
+    engine_cls.require_available()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise UsageError(f"{out_dir}: already exists; give --overwrite to replace it")

@@ -29,7 +29,7 @@ from .faces import template_region
 from .images import encode_png, write_atomic
 from .keys import ZERO_NONCE, flip_subkey
 from .masks import face_map_from_file, latent_mask
-from .pixels import psnr, to_model, to_u8
+from .pixels import pixel_region, psnr, to_model, to_u8
 from .pipeline import crop_patterns
 from .sampler import flipped_and_denoised, inverted
 
@@ -328,15 +328,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(values))
 
 
-def pixel_region(face_map: np.ndarray, latent_hw: tuple[int, int], image_size: int) -> np.ndarray:
-    """The pixels whose latents the keyed flip changes: the latent mask M, brought back to the image
-    grid (True inside). Outside it re-injection restores the original latents."""
-    mask = latent_mask(face_map, latent_hw)
-    if image_size % mask.shape[0] or image_size % mask.shape[1]:
-        return np.asarray(Image.fromarray(mask * 255).resize((image_size, image_size), Image.Resampling.NEAREST)) > 127
-    return np.kron(mask, np.ones((image_size // mask.shape[0], image_size // mask.shape[1]), np.uint8)) > 0
-
-
 def region_quality(original: np.ndarray, anonymized: np.ndarray, recovered: np.ndarray, inside: np.ndarray) -> dict:
     """Where recovery is lost: PSNR inside and outside the region, and whether the outside came back
     byte for byte (it does for a pixel model; a latent model's decoder redraws it). NaN for an empty side."""
@@ -383,8 +374,9 @@ def run_score(out: Path, images: ZipImages, recognizer, progress=None) -> Path:
     regions = {figure: [] for figure in REGION_FIGURES}
     if "latent_shape" in facts:  # transforms from before it was recorded have no regions
         for name in facts["targets"]:
-            inside = pixel_region(face_map_from_file(out / "masks" / _png_name(name)), tuple(facts["latent_shape"][1:]),
-                                  facts["image_size"])
+            face_map = face_map_from_file(out / "masks" / _png_name(name))
+            size = facts["image_size"]
+            inside = pixel_region(latent_mask(face_map, tuple(facts["latent_shape"][1:])), (size, size))
             sides = region_quality(images(name), *(_load(out / "images" / c, name) for c in ("anonymized", "recovered")),
                                    inside)
             for figure in REGION_FIGURES:

@@ -49,18 +49,21 @@ def unpack_mask(entry: object, source: str) -> np.ndarray:
     return flat.reshape(h, w).astype(np.uint8)
 
 
-def face_map_from_file(path: Path) -> np.ndarray:
+def face_map_from_image(image: Image.Image) -> np.ndarray:
     """White = face: resize to 512 x 512 with NEAREST, then F = (value >= 128)."""
+    gray = image.convert("L").resize((FACE_MAP_SIZE, FACE_MAP_SIZE), Image.Resampling.NEAREST)
+    return (np.asarray(gray) >= 128).astype(np.uint8)
+
+
+def face_map_from_file(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)  # as images are read: a mask lines up with the face as displayed
-            gray = im.convert("L").resize((FACE_MAP_SIZE, FACE_MAP_SIZE), Image.Resampling.NEAREST)
+            return face_map_from_image(ImageOps.exif_transpose(im))  # a mask lines up with the face as displayed
     except FileNotFoundError:
         raise InputError(f"{path}: mask file not found") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read the mask image ({exc})") from None
-    return (np.asarray(gray) >= 128).astype(np.uint8)
 
 
 class BiSeNetMasker:

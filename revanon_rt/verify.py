@@ -11,9 +11,9 @@ import numpy as np
 
 from .errors import UsageError
 from .keys import flip_pattern, flip_subkey
-from .masks import latent_mask
+from .masks import face_map_from_image, latent_mask
 from .pixels import psnr, to_model, to_u8, to_unit
-from .sampler import ddim_step, invert, keyed_flip, reinject
+from .sampler import denoise, invert, keyed_flip
 
 VERIFY_KEY = bytes(range(32))
 VERIFY_NONCE = bytes(range(100, 116))
@@ -27,7 +27,8 @@ class Thresholds:
     recovery_tolerance_db: float = 0.1
 
 
-def _errors(reference: np.ndarray, other: np.ndarray) -> dict:
+def differences(reference: np.ndarray, other: np.ndarray) -> dict:
+    """Largest absolute difference, and the L2 norm of the difference relative to the reference's."""
     a, b = reference.astype(np.float64), other.astype(np.float64)
     norm = float(np.linalg.norm(a))
     return {"max_abs": float(np.abs(a - b).max()), "rel_l2": float(np.linalg.norm(a - b) / norm) if norm else 0.0}
@@ -40,13 +41,15 @@ def _anonymize_tracked(backend, rgb: np.ndarray, mask: np.ndarray, steps: int, p
     pattern = flip_pattern(flip_subkey(VERIFY_KEY), VERIFY_NONCE, backend.latent_shape)[None]
     z0 = backend.encode(to_model(rgb[None]))
     keep = invert(backend.eps, z0, sched)
-    z = keyed_flip(keep.pop(), m, pattern)
+    probe_steps = {sched.timesteps[i]: i for i in probe}
     probes = {}
-    for i in range(sched.steps):
-        if i in probe:
-            probes[i] = z.copy()
-        z = reinject(ddim_step(z, backend.eps(z, sched.timesteps[i]), sched.levels[i], sched.levels[i + 1]), m,
-                     keep.pop())
+
+    def recording_eps(z, t):
+        if t in probe_steps:
+            probes[probe_steps[t]] = z.copy()
+        return backend.eps(z, t)
+
+    z = denoise(recording_eps, keyed_flip(keep.pop(), m, pattern), sched, m, keep)
     decoded = backend.decode(z)
     return {"z0": z0, "probes": probes, "z_final": z, "decoded": decoded, "rgb": to_u8(decoded)[0]}
 
@@ -82,7 +85,7 @@ def _fused_rows(engine, rgb: np.ndarray, mask: np.ndarray, steps: int, replays: 
     pattern = flip_pattern(flip_subkey(VERIFY_KEY), VERIFY_NONCE, engine.latent_shape)[None]
     plain = transform(engine, x, m, pattern, sched)
     runs = [engine.fused_transform(x, m, pattern, sched) for _ in range(max(1, replays))]
-    rows = {"fused loop vs plain functions": {**_errors(plain, runs[0]),
+    rows = {"fused loop vs plain functions": {**differences(plain, runs[0]),
                                               "identical_8bit": float(np.mean(to_u8(plain) == to_u8(runs[0])))},
             "fused loop run to run": {"replays": len(runs),
                                       "bitwise_identical": all(np.array_equal(runs[0], r) for r in runs[1:])}}
@@ -107,22 +110,22 @@ def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
                               "differing_latent_cells": int(np.count_nonzero(m_ref != m_eng))}
         mask = m_ref
         if not 0 < mask.mean() < 1:  # an untrained parser marks nothing or everything: use the drawn face
-            mask = latent_mask(_resize_face_map(drawn_mask), latent_hw)
+            mask = latent_mask(_face_map(drawn_mask), latent_hw)
     else:
-        mask = latent_mask(_resize_face_map(drawn_mask), latent_hw)
+        mask = latent_mask(_face_map(drawn_mask), latent_hw)
     log(f"verify: {size}px image, {steps} steps, mask covers {mask.mean():.0%} of the latent grid")
 
     probe = tuple(sorted({0, steps // 2, steps - 1}))
     ref = _anonymize_tracked(reference, rgb, mask, steps, probe)
     eng = _anonymize_tracked(engine, rgb, mask, steps, probe)
-    rows["encode"] = _errors(ref["z0"], eng["z0"])
+    rows["encode"] = differences(ref["z0"], eng["z0"])
     sched = reference.schedule(steps)
     for name, i in zip(("eps first step", "eps middle step", "eps last step"), (probe[0], probe[len(probe) // 2], probe[-1])):
         z = ref["probes"][i]
-        rows[name] = {**_errors(reference.eps(z, sched.timesteps[i]), engine.eps(z, sched.timesteps[i])),
+        rows[name] = {**differences(reference.eps(z, sched.timesteps[i]), engine.eps(z, sched.timesteps[i])),
                       "timestep": sched.timesteps[i]}
-    rows["final latent"] = _errors(ref["z_final"], eng["z_final"])
-    rows["decoded image"] = _errors(ref["decoded"], eng["decoded"])
+    rows["final latent"] = differences(ref["z_final"], eng["z_final"])
+    rows["decoded image"] = differences(ref["decoded"], eng["decoded"])
     rows["anonymized 8-bit"] = {"identical_fraction": float(np.mean(ref["rgb"] == eng["rgb"])),
                                 "max_level_difference": int(np.abs(ref["rgb"].astype(int) - eng["rgb"]).max())}
 
@@ -172,7 +175,7 @@ def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
     return report
 
 
-def _resize_face_map(mask: np.ndarray) -> np.ndarray:
+def _face_map(mask: np.ndarray) -> np.ndarray:
     from PIL import Image
 
-    return (np.asarray(Image.fromarray(mask).resize((512, 512), Image.Resampling.NEAREST)) >= 128).astype(np.uint8)
+    return face_map_from_image(Image.fromarray(mask))

@@ -37,9 +37,10 @@ def zero_engines(models, tmp_path_factory):
     """ONNX Runtime engines of the ε ≡ 0 models, for tests whose subject is not the backend: a CLI run
     on an engine starts in 1-2 s, against about 10 s for importing torch and diffusers."""
     from revanon_rt.engines.onnxruntime import OnnxRuntimeEngine
+    from revanon_rt.export.build import build_engine
 
     root = tmp_path_factory.mktemp("zero_engines")
-    return {name: OnnxRuntimeEngine.build(models[name], root / name, batch=2, log=lambda message: None)
+    return {name: build_engine(OnnxRuntimeEngine, models[name], root / name, batch=2, log=lambda message: None)
             for name in ("zero", "zero64")}
 
 
