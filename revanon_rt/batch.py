@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .container import sidecar_path
@@ -55,6 +56,16 @@ def is_within(path: Path, folder: Path) -> bool:
         return False
 
 
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of an existing file: two paths to one file (a bind mount, a hard link, another
+    letter case on a case-insensitive disk) have the same identity and different resolved paths."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
     """Files are taken as given; folders are searched recursively for images, skipping hidden
     files and anything under the output folder."""
@@ -90,6 +101,7 @@ def assign_outputs(jobs: list[Job], out_dir: Path, suffix: str = ".png") -> None
     (a.png beside a.jpg), the .png input keeps it and the other keeps its extension (a.jpg.png).
     No output ever lands on an input of the run, its own or another's."""
     inputs = {j.source.resolve() for j in jobs if j.error is None}
+    input_files = {file_identity(j.source) for j in jobs if j.error is None} - {None}
     taken: dict[Path, Path] = {}
     order = sorted((j for j in jobs if j.error is None),
                    key=lambda j: (str(j.relative.parent), j.relative.stem, j.relative.suffix.lower() != ".png",
@@ -97,10 +109,11 @@ def assign_outputs(jobs: list[Job], out_dir: Path, suffix: str = ".png") -> None
     for job in order:
         folder = out_dir / job.relative.parent
         candidates = [folder / (job.relative.stem + suffix), folder / (job.relative.name + suffix)]
-        if candidates[0].resolve() == job.source.resolve():
+        if candidates[0].resolve() == job.source.resolve() or file_identity(candidates[0]) == file_identity(job.source):
             job.error = f"{job.source}: the output would replace the input; choose another --out"
             continue
-        free = [c for c in candidates if c not in taken and c.resolve() not in inputs]
+        free = [c for c in candidates
+                if c not in taken and c.resolve() not in inputs and file_identity(c) not in input_files]
         if not free:
             holder = next((taken[c] for c in candidates if c in taken), None)
             job.error = (f"{job.source}: its output name is already taken by {holder}" if holder else
@@ -135,6 +148,7 @@ def assign_neutral_outputs(jobs: list[Job], out_dir: Path, previous: dict[str, s
     and an input the mapping already names keeps its output (so a rerun skips it)."""
     previous = previous or {}
     inputs = {j.source.resolve() for j in jobs if j.error is None}
+    input_files = {file_identity(j.source) for j in jobs if j.error is None} - {None}
     used = [int(m.group(1)) for m in (NEUTRAL_NAME.match(p.name) for p in out_dir.glob("*.png")) if m] if out_dir.is_dir() else []
     used += [int(m.group(1)) for m in (NEUTRAL_NAME.match(Path(v).name) for v in previous.values()) if m]
     number = max(used, default=0)
@@ -145,7 +159,7 @@ def assign_neutral_outputs(jobs: list[Job], out_dir: Path, previous: dict[str, s
             continue
         number += 1
         job.output = out_dir / f"{number:06d}.png"
-        if job.output.resolve() in inputs:
+        if job.output.resolve() in inputs or file_identity(job.output) in input_files:
             job.error = f"{job.source}: the output {job.output} would replace an input; choose another --out"
 
 
@@ -156,7 +170,9 @@ def write_mapping(jobs: list[Job], path: Path, previous: dict[str, str] | None =
 
     mapping = dict(previous or {})
     mapping.update({str(j.source): str(j.output) for j in jobs if j.output is not None and j.output.exists()})
-    write_atomic(path, (json.dumps(mapping, indent=1, ensure_ascii=False) + "\n").encode("utf-8"), overwrite=True)
+    # it ties people's file names to the neutral ones: readable by the user alone, as a key file is
+    write_atomic(path, (json.dumps(mapping, indent=1, ensure_ascii=False) + "\n").encode("utf-8"), overwrite=True,
+                 mode=0o600)
 
 
 def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, sidecar: bool,
@@ -184,13 +200,14 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
 
 def _print_table(summary: Summary, console: Console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_edge=False)
     for column in ("input", "result", "detail"):
         table.add_column(column)
     for source, status, detail in summary.rows:
         style = {"failed": "red", "skipped": "yellow"}.get(status, "")
-        table.add_row(source, f"[{style}]{status}[/{style}]" if style else status, detail)
+        table.add_row(Text(source), Text(status, style=style), Text(detail))
     console.print(table)
 
 
@@ -199,7 +216,7 @@ def _run_one(job, process, on_step, overwrite, sidecar, summary, console) -> Non
         summary.failed += 1
         summary.failures.append(message)
         summary.rows.append((str(job.relative), "failed", message.split(": ", 1)[-1]))
-        console.print(f"[red]error[/red]: {message}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
 
     if job.error:
         return fail(job.error)
@@ -207,12 +224,14 @@ def _run_one(job, process, on_step, overwrite, sidecar, summary, console) -> Non
     if not overwrite and any(t.exists() for t in targets):
         summary.skipped += 1
         summary.rows.append((str(job.relative), "skipped", f"{job.output} exists"))
-        console.print(f"skipped: {job.output} exists (use --overwrite)", highlight=False, soft_wrap=True)
+        console.print(escape(f"skipped: {job.output} exists (use --overwrite)"), highlight=False, soft_wrap=True)
         return
+    if overwrite and file_identity(job.output) is not None and file_identity(job.output) == file_identity(job.source):
+        return fail(f"{job.source}: the output {job.output} is the input itself; choose another --out")
     try:
         result = process(job, on_step)
         for note in result.warnings:
-            console.print(f"[yellow]warning[/yellow]: {note}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]warning[/yellow]: {escape(note)}", highlight=False, soft_wrap=True)
         if not write_atomic(job.output, result.png_bytes() if result.header else _plain_png(result), overwrite):
             summary.skipped += 1
             summary.rows.append((str(job.relative), "skipped", f"{job.output} appeared meanwhile"))

@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import RevanonError, UsageError
@@ -24,6 +25,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 run_app = typer.Typer(no_args_is_help=True, help="Anonymize or recover images.")
 app.add_typer(run_app, name="run")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def say(message: str) -> None:
+    """Print a message that may hold file names or metadata values, which rich must not read as markup."""
+    err.print(message, markup=False)
 
 
 class MaskerName(str, Enum):
@@ -48,7 +54,7 @@ class OutputFormat(str, Enum):
 
 
 def _fail(exc: RevanonError) -> None:
-    err.print(f"[red]error[/red]: {exc}")
+    err.print(f"[red]error[/red]: {escape(str(exc))}")
     raise typer.Exit(exc.exit_code)
 
 
@@ -57,6 +63,12 @@ def _secret(key: Optional[Path], password_file: Optional[Path], confirm: bool):
 
     if key and password_file:
         raise UsageError("give either --key or --password-file, not both")
+    from .keys import readable_by_others
+
+    for path in (key, password_file):
+        if path is not None and readable_by_others(path):
+            err.print(f"[yellow]warning[/yellow]: {escape(str(path))} can be read by other users; "
+                      f"chmod 600 {escape(str(path))}")
     if key:
         return Secret.from_key(read_key_file(key))
     if password_file:
@@ -170,7 +182,7 @@ def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optio
 
 
 def _finish(summary, verb: str) -> None:
-    err.print(summary.line(verb))
+    say(summary.line(verb))
     raise typer.Exit(summary.exit_code)
 
 
@@ -256,7 +268,7 @@ def anonymize_cmd(
     opts = Options(steps=steps, insecure_key_reuse=insecure_key_reuse, force=force)
 
     def process(job, on_step):
-        image = load_image(job.source)
+        image = load_image(job.source, crop_size=backend.image_size if mode == Mode.crop else None)
         existing = container.read_metadata(job.source)
         if mode == Mode.photo:
             from .photo import anonymize_photo
@@ -265,9 +277,11 @@ def anonymize_cmd(
                                    detector=face_finder, selection=selection, callback=on_step)
         return anonymize_image(image, existing, backend, chosen, secret, opts, job.relative, callback=on_step)
 
-    summary = run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err)
-    if mapping is not None:
-        write_mapping(jobs, mapping, named_before)
+    try:
+        summary = run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err)
+    finally:  # an interrupted run still says which neutral name holds whose image
+        if mapping is not None:
+            write_mapping(jobs, mapping, named_before)
     _finish(summary, "anonymize")
 
 
@@ -364,11 +378,13 @@ def deanonymize_cmd(
         image = load_image(job.source)
         return deanonymize_image(image, text, source, backend, secret, opts, job.relative, maskers, on_step)
 
-    summary = run_jobs(jobs, process, verb="deanonymize", overwrite=overwrite, sidecar=sidecar, console=err)
-    if mapping is not None:
-        from .batch import write_mapping
+    try:
+        summary = run_jobs(jobs, process, verb="deanonymize", overwrite=overwrite, sidecar=sidecar, console=err)
+    finally:
+        if mapping is not None:
+            from .batch import write_mapping
 
-        write_mapping(jobs, mapping, named_before)
+            write_mapping(jobs, mapping, named_before)
     _finish(summary, "deanonymize")
 
 
@@ -381,7 +397,7 @@ def keygen_cmd(keyfile: Path = typer.Argument(..., help="Where to create the key
         keygen(keyfile)
     except RevanonError as exc:
         _fail(exc)
-    err.print(f"wrote a new key to {keyfile} (mode 0600). Keep it secret and keep a backup: "
+    say(f"wrote a new key to {keyfile} (mode 0600). Keep it secret and keep a backup: "
               "without it the originals cannot be recovered.")
 
 
@@ -395,17 +411,18 @@ def info_cmd(
     from .masks import unpack_mask
 
     try:
-        text = container.read_sidecar(meta) if meta else container.read_png_chunk(image)
+        text = container.read_sidecar(meta) if meta else container.read_metadata(image)
         if text is None:
             from .errors import MetadataError
 
-            raise MetadataError(f"{image}: no revanon metadata")
+            raise MetadataError(f"{image}: no revanon metadata (neither a PNG chunk nor a sidecar "
+                                f"{container.sidecar_path(image).name} beside it)")
         header = container.parse_header(text, str(meta or image))
     except RevanonError as exc:
         _fail(exc)
     faces = header["faces"]
     coverage = [float(unpack_mask(f["mask"], "").mean()) for f in faces]
-    err.print(f"{image}: {header['state']}, {header['mode']} mode, {len(faces)} face(s), masker {header['masker']}, "
+    say(f"{image}: {header['state']}, {header['mode']} mode, {len(faces)} face(s), masker {header['masker']}, "
               f"{header['steps']} steps, kdf {header['kdf']['name']}, "
               f"model {header['model']['fingerprint'][:16]}… at {header['model']['image_size']}px"
               + (", mask coverage " + ", ".join(f"{c:.0%}" for c in coverage) if coverage else "")
@@ -444,17 +461,13 @@ def build_cmd(
         from .engines import engine_class
         from .export.build import build_engine
 
-        if backend == EngineBackendName.tensorrt:
-            from .engines.tensorrt import require_tensorrt
-
-            require_tensorrt()
         path = build_engine(engine_class(backend.value), model, out, parser=parser, batch=batch,
-                            overwrite=overwrite, device=device, precision=precision.value, log=err.print)
+                            overwrite=overwrite, device=device, precision=precision.value, log=say)
     except ImportError as exc:
         _fail(UsageError(f"build needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
     except RevanonError as exc:
         _fail(exc)
-    err.print(f"engine ready: {path}")
+    say(f"engine ready: {path}")
 
 
 @app.command("verify")
@@ -484,7 +497,7 @@ def verify_cmd(
 
         backend = open_engine(engine, device=dev)
         report = run_verify(reference, backend, image, steps,
-                            Thresholds(max_latent_rel_err, min_identical_pixels, max_mask_differences), log=err.print,
+                            Thresholds(max_latent_rel_err, min_identical_pixels, max_mask_differences), log=say,
                             replays=replays)
     except ImportError as exc:
         _fail(UsageError(f"verify needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
@@ -550,11 +563,11 @@ def train_cmd(
         changes = {k: v for k, v in (("lr", lr), ("ema_decay", ema_decay)) if v is not None}
         result = train(data, out, minutes, resume, TrainConfig(resolution=resolution, architecture=architecture,
                                                                 batch=batch, **changes), device=device,
-                       max_steps=max_steps, log=err.print, resume_changes=changes)
+                       max_steps=max_steps, log=say, resume_changes=changes)
         write_model_card(out, data, result, samples, _device(device))
     except RevanonError as exc:
         _fail(exc)
-    err.print(f"model ready: {out} (load it with --model {out})")
+    say(f"model ready: {out} (load it with --model {out})")
 
 
 @app.command("train-autoencoder")
@@ -593,10 +606,10 @@ def train_autoencoder_cmd(
         result = train_autoencoder(data, out, minutes, resume,
                                    AutoencoderConfig(resolution=resolution, latent_channels=latent_channels,
                                                      block_out_channels=widths, batch=batch, lr=lr),
-                                   device=device, max_steps=max_steps, log=err.print)
+                                   device=device, max_steps=max_steps, log=say)
     except RevanonError as exc:
         _fail(exc)
-    err.print(f"autoencoder ready after {result['steps']} steps: now train the UNet on its latents with "
+    say(f"autoencoder ready after {result['steps']} steps: now train the UNet on its latents with "
               f"revanon-rt train --data {data} --out {out} --resolution {resolution} --architecture latent")
 
 
@@ -681,13 +694,13 @@ def eval_cmd(
         except RevanonError as exc:
             _fail(exc)
     if stage == EvalStage.transform:
-        err.print(f"transforms written to {chunk}; score them with --stage score")
+        say(f"transforms written to {chunk}; score them with --stage score")
         return
     summary = summarize([chunk / "features.npz"])
     (chunk / "metrics.json").write_text(json.dumps(summary, indent=1))
     (chunk / "metrics.md").write_text(markdown(summary, f"LFW pairs {start}..{end - 1}"))
     write_atomic(chunk / "contact_sheet.png", encode_png(contact_sheet(chunk), None, None, {}), overwrite=True)
-    err.print(markdown(summary, f"LFW pairs {start}..{end - 1}"))
+    say(markdown(summary, f"LFW pairs {start}..{end - 1}"))
     typer.echo(json.dumps(summary))
 
 
@@ -762,7 +775,7 @@ def eval_merge_cmd(
         err.print(f"[yellow]note[/yellow]: the chunks cover pairs {covered} only")
     (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
     (folder / "metrics.md").write_text(markdown(summary, title))
-    err.print(markdown(summary, title))
+    say(markdown(summary, title))
     typer.echo(json.dumps(summary))
 
 
@@ -789,7 +802,7 @@ def demo_cmd(
         _fail(UsageError(f"the demo needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
     try:
         report = run_demo(out, model, _device(device), steps, seed=seed,
-                          face=None if face is DemoFace.auto else face.value, log=err.print)
+                          face=None if face is DemoFace.auto else face.value, log=say)
     except RevanonError as exc:
         _fail(exc)
     typer.echo(json.dumps(report))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
+import stat
 import struct
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import numpy as np
 from . import FORMAT
 from .encoding import b64decode, b64encode, canonical_json
 from .errors import MetadataError
+from .images import PNG_SIGNATURE
 from .keys import NONCE_BYTES, check_kdf
 from .masks import unpack_mask
 from .schedule import MAX_STEPS
@@ -25,7 +28,7 @@ STATES = ("anonymized", "recovered")
 MODES = ("crop", "photo")
 MASKERS = ("bisenet", "landmarks", "file")
 AUTH_FAILED = "wrong key, or the image or its metadata was changed"
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
 
 
 def crop_face_record(image_size: int, nonce: bytes | None, mask: dict) -> dict:
@@ -51,7 +54,9 @@ def compute_auth(k_mac: bytes, header: dict, rgb: np.ndarray) -> str:
 
 def auth_matches(k_mac: bytes, header: dict, rgb: np.ndarray) -> bool:
     stored = header.get("auth")
-    return isinstance(stored, str) and hmac.compare_digest(stored, compute_auth(k_mac, header, rgb))
+    # as bytes: compare_digest refuses str arguments holding non-ASCII characters
+    return isinstance(stored, str) and hmac.compare_digest(stored.encode("utf-8"),
+                                                           compute_auth(k_mac, header, rgb).encode("ascii"))
 
 
 def to_text(header: dict) -> str:
@@ -64,7 +69,7 @@ def read_png_chunk(path: Path) -> str | None:
     found: list[str] = []
     try:
         with open(path, "rb") as fh:
-            if fh.read(8) != _PNG_SIGNATURE:
+            if fh.read(8) != PNG_SIGNATURE:
                 return None
             while True:
                 head = fh.read(8)
@@ -106,11 +111,17 @@ def _itxt_text(rest: bytes, path: Path) -> str:
 
 
 def read_sidecar(path: Path) -> str:
+    """A metadata file, which must be a regular file within the chunk limit. It is opened without
+    blocking and checked on the open handle, so a FIFO or a device named like a sidecar is refused."""
     try:
-        size = path.stat().st_size
-        if size > MAX_CHUNK_BYTES:
-            raise MetadataError(f"{path}: {size} bytes, over the metadata limit of {MAX_CHUNK_BYTES}")
-        return path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise MetadataError(f"{path}: not a regular file")
+            data = f.read(MAX_CHUNK_BYTES + 1)
+        if len(data) > MAX_CHUNK_BYTES:
+            raise MetadataError(f"{path}: over the metadata limit of {MAX_CHUNK_BYTES} bytes")
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise MetadataError(f"{path}: metadata file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -132,11 +143,15 @@ def read_metadata(image_path: Path) -> str | None:
 def parse_header(text: str, source: str) -> dict:
     """Parse and validate metadata from an untrusted file; errors name the source."""
     try:
-        header = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, a repeated key, an over-long integer
         raise MetadataError(f"{source}: the revanon metadata is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise MetadataError(f"{source}: the revanon metadata is not a JSON object")
+    try:
+        canonical_json(header)
+    except UnicodeEncodeError:
+        raise MetadataError(f"{source}: the revanon metadata holds text that is not valid Unicode") from None
     if header.get("format") != FORMAT:
         raise MetadataError(f"{source}: format {header.get('format')!r} is not {FORMAT}")
     _require(header.get("state") in STATES, source, f"unknown state {header.get('state')!r}")
@@ -158,6 +173,17 @@ def parse_header(text: str, source: str) -> dict:
         _check_face(face, f"{source} (face {index})")
     _require("auth" not in header or isinstance(header["auth"], str), source, "auth must be a string")
     return header
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """A repeated key is refused: readers that keep the first value and readers that keep the last
+    would see different headers behind one valid MAC."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"the key {repeated!r} appears more than once")
+    return obj
 
 
 def _check_face(face: object, source: str) -> None:

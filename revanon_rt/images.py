@@ -60,8 +60,14 @@ def _refuse_sixteen_bit_alpha(path: Path) -> None:
                          "could not be kept as it is; convert the image to 8 bits per channel first")
 
 
-def load_image(path: Path) -> LoadedImage:
-    """Decode an image to RGB uint8 (+ alpha), applying EXIF orientation. Errors name the file."""
+def not_a_crop(path: Path, width: int, height: int, image_size: int) -> InputError:
+    return InputError(f"{path}: {width}x{height} is not an aligned face crop of the model's {image_size}x{image_size}; "
+                      "resize or crop it, or use --mode photo for photos")
+
+
+def load_image(path: Path, crop_size: int | None = None) -> LoadedImage:
+    """Decode an image to RGB uint8 (+ alpha), applying EXIF orientation. Errors name the file.
+    With crop_size, an image of another size is refused from its header, before it is decoded."""
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -71,6 +77,8 @@ def load_image(path: Path) -> LoadedImage:
                     f"{path}: {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
                     "(a decompression bomb, or a photo far larger than needed)"
                 )
+            if crop_size is not None and (width, height) != (crop_size, crop_size):
+                raise not_a_crop(path, width, height, crop_size)
             if im.format == "PNG":
                 _refuse_sixteen_bit_alpha(path)
             icc = im.info.get("icc_profile")
@@ -127,9 +135,10 @@ def encode_png(rgb: np.ndarray, alpha: np.ndarray | None, icc: bytes | None, itx
     return buf.getvalue()
 
 
-def write_atomic(path: Path, data: bytes, overwrite: bool) -> bool:
+def write_atomic(path: Path, data: bytes, overwrite: bool, mode: int = 0o644) -> bool:
     """Write via a temporary file and a rename. Returns False (and writes nothing) when the
-    file exists and overwrite is off, including when another process wins the race."""
+    file exists and overwrite is off, including when another process wins the race.
+    mode is narrowed by the process's umask, as open() would."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
@@ -140,7 +149,7 @@ def write_atomic(path: Path, data: bytes, overwrite: bool) -> bool:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644 & ~_umask())
+        os.chmod(tmp, mode & ~_UMASK)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -158,7 +167,11 @@ def write_atomic(path: Path, data: bytes, overwrite: bool) -> bool:
     return True
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once at import, before any thread writes files
+    mask = os.umask(0o077)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()

@@ -54,6 +54,14 @@ def read_key_file(path: Path) -> bytes:
     return parse_key_text(text, str(path))
 
 
+def readable_by_others(path: Path) -> bool:
+    """True when a key or password file grants any access to its group or to other users."""
+    try:
+        return bool(os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+    except OSError:
+        return False
+
+
 def keygen(path: Path) -> None:
     """Create a new key file with O_EXCL and mode 0600; never overwrite."""
     path = Path(path)
@@ -63,12 +71,17 @@ def keygen(path: Path) -> None:
         raise UsageError(f"{path}: already exists; keygen never overwrites a key") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot create the key file ({exc.strerror or exc})") from None
+    text = (secrets.token_bytes(KEY_BYTES).hex() + "\n").encode("ascii")
     try:
         os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)
-        os.write(fd, (secrets.token_bytes(KEY_BYTES).hex() + "\n").encode("ascii"))
+        if os.write(fd, text) != len(text):
+            raise OSError("short write")
         os.fsync(fd)
-    finally:
+    except OSError as exc:
         os.close(fd)
+        os.unlink(path)  # an empty or short key file would only fail later, or be backed up by mistake
+        raise UsageError(f"{path}: cannot write the key file ({exc.strerror or exc}); nothing was kept") from None
+    os.close(fd)
 
 
 def normalize_password(password: str) -> bytes:
@@ -138,8 +151,8 @@ def new_nonce() -> bytes:
 class Secret:
     """What the user gave: a raw key, or a password (stretched with scrypt per salt)."""
 
-    raw_key: bytes | None = None
-    password: str | None = None
+    raw_key: bytes | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
     run_salt: bytes | None = None
     _derived: dict[bytes, bytes] = field(default_factory=dict, repr=False)
 

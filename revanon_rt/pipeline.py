@@ -15,7 +15,7 @@ import numpy as np
 
 from . import container
 from .errors import AuthError, InputError, MetadataError, ModelMismatchError, StateError
-from .images import LoadedImage, encode_png
+from .images import LoadedImage, encode_png, not_a_crop
 from .keys import ZERO_NONCE, Secret, flip_pattern, flip_subkey, mac_subkey, new_nonce
 from .masks import latent_mask, pack_mask, unpack_mask
 from .pixels import clamped_share, to_model, to_u8
@@ -85,10 +85,7 @@ def clamping_notes(source, shares) -> list[str]:
 def check_crop(image: LoadedImage, image_size: int) -> None:
     width, height = image.size
     if (width, height) != (image_size, image_size):
-        raise InputError(
-            f"{image.path}: {width}x{height} is not an aligned face crop of the model's {image_size}x{image_size}; "
-            "resize or crop it, or use --mode photo for photos"
-        )
+        raise not_a_crop(image.path, width, height, image_size)
 
 
 def anonymize_image(image: LoadedImage, existing_metadata: str | None, backend, masker, secret: Secret,

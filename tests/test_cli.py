@@ -1,6 +1,7 @@
 """The command line, run as a user runs it: subprocesses, real PNGs, real models."""
 
 import json
+import os
 import re
 import shutil
 
@@ -427,3 +428,58 @@ def test_insecure_key_reuse_warns_and_records_a_null_nonce(models, zero_engines,
         # with ε ≡ 0 the anonymized pixel is the sign-flipped one: 255 - u where r = -1
         flips.append(anonymized == 255 - original)
     assert (flips[0] == flips[1]).mean() > 0.97, "one pattern for every face is what makes key reuse insecure"
+
+
+def test_an_input_reached_by_a_second_path_is_never_overwritten(zero_engines, keyfile, tmp_path):
+    src = save_png(tmp_path / "in" / "a.png", random_image(32, seed=21))
+    original = src.read_bytes()
+    (tmp_path / "view").mkdir()
+    os.link(src, tmp_path / "view" / "a.png")  # as a bind mount or another letter case would reach it
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    run = cli("run", "anonymize", tmp_path / "in", "--out", tmp_path / "view", "--engine", zero_engines["zero"],
+              "--mask", mask, "--key", keyfile, "--overwrite")
+    assert run.returncode == 1 and "would replace the input" in run.stderr, run.stderr
+    assert src.read_bytes() == original
+
+
+def test_names_and_metadata_that_look_like_markup_are_printed_as_they_are(zero_engines, keyfile, tmp_path):
+    inputs = tmp_path / "p[" / "[/x]"
+    save_png(inputs / "a.png", random_image(32, seed=22))
+    save_png(inputs / "b.png", random_image(32, seed=23))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    engine = ("--engine", zero_engines["zero"], "--key", keyfile)
+    names = tmp_path / "names.json"
+    anon = cli("run", "anonymize", inputs, "--out", tmp_path / "anon", "--mask", mask, "--rename", "--mapping", names,
+               *engine)
+    assert anon.returncode == 0 and "2 done" in anon.stderr, anon.stderr
+    assert sorted(json.loads(names.read_text())) == [str(inputs / "a.png"), str(inputs / "b.png")]
+    assert names.stat().st_mode & 0o077 == 0, "the mapping ties people's names to outputs"
+    _rewrite_metadata(tmp_path / "anon" / "000001.png", tmp_path / "edited.png", lambda h: h.update(format="[/x]"))
+    os.replace(tmp_path / "edited.png", tmp_path / "anon" / "000001.png")
+    rec = cli("run", "deanonymize", tmp_path / "anon", "--out", tmp_path / "rec", *engine)
+    assert rec.returncode == 1 and "1 done, 0 skipped, 1 failed" in rec.stderr, rec.stderr
+    assert "format '[/x]' is not revanon/1" in rec.stderr
+    info = cli("info", tmp_path / "anon" / "000001.png")
+    assert info.returncode == 1 and "'[/x]'" in info.stderr and "Traceback" not in info.stderr
+
+
+def test_info_reads_the_sidecar_of_a_stripped_png_and_keys_readable_by_others_are_flagged(zero_engines, keyfile, tmp_path):
+    src = save_png(tmp_path / "face.png", random_image(32, seed=24))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    shared_key = tmp_path / "shared.key"
+    shared_key.write_bytes(keyfile.read_bytes())
+    shared_key.chmod(0o644)
+    anon = cli("run", "anonymize", src, "--out", tmp_path / "anon", "--engine", zero_engines["zero"], "--mask", mask,
+               "--key", shared_key, "--sidecar")
+    assert anon.returncode == 0 and "can be read by other users" in anon.stderr, anon.stderr
+    stripped = tmp_path / "anon" / "face.png"
+    Image.fromarray(read_rgb(stripped)).save(stripped)  # the chunk is gone, the sidecar is still beside it
+    info = cli("info", stripped)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["state"] == "anonymized"
+    container.sidecar_path(stripped).unlink()
+    missing = cli("info", stripped)
+    assert missing.returncode == 1 and "no revanon metadata" in missing.stderr
+    quiet = cli("run", "anonymize", src, "--out", tmp_path / "anon2", "--engine", zero_engines["zero"], "--mask", mask,
+                "--key", keyfile)
+    assert quiet.returncode == 0 and "can be read by other users" not in quiet.stderr

@@ -2,8 +2,10 @@
 
 import io
 import json
+import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +244,41 @@ def test_file_masker_resizes_nearest_thresholds_at_128_and_follows_exif_orientat
     Image.fromarray(stored).save(rotated, exif=exif)
     face_map = face_map_from_file(rotated)
     assert face_map[:256].all() and not face_map[256:].any()
+
+
+def test_metadata_that_python_parses_loosely_is_refused_cleanly():
+    text = container.to_text(_header())
+    repeated = '{"state":"recovered",' + text[1:]
+    with pytest.raises(MetadataError, match="'state' appears more than once"):
+        container.parse_header(repeated, "img.png")
+    with pytest.raises(MetadataError, match="not valid JSON"):
+        container.parse_header(text[:-1] + ',"n":1' + "0" * 5000 + "}", "img.png")
+    with pytest.raises(MetadataError, match="not valid Unicode"):
+        container.parse_header(text[:-1] + ',"n":"\\ud800"}', "img.png")
+    header = _header()
+    header["auth"] = "é" * 44
+    assert not container.auth_matches(bytes(32), header, random_image(8))
+
+
+def test_a_sidecar_must_be_a_regular_file_within_the_limit(tmp_path):
+    fifo = tmp_path / "img.png.revanon.json"
+    os.mkfifo(fifo)  # opening a FIFO for reading would block until a writer came
+    with pytest.raises(MetadataError, match="not a regular file"):
+        container.read_sidecar(fifo)
+    with pytest.raises(MetadataError, match="not a regular file"):
+        container.read_sidecar(Path("/dev/zero"))
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (container.MAX_CHUNK_BYTES + 1))
+    with pytest.raises(MetadataError, match="over the metadata limit"):
+        container.read_sidecar(big)
+
+
+def test_a_crop_of_the_wrong_size_is_refused_from_its_header(tmp_path):
+    full = tmp_path / "full.png"
+    Image.new("RGB", (4096, 4096)).save(full)
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(full.read_bytes()[:200])  # pixel data that cannot be decoded
+    with pytest.raises(InputError, match="4096x4096 is not an aligned face crop"):
+        load_image(cut, crop_size=32)
+    with pytest.raises(InputError, match="cannot read the image"):
+        load_image(cut)

@@ -2,6 +2,8 @@
 
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,3 +104,38 @@ def test_a_stored_mask_shape_must_be_two_integers(shape):
     with pytest.raises(MetadataError, match="mask"):
         unpack_mask(entry, "img.png")
     assert unpack_mask(pack_mask(np.ones((8, 8), np.uint8)), "img.png").shape == (8, 8)
+
+
+def test_secrets_stay_out_of_reprs():
+    key = bytes(range(32))
+    shown = repr(keys.Secret.from_key(key)) + repr(keys.Secret.from_password("hunter2 horse battery"))
+    assert key.hex() not in shown and repr(key) not in shown and "hunter2" not in shown
+
+
+def test_a_keygen_whose_write_fails_leaves_no_key_file(tmp_path):
+    # a file size limit of 0 makes the key's write fail after the file was created
+    script = (
+        "import resource, signal, sys\n"
+        "from revanon_rt.keys import keygen\n"
+        "from revanon_rt.errors import UsageError\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "try:\n"
+        "    keygen(sys.argv[1])\n"
+        "except UsageError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(3)\n"
+    )
+    target = tmp_path / "k.key"
+    done = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True)
+    assert done.returncode == 3, done.stderr
+    assert "cannot write the key file" in done.stdout and "nothing was kept" in done.stdout
+    assert not target.exists()
+
+
+def test_readable_by_others(tmp_path):
+    path = tmp_path / "k.key"
+    keys.keygen(path)
+    assert not keys.readable_by_others(path)
+    path.chmod(0o640)
+    assert keys.readable_by_others(path)
