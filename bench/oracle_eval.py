@@ -34,6 +34,9 @@ class IdealBackend:
     of a linear patch autoencoder (LatentGaussian)."""
 
     name = "ideal-eps"
+    can_parse = False
+    supports_fused = False
+    precision = "fp64 ε, fp32 updates"
 
     def __init__(self, reference, crops: np.ndarray, components: int, patch: int = 0, channels: int = 8):
         alphas = np.asarray(reference.noise.alphas_cumprod)
@@ -55,6 +58,13 @@ class IdealBackend:
 
     def schedule(self, steps: int):
         return self.noise.for_steps(steps)
+
+    def parse(self, image01: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("the ideal ε has no face parser; the evaluation masks with landmarks")
+
+    @property
+    def identity(self) -> dict:
+        return {"backend": self.name, "model": self.fingerprint}
 
 
 def main() -> None:

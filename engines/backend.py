@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import UsageError
+
 
 class EngineBackend:
     def __init__(self, engine):
@@ -21,6 +23,12 @@ class EngineBackend:
         self.can_parse = "parser" in manifest.graphs
         self._inputs = {name: [spec["name"] for spec in entry["inputs"]] for name, entry in manifest.graphs.items()}
         self.supports_fused = hasattr(engine, "fused_transform")
+        self.precision = manifest.data.get("precision", "fp32")
+
+    @property
+    def identity(self) -> dict:
+        """What decides this backend's numbers: the engine's files and the device it runs on."""
+        return {"backend": self.name, "engine": self.engine.manifest.data.get("digest"), "device": str(self.engine.device)}
 
     def schedule(self, steps: int):
         return self.noise.for_steps(steps)
@@ -61,4 +69,7 @@ class EngineBackend:
         return self._run("unet", z.astype(np.float32, copy=False), np.full((z.shape[0],), t, dtype=np.int64))
 
     def parse(self, image01: np.ndarray) -> np.ndarray:
+        if not self.can_parse:
+            raise UsageError(f"{self.engine.manifest.engine_dir}: this engine was built without a face parser; "
+                             "rebuild it with --parser BISENET.pth, or give masks with --mask or --masker landmarks")
         return self._run("parser", image01.astype(np.float32, copy=False))

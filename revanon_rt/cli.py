@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import RevanonError, UsageError
+from .schedule import DEFAULT_STEPS, MAX_STEPS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Key-reversible face anonymization with latent diffusion models (revanon v1).")
@@ -134,14 +135,14 @@ def _landmarks_masker(landmarks: int):
     return LandmarksMasker(landmarks=landmarks)
 
 
-def _anonymize_masker(backend, masker: MaskerName, mask: Optional[Path], landmarks: int = 5):
+def _choose_masker(backend, masker: MaskerName, mask: Optional[Path], landmarks: int = 5):
     from .masks import BiSeNetMasker, FileMasker
 
     if masker == MaskerName.file:
         return FileMasker(mask)
     if masker == MaskerName.landmarks:
         return _landmarks_masker(landmarks)
-    if not getattr(backend, "can_parse", False):
+    if not backend.can_parse:
         raise UsageError("the bisenet masker needs --parser BISENET.pth (facexlib's parsing_bisenet.pth), "
                          "or give masks with --mask")
     return BiSeNetMasker(backend)
@@ -153,7 +154,7 @@ def _recompute_maskers(backend, mask: Optional[Path], landmarks: int) -> dict:
     maskers = {}
     if mask is not None:
         maskers["file"] = FileMasker(mask)
-    if getattr(backend, "can_parse", False):
+    if backend.can_parse:
         maskers["bisenet"] = BiSeNetMasker(backend)
     try:
         maskers["landmarks"] = _landmarks_masker(landmarks)
@@ -220,7 +221,7 @@ def anonymize_cmd(
     inputs: List[Path] = INPUTS, out: Path = OUT, model: Optional[Path] = MODEL, engine: Optional[Path] = ENGINE,
     masker: Optional[MaskerName] = MASKER, parser: Optional[Path] = PARSER, mask: Optional[Path] = MASK,
     key: Optional[Path] = KEY, password_file: Optional[Path] = PASSWORD_FILE,
-    steps: int = typer.Option(50, "--steps", min=1, max=1000, help="DDIM steps each way."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=MAX_STEPS, help="DDIM steps each way."),
     device: str = DEVICE, mode: Mode = MODE,
     insecure_key_reuse: bool = typer.Option(False, "--insecure-key-reuse",
                                             help="The paper's behaviour: one flip pattern for every face. Unsafe."),
@@ -256,7 +257,7 @@ def anonymize_cmd(
 
             raise UsageError(PHOTO_LANDMARKS)
         backend = open_backend(model, engine, device, parser)
-        chosen = _anonymize_masker(backend, masker_name, mask, landmarks)
+        chosen = _choose_masker(backend, masker_name, mask, landmarks)
         face_finder = _detector(detector) if mode == Mode.photo else None
         secret.for_anonymize()  # one salt for the whole run; pays for scrypt once, up front
     except RevanonError as exc:
@@ -476,7 +477,7 @@ def verify_cmd(
     model: Path = typer.Option(..., "--model", help="The model folder it was built from."),
     parser: Optional[Path] = PARSER,
     image: Optional[Path] = typer.Option(None, "--image", help="A face crop (default: a synthetic face)."),
-    steps: int = typer.Option(50, "--steps", min=1, max=1000),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=MAX_STEPS),
     device: str = DEVICE,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
     max_latent_rel_err: float = typer.Option(1e-4, help="Final latent: max ||Δ|| / ||z||."),
@@ -514,7 +515,7 @@ def verify_cmd(
     for name, check in report["checks"].items():
         mark = "[green]pass[/green]" if check["passed"] else "[red]FAIL[/red]"
         out.print(f"{mark} {name}: {_fmt(check['value'])} (needs {check['threshold']})")
-    precision = backend.engine.manifest.data.get("precision", "fp32")
+    precision = backend.precision
     if precision != "fp32":
         out.print(f"note: this engine computes in {precision}, which it was built to trade for speed; the thresholds "
                   f"are strict fp32's, and the figures above are what {precision} costs, recovery included")
@@ -630,7 +631,7 @@ def eval_cmd(
     start: int = typer.Option(0, "--start", min=0, help="First pair of this chunk."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Pairs in this chunk (default: all)."),
     out: Path = typer.Option(Path("eval-out"), "--out", help="Folder for the chunk folders and the summary."),
-    steps: int = typer.Option(50, "--steps", min=1, max=1000), batch: int = typer.Option(16, "--batch", min=1),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=MAX_STEPS), batch: int = typer.Option(16, "--batch", min=1),
     candidates: int = typer.Option(100, "--candidates", min=2, help="Linkage: candidate originals per image."),
     stage: EvalStage = typer.Option(EvalStage.all, "--stage", help="transform (model), score (dlib), or all."),
     genuine_only: bool = typer.Option(False, "--genuine-only",
@@ -655,7 +656,7 @@ def eval_cmd(
         if stage != EvalStage.score:
             backend = open_backend(model, engine, device, parser)
             if mask is None:
-                chosen_masker = _anonymize_masker(backend, _masker_name(masker, None, parser, engine), None, landmarks)
+                chosen_masker = _choose_masker(backend, _masker_name(masker, None, parser, engine), None, landmarks)
             else:
                 chosen_masker = None
         if backend is None and not (chunk / "transform.json").is_file():
@@ -789,7 +790,7 @@ class DemoFace(str, Enum):
 def demo_cmd(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's files."),
     model: Optional[Path] = typer.Option(None, "--model", help="Default: the demo model, or a tiny one built here."),
-    device: str = DEVICE, steps: int = typer.Option(50, "--steps", min=1, max=1000),
+    device: str = DEVICE, steps: int = typer.Option(DEFAULT_STEPS, "--steps", min=1, max=MAX_STEPS),
     face: DemoFace = typer.Option(DemoFace.auto, "--face",
                                   help="sampled: a face sampled from the model; drawn: a drawn face. "
                                        "auto: sampled, except on the tiny model built when no demo model exists."),

@@ -31,9 +31,13 @@ AUTH_FAILED = "wrong key, or the image or its metadata was changed"
 
 
 
+def face_record(box: list, affine: list, nonce: bytes | None, mask: dict) -> dict:
+    """One entry of `faces` (spec §7); nonce None is the --insecure-key-reuse record."""
+    return {"box": box, "affine": affine, "nonce": None if nonce is None else b64encode(nonce), "mask": mask}
+
+
 def crop_face_record(image_size: int, nonce: bytes | None, mask: dict) -> dict:
-    return {"box": [0, 0, image_size, image_size], "affine": [[1, 0, 0], [0, 1, 0]],
-            "nonce": None if nonce is None else b64encode(nonce), "mask": mask}
+    return face_record([0, 0, image_size, image_size], [[1, 0, 0], [0, 1, 0]], nonce, mask)
 
 
 def new_header(*, steps: int, mode: str, masker: str, fingerprint: str, image_size: int,
@@ -205,6 +209,24 @@ def _check_face(face: object, source: str) -> None:
 
 def face_nonce(face: dict) -> bytes | None:
     return None if face["nonce"] is None else b64decode(face["nonce"])
+
+
+def stored_mask(face: dict, latent_hw: tuple[int, int], source: str) -> np.ndarray:
+    """A face record's mask, which must match the model's latent grid."""
+    mask = unpack_mask(face["mask"], source)
+    if mask.shape != tuple(latent_hw):
+        raise MetadataError(f"{source}: the stored mask is {mask.shape[0]}x{mask.shape[1]}, "
+                            f"the model's latent grid is {latent_hw[0]}x{latent_hw[1]}")
+    return mask
+
+
+def recovered_header(header: dict, verified: bool) -> dict:
+    """The metadata of a recovered image: the same records, state 'recovered', no auth tag."""
+    out = {k: v for k, v in header.items() if k != "auth"}
+    out["state"] = "recovered"
+    if not verified:
+        out["unverified"] = True
+    return out
 
 
 def _is_number(v: object) -> bool:

@@ -284,10 +284,7 @@ def linkage_pool(images: ZipImages, count: int, seed: int) -> list[str]:
 def _pool_latents(backend, images: ZipImages, pool: list[str], steps: int, batch: int, cache: Path | None,
                   tick) -> np.ndarray:
     """z_T of every pool image, from the cache when it was made by this backend, model and step count."""
-    engine = getattr(backend, "engine", None)
-    key = {"backend": backend.name, "engine": engine.manifest.data.get("digest") if engine else None,
-           "device": str(getattr(engine or backend, "device", "")), "fingerprint": backend.fingerprint,
-           "steps": steps, "names": pool}
+    key = {**backend.identity, "fingerprint": backend.fingerprint, "steps": steps, "names": pool}
     tick("linkage", 0)
     if cache is not None and cache.exists():
         with np.load(cache) as stored:

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import container
-from .encoding import b64encode
-from .errors import InputError, MetadataError, StateError, UsageError
+from .errors import InputError, MetadataError, UsageError
 from .images import LoadedImage
-from .keys import ZERO_NONCE, Secret, flip_subkey, mac_subkey, new_nonce
-from .masks import latent_mask, pack_mask, unpack_mask
+from .keys import ZERO_NONCE, Secret, flip_subkey, mac_subkey
+from .masks import latent_mask, pack_mask
 from .pixels import clamped_share, to_u8
-from .pipeline import Options, Output, clamping_notes, transform_crops_float
+from .pipeline import (Options, Output, clamping_notes, face_nonces, refuse_double_anonymization,
+                       transform_crops_float)
 
 
 # -- the geometry of §8 -----------------------------------------------------------------------
@@ -38,7 +38,7 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return top * (one - fy) + bottom * fy
 
 
-def _to_u8(values: np.ndarray) -> np.ndarray:
+def _round_to_u8(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
@@ -54,7 +54,7 @@ def sample_crop(photo: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
     v, u = np.mgrid[0:size, 0:size].astype(np.float64)
     x = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]
     y = inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
-    return _to_u8(_bilinear(photo, x, y))
+    return _round_to_u8(_bilinear(photo, x, y))
 
 
 def footprint(affine: np.ndarray, size: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -86,7 +86,7 @@ def paste_back(photo: np.ndarray, crop: np.ndarray, affine: np.ndarray, mask: np
     on_face = mask[vi * h // size, ui * w // size].astype(bool)
     replace = inside & on_face
     if replace.any():
-        values = _to_u8(_bilinear(crop, u[replace], v[replace]))
+        values = _round_to_u8(_bilinear(crop, u[replace], v[replace]))
         region = out[y0:y1, x0:x1]
         region[replace] = values
     return out
@@ -122,18 +122,23 @@ class Selection:
     min_face: int = 0
     skip: tuple[int, ...] = ()
 
+    def apply(self, found) -> tuple[list[int], list[int]]:
+        """Indices into `found`: the faces --dry-run numbers (those of at least --min-face; face i
+        of the drawing is eligible[i]), and the faces transformed after --skip and --faces."""
+        eligible = [i for i, f in enumerate(found) if f.size >= self.min_face]
+        kept = [i for number, i in enumerate(eligible) if number not in self.skip]
+        if self.faces == "largest" and kept:
+            kept = [max(kept, key=lambda i: found[i].size)]
+        return eligible, kept
+
 
 def plan_faces(found, crop_size: int, selection: Selection) -> list[PlannedFace]:
     """Detected faces in record order (top to bottom, left to right), numbered as --dry-run draws
     them, filtered by --min-face, --skip and --faces."""
     from .faces import similarity_to_template
 
-    faces = [f for f in found if f.size >= selection.min_face]
-    faces = [f for i, f in enumerate(faces) if i not in selection.skip]
-    if selection.faces == "largest" and faces:
-        faces = [max(faces, key=lambda f: f.size)]
     planned = []
-    for f in faces:
+    for f in (found[i] for i in selection.apply(found)[1]):
         # the stored affine is what recovery reads: use exactly its JSON float values from here on
         affine = np.array(similarity_to_template(f.landmarks, crop_size).tolist(), dtype=np.float64)
         planned.append(PlannedFace([round(v, 2) for v in f.box], affine, f.landmarks))
@@ -187,9 +192,7 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, 
                     salt: bytes | None = None, callback=None) -> Output:
     """Anonymize every selected face of a photo. `planned` replaces detection (tests, tools);
     `nonces` and `salt` may be fixed for bit-for-bit comparisons."""
-    if existing_metadata is not None and not opts.force:
-        raise StateError(f"{image.path}: already carries revanon metadata (in the PNG or a sidecar beside it); "
-                         "anonymizing it twice needs --force")
+    refuse_double_anonymization(image, existing_metadata, opts)
     key, kdf = secret.for_anonymize(salt)
     size = backend.image_size
     if planned is None:
@@ -203,17 +206,11 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, 
     masks = (face_masks_for_crops(masker, crops, [crop_landmarks(p.landmarks, p.affine) if p.landmarks is not None
                                                   else None for p in planned], relative, backend.latent_shape[1:])
              if planned else [])
-    if opts.insecure_key_reuse:
-        used, stored = [ZERO_NONCE] * len(planned), [None] * len(planned)
-    else:
-        used = list(nonces) if nonces is not None else [new_nonce() for _ in planned]
-        stored = used
+    used, stored = face_nonces(opts, len(planned), nonces)
     rgb, clamped = (_run_faces(backend, image.rgb, affines, masks, used, flip_subkey(key), opts.steps,
                                list(range(len(planned))), callback) if planned else (image.rgb.copy(), []))
     notes += clamping_notes(image.path, clamped)
-    records = [{"box": p.box, "affine": p.affine.tolist(),
-                "nonce": None if n is None else b64encode(n), "mask": pack_mask(m)}
-               for p, n, m in zip(planned, stored, masks)]
+    records = [container.face_record(p.box, p.affine.tolist(), n, pack_mask(m)) for p, n, m in zip(planned, stored, masks)]
     header = container.new_header(steps=opts.steps, mode="photo", masker=masker.name, fingerprint=backend.fingerprint,
                                   image_size=size, kdf=kdf, faces=records)
     header["auth"] = container.compute_auth(mac_subkey(key), header, rgb)
@@ -225,29 +222,21 @@ def deanonymize_photo(image: LoadedImage, header: dict, key: bytes, source: str,
                       verified: bool, notes: list[str], callback=None) -> Output:
     """Recover the faces of a photo from its records, in reverse order. The caller has already
     checked auth, state and model (pipeline.deanonymize_image)."""
-    size = backend.image_size
     latent_hw = tuple(backend.latent_shape[1:])
     affines, masks, nonces = [], [], []
     for index, face in enumerate(header["faces"]):
         affine = np.array(face["affine"], dtype=np.float64)
         if abs(np.linalg.det(affine[:, :2])) < 1e-9:
             raise MetadataError(f"{source} (face {index}): the affine is not invertible")
-        mask = unpack_mask(face["mask"], source)
-        if mask.shape != latent_hw:
-            raise MetadataError(f"{source} (face {index}): the stored mask is {mask.shape[0]}x{mask.shape[1]}, "
-                                f"the model's latent grid is {latent_hw[0]}x{latent_hw[1]}")
+        mask = container.stored_mask(face, latent_hw, f"{source} (face {index})")
         affines.append(affine)
         masks.append(mask)
         nonces.append(container.face_nonce(face) or ZERO_NONCE)
     order = list(range(len(affines)))[::-1]
     rgb = _run_faces(backend, image.rgb, affines, masks, nonces, flip_subkey(key), header["steps"], order,
                      callback)[0] if order else image.rgb.copy()
-    out = {k: v for k, v in header.items() if k != "auth"}
-    out["state"] = "recovered"
-    if not verified:
-        out["unverified"] = True
-    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), out, notes,
-                  detail=f"{len(affines)} face(s)")
+    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile),
+                  container.recovered_header(header, verified), notes, detail=f"{len(affines)} face(s)")
 
 
 def draw_faces(rgb: np.ndarray, found, selection: Selection) -> np.ndarray:
@@ -256,17 +245,15 @@ def draw_faces(rgb: np.ndarray, found, selection: Selection) -> np.ndarray:
 
     im = Image.fromarray(rgb).convert("RGB")
     draw = ImageDraw.Draw(im)
-    eligible = [f for f in found if f.size >= selection.min_face]
-    kept = {id(p) for p in eligible if eligible.index(p) not in selection.skip}
-    if selection.faces == "largest" and kept:
-        largest = max((f for f in eligible if id(f) in kept), key=lambda f: f.size)
-        kept = {id(largest)}
+    eligible, kept = selection.apply(found)
     width = max(2, rgb.shape[1] // 300)
-    for i, face in enumerate(eligible):
-        colour = (255, 40, 40) if id(face) in kept else (150, 150, 150)
-        draw.rectangle(face.box, outline=colour, width=width)
-        draw.text((face.box[0] + width, face.box[1] + width), str(i), fill=colour)
-    for face in found:
-        if face not in eligible:
+    for i, face in enumerate(found):
+        if i not in eligible:
             draw.rectangle(face.box, outline=(150, 150, 150), width=1)
+    # the faces that will be transformed go last, so that an overlapping skipped box never hides them
+    for number, i in sorted(enumerate(eligible), key=lambda pair: pair[1] in kept):
+        colour = (255, 40, 40) if i in kept else (150, 150, 150)
+        box = found[i].box
+        draw.rectangle(box, outline=colour, width=width)
+        draw.text((box[0] + width, box[1] + width), str(number), fill=colour)
     return np.asarray(im)

@@ -17,14 +17,15 @@ from . import container
 from .errors import AuthError, InputError, MetadataError, ModelMismatchError, StateError
 from .images import LoadedImage, encode_png, not_a_crop
 from .keys import ZERO_NONCE, Secret, flip_pattern, flip_subkey, mac_subkey, new_nonce
-from .masks import latent_mask, pack_mask, unpack_mask
+from .masks import latent_mask, pack_mask
 from .pixels import clamped_share, to_model, to_u8
 from .sampler import StepCallback, transform
+from .schedule import DEFAULT_STEPS
 
 
 @dataclass
 class Options:
-    steps: int = 50
+    steps: int = DEFAULT_STEPS
     insecure_key_reuse: bool = False
     force: bool = False
     skip_auth: bool = False
@@ -48,7 +49,7 @@ class Output:
 
 
 # Above this share of clamped face values, an anonymized image warns that it may not recover.
-CLAMPED_SHARE_NOTE = 0.005
+CLAMPED_SHARE_WARN_ABOVE = 0.005
 
 
 def crop_patterns(backend, nonces: list[bytes], k_flip: bytes) -> np.ndarray:
@@ -61,7 +62,7 @@ def transform_crops_float(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: 
     """T on a batch of aligned crops: N x H x W x 3 uint8 and N x h x w latent masks -> N x 3 x H x W float32."""
     patterns = crop_patterns(backend, nonces, k_flip)
     x, m, schedule = to_model(rgbs), masks[:, None].astype(np.float32), backend.schedule(steps)
-    if getattr(backend, "supports_fused", False):
+    if backend.supports_fused:
         return backend.fused_transform(x, m, patterns, schedule)
     return transform(backend, x, m, patterns, schedule, callback)
 
@@ -75,7 +76,7 @@ def transform_crops(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[b
 def clamping_notes(source, shares) -> list[str]:
     """A warning when the model generated face values beyond the pixel range, which 8-bit storage clamps."""
     worst = float(np.max(shares)) if len(shares) else 0.0
-    if worst <= CLAMPED_SHARE_NOTE:
+    if worst <= CLAMPED_SHARE_WARN_ABOVE:
         return []
     return [f"{source}: the model generated {worst:.1%} of the face's values beyond the pixel range, and storing "
             "8 bits clamps them; recovery may not bring this face back. Verify recovery before deleting the "
@@ -88,22 +89,31 @@ def check_crop(image: LoadedImage, image_size: int) -> None:
         raise not_a_crop(image.path, width, height, image_size)
 
 
+def refuse_double_anonymization(image: LoadedImage, existing_metadata: str | None, opts: Options) -> None:
+    if existing_metadata is not None and not opts.force:
+        raise StateError(f"{image.path}: already carries revanon metadata (in the PNG or a sidecar beside it); "
+                         "anonymizing it twice needs --force")
+
+
+def face_nonces(opts: Options, count: int, given: list[bytes] | None = None) -> tuple[list[bytes], list[bytes | None]]:
+    """The nonces the faces are flipped with, and the ones their records store: a fresh nonce per
+    face, or under --insecure-key-reuse the zero nonce for all, stored as null (spec §5)."""
+    if opts.insecure_key_reuse:
+        return [ZERO_NONCE] * count, [None] * count
+    used = list(given) if given is not None else [new_nonce() for _ in range(count)]
+    return used, list(used)
+
+
 def anonymize_image(image: LoadedImage, existing_metadata: str | None, backend, masker, secret: Secret,
                     opts: Options, relative, *, nonce: bytes | None = None, salt: bytes | None = None,
                     callback: StepCallback | None = None) -> Output:
     """Anonymize one aligned crop. `nonce` and `salt` may be fixed for bit-for-bit comparisons (spec §9)."""
-    if existing_metadata is not None and not opts.force:
-        raise StateError(f"{image.path}: already carries revanon metadata (in the PNG or a sidecar beside it); "
-                         "anonymizing it twice needs --force")
+    refuse_double_anonymization(image, existing_metadata, opts)
     check_crop(image, backend.image_size)
     key, kdf = secret.for_anonymize(salt)
     face_map = masker.face_maps(image.rgb[None], [relative])[0]
     mask = latent_mask(face_map, backend.latent_shape[1:])
-    if opts.insecure_key_reuse:
-        nonce_used, nonce_field = ZERO_NONCE, None
-    else:
-        nonce_used = nonce if nonce is not None else new_nonce()
-        nonce_field = nonce_used
+    (nonce_used,), (nonce_field,) = face_nonces(opts, 1, None if nonce is None else [nonce])
     x = transform_crops_float(backend, image.rgb[None], mask[None], [nonce_used], flip_subkey(key), opts.steps, callback)
     rgb = to_u8(x)[0]
     header = container.new_header(
@@ -161,15 +171,9 @@ def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backe
                              "named in its metadata; give that masker's flags (--parser or --mask)")
         mask = latent_mask(masker.face_maps(image.rgb[None], [relative])[0], latent_hw)
     else:
-        mask = unpack_mask(face["mask"], source)
-        if mask.shape != latent_hw:
-            raise MetadataError(f"{source}: the stored mask is {mask.shape[0]}x{mask.shape[1]}, "
-                                f"the model's latent grid is {latent_hw[0]}x{latent_hw[1]}")
+        mask = container.stored_mask(face, latent_hw, source)
     nonce = container.face_nonce(face) or ZERO_NONCE
     rgb = transform_crops(backend, image.rgb[None], mask[None], [nonce], flip_subkey(key), header["steps"], callback)[0]
-    out = {k: v for k, v in header.items() if k != "auth"}
-    out["state"] = "recovered"
-    if not verified:
-        out["unverified"] = True
-    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), out, notes)
+    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile),
+                  container.recovered_header(header, verified), notes)
 

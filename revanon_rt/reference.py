@@ -137,6 +137,8 @@ class TorchReference:
     """Backend with encode / decode / eps / parse on numpy float32 arrays."""
 
     name = "pytorch"
+    precision = "fp32"
+    supports_fused = False
 
     def __init__(self, model_dir: Path, device: str = "cpu", parser: Path | None = None):
         # the folder's structure and weight files are checked before diffusers is imported (seconds)
@@ -166,6 +168,10 @@ class TorchReference:
     @property
     def can_parse(self) -> bool:
         return self.face_map_net is not None
+
+    @property
+    def identity(self) -> dict:
+        return {"backend": self.name, "device": str(self.device)}
 
     def schedule(self, steps: int):
         return self.noise.for_steps(steps)

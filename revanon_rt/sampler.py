@@ -27,6 +27,22 @@ class Backend(Protocol):
     def parse(self, image01: np.ndarray) -> np.ndarray: ...
 
 
+class ModelBackend(Backend, Protocol):
+    """What the pipeline, verify and eval need beyond the four calls: TorchReference and
+    engines.backend.EngineBackend both provide it."""
+
+    name: str
+    fingerprint: str
+    image_size: int
+    latent_shape: tuple[int, int, int]
+    can_parse: bool
+    supports_fused: bool  # True: fused_transform(x, mask, pattern, schedule) runs the whole of T
+    precision: str
+    identity: dict  # what decides the numbers (backend, engine files, device), for caches
+
+    def schedule(self, steps: int) -> Schedule: ...
+
+
 def ddim_coefficients(a_from, a_to) -> tuple[float, float, float, float]:
     """sqrt(a_from), sqrt(1 − a_from), sqrt(a_to), sqrt(1 − a_to), computed in float32.
 

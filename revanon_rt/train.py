@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UsageError
+from .pixels import to_model
 
 # DDPM's linear schedule: a pixel-space model needs ā(T) near 0.
 SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "linear",
@@ -198,20 +199,21 @@ def training_samples(images: np.ndarray, out: Path, dev, log=print) -> np.ndarra
     mirrored = np.ascontiguousarray(np.stack([images, images[:, :, ::-1]], axis=1).transpose(0, 1, 4, 2, 3))
     if not (Path(out) / "vae").is_dir():
         return mirrored
-    pixels = mirrored.astype(np.float32) / 127.5 - 1
+    pixels = to_model(np.stack([images, images[:, :, ::-1]], axis=1))
     from diffusers import AutoencoderKL
+
+    from .nets import KLEncoder
 
     vae = AutoencoderKL.from_pretrained(Path(out) / "vae", torch_dtype=torch.float32).to(dev).eval()
     if vae.config.sample_size != images.shape[1]:
         raise UsageError(f"{out / 'vae'}: trained on {vae.config.sample_size}px crops; "
                          f"pass --resolution {vae.config.sample_size}")
-    scaling_factor = vae.config.scaling_factor
+    encoder = KLEncoder(vae, vae.config.scaling_factor)
     flat = pixels.reshape(-1, *pixels.shape[2:])
     latents = []
     with torch.inference_mode():
         for start in range(0, len(flat), 128):
-            x = torch.from_numpy(flat[start:start + 128]).to(dev)
-            latents.append((vae.encode(x).latent_dist.mean * scaling_factor).float().cpu().numpy())
+            latents.append(encoder(torch.from_numpy(flat[start:start + 128]).to(dev)).float().cpu().numpy())
     latents = np.concatenate(latents)
     log(f"latent space: {latents.shape[1]} x {latents.shape[2]} x {latents.shape[3]} from {out / 'vae'} "
         f"(std {latents.std():.3f} after scaling)")

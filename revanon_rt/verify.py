@@ -130,7 +130,7 @@ def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
                                 "max_level_difference": int(np.abs(ref["rgb"].astype(int) - eng["rgb"]).max())}
 
     engine_anonymized = eng["rgb"]
-    if getattr(engine, "supports_fused", False):
+    if engine.supports_fused:
         log(f"verify: fused loop against the plain functions, {replays} replays")
         fused_rows, engine_anonymized = _fused_rows(engine, rgb, mask, steps, replays)
         rows.update(fused_rows)

@@ -115,6 +115,31 @@ def cli(*args, env: dict | None = None, cwd: Path | None = None, input: str | No
                           capture_output=True, text=True, env=full_env, cwd=cwd, input=input, timeout=900)
 
 
+TORCH_STACK = ("torch", "torchvision", "diffusers", "facexlib")
+
+
+def blocking_env(folder: Path, modules: tuple[str, ...]) -> dict:
+    """Environment for cli(env=...) in which importing any of `modules` fails, as on a box without them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Blocked:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {tuple(modules)!r}:\n"
+        "            raise ImportError(f'{name} is blocked: this run must not import it')\n"
+        "sys.meta_path.insert(0, _Blocked())\n")
+    env = {"PYTHONPATH": str(folder)}
+    probe = subprocess.run([sys.executable, "-c", f"import {modules[0]}"], env={**os.environ, **env}, capture_output=True)
+    assert probe.returncode != 0 and b"blocked" in probe.stderr
+    return env
+
+
+@pytest.fixture(scope="session")
+def no_torch_env(tmp_path_factory):
+    """The edge box: numpy, onnxruntime, Pillow and dlib, and no torch stack."""
+    return blocking_env(tmp_path_factory.mktemp("no_torch"), TORCH_STACK)
+
+
 def tree_digest(folder: Path) -> dict:
     import hashlib
 

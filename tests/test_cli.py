@@ -270,14 +270,15 @@ def test_no_output_lands_on_any_input_and_renamed_runs_add_to_their_mapping(zero
     assert names.read_text() == "not json"
 
 
-def test_recompute_mask_reruns_the_masker_the_metadata_names(zero_engines, keyfile, tmp_path):
+def test_recompute_mask_reruns_the_masker_the_metadata_names(zero_engines, keyfile, tmp_path, no_torch_env):
     original = random_image(32, seed=12)
     src = save_png(tmp_path / "face.png", original)
     mask = save_png(tmp_path / "mask.png", box_mask(32))
     engine = ("--engine", zero_engines["zero"], "--key", keyfile)
     assert cli("run", "anonymize", src, "--out", tmp_path / "a", "--mask", mask, *engine).returncode == 0
     anonymized = tmp_path / "a" / "face.png"
-    again = cli("run", "deanonymize", anonymized, "--out", tmp_path / "r", "--recompute-mask", "--mask", mask, *engine)
+    again = cli("run", "deanonymize", anonymized, "--out", tmp_path / "r", "--recompute-mask", "--mask", mask, *engine,
+                env=no_torch_env)
     assert again.returncode == 0, again.stderr
     assert np.array_equal(read_rgb(tmp_path / "r" / "face.png"), original), "the same mask file gives the same M"
     without_flags = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", "--recompute-mask", *engine)
@@ -463,7 +464,8 @@ def test_names_and_metadata_that_look_like_markup_are_printed_as_they_are(zero_e
     assert info.returncode == 1 and "'[/x]'" in info.stderr and "Traceback" not in info.stderr
 
 
-def test_info_reads_the_sidecar_of_a_stripped_png_and_keys_readable_by_others_are_flagged(zero_engines, keyfile, tmp_path):
+def test_info_reads_the_sidecar_of_a_stripped_png_and_keys_readable_by_others_are_flagged(zero_engines, keyfile, tmp_path,
+                                                                                            no_torch_env):
     src = save_png(tmp_path / "face.png", random_image(32, seed=24))
     mask = save_png(tmp_path / "mask.png", box_mask(32))
     shared_key = tmp_path / "shared.key"
@@ -474,7 +476,7 @@ def test_info_reads_the_sidecar_of_a_stripped_png_and_keys_readable_by_others_ar
     assert anon.returncode == 0 and "can be read by other users" in anon.stderr, anon.stderr
     stripped = tmp_path / "anon" / "face.png"
     Image.fromarray(read_rgb(stripped)).save(stripped)  # the chunk is gone, the sidecar is still beside it
-    info = cli("info", stripped)
+    info = cli("info", stripped, env=no_torch_env)
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["state"] == "anonymized"
     container.sidecar_path(stripped).unlink()

@@ -133,10 +133,10 @@ def test_landmarks_masker_finds_the_face_and_says_when_it_cannot(zero_engines, k
     assert failed.returncode == 1 and "no face found" in failed.stderr and "--mask" in failed.stderr
 
 
-def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path):
+def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path, no_torch_env):
     common = ("--pairs", LFW / "dev_pairs.txt", "--images", LFW / "dev-128.zip", "--engine", zero_engines["zero64"],
               "--steps", "5", "--candidates", "8", "--out", tmp_path / "eval")
-    first = cli("eval", *common, "--limit", "4")
+    first = cli("eval", *common, "--limit", "4", env=no_torch_env)  # an engine evaluates without the torch stack
     assert first.returncode == 0, first.stderr
     # stderr is a pipe here, as in a logged run: progress comes as lines, each phase started and done
     for phase in ("masks", "anonymize", "recover", "attack", "linkage", "score"):

@@ -14,26 +14,6 @@ import pytest
 from conftest import REPO, box_mask, cli, random_image, read_rgb, save_png
 from revanon_rt import container
 
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "torchvision", "diffusers", "facexlib"):
-            raise ImportError(f"{name} is blocked: the engine runtime must not import it")
-sys.meta_path.insert(0, _NoTorch())
-"""
-
-
-@pytest.fixture(scope="session")
-def no_torch_env(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("no_torch")
-    (folder / "sitecustomize.py").write_text(BLOCK_TORCH)
-    env = {"PYTHONPATH": str(folder)}
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env={**os.environ, **env}, capture_output=True)
-    assert probe.returncode != 0 and b"blocked" in probe.stderr
-    return env
-
-
 @pytest.fixture(scope="session")
 def engines(models, bisenet_pth, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")

@@ -2,9 +2,6 @@
 
 import io
 import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -12,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import SHARED, box_mask, cli, random_image, read_rgb, save_png
+from conftest import SHARED, TORCH_STACK, blocking_env, box_mask, cli, random_image, read_rgb, save_png
 from revanon_rt import container
 from revanon_rt.photo import footprint, paste_back, sample_crop
 
@@ -139,10 +136,11 @@ def test_a_photo_with_more_faces_than_a_reader_accepts_is_refused(models):
                         None, Secret.from_key(bytes(32)), Options(), "crowd.png", planned=planned)
 
 
-def test_group_photo_every_face_found_background_untouched(zero_engines, group, keyfile, tmp_path):
+def test_group_photo_every_face_found_background_untouched(zero_engines, group, keyfile, tmp_path, no_torch_env):
+    """On an edge box: anonymized without the torch stack, recovered without torch or dlib."""
     out, rec = tmp_path / "anon", tmp_path / "rec"
     result = cli("run", "anonymize", group, "--mode", "photo", "--out", out, "--engine", zero_engines["zero64"],
-                 "--masker", "landmarks", "--key", keyfile)
+                 "--masker", "landmarks", "--key", keyfile, env=no_torch_env)
     assert result.returncode == 0, result.stderr
     header = json.loads(container.read_png_chunk(out / "group.png"))
     assert header["mode"] == "photo" and len(header["faces"]) == 3
@@ -156,14 +154,8 @@ def test_group_photo_every_face_found_background_untouched(zero_engines, group, 
         x0, y0, x1, y1 = (int(v) for v in face["box"])
         assert (anonymized[y0:y1, x0:x1] != original[y0:y1, x0:x1]).any(axis=2).mean() > 0.2
 
-    blocked = tmp_path / "no_dlib"
-    blocked.mkdir()
-    (blocked / "sitecustomize.py").write_text(
-        "import sys\nclass B:\n    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('dlib', 'face_recognition_models'):\n"
-        "            raise ImportError('detector out of reach')\nsys.meta_path.insert(0, B())\n")
-    back = cli("run", "deanonymize", out, "--out", rec, "--engine", zero_engines["zero64"], "--key", keyfile,
-               env={"PYTHONPATH": str(blocked)})
+    bare = blocking_env(tmp_path / "bare", ("dlib", "face_recognition_models") + TORCH_STACK)
+    back = cli("run", "deanonymize", out, "--out", rec, "--engine", zero_engines["zero64"], "--key", keyfile, env=bare)
     assert back.returncode == 0, back.stderr
     recovered = read_rgb(rec / "group.png")
     assert np.array_equal(recovered[~allowed], original[~allowed])
@@ -201,8 +193,8 @@ def test_no_faces_tampering_and_wrong_key(zero_engines, group, keyfile, other_ke
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("*.png"))
 
 
-def test_photo_options(zero_engines, group, keyfile, tmp_path):
-    dry = cli("run", "anonymize", group, "--mode", "photo", "--dry-run", "--out", tmp_path / "dry")
+def test_photo_options(zero_engines, group, keyfile, tmp_path, no_torch_env):
+    dry = cli("run", "anonymize", group, "--mode", "photo", "--dry-run", "--out", tmp_path / "dry", env=no_torch_env)
     assert dry.returncode == 0 and (tmp_path / "dry" / "group.faces.png").exists()
     assert sorted(p.name for p in (tmp_path / "dry").iterdir()) == ["group.faces.png"]
     common = ("--mode", "photo", "--engine", zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
@@ -263,3 +255,20 @@ def test_photo_mode_warns_about_clamped_faces_and_only_them(models, tmp_path):
         notes[name] = [n for n in out.warnings if "beyond the pixel range" in n]
     assert notes["zero"] == []
     assert len(notes["constant"]) == 1 and notes["constant"][0].startswith("constant.png: the model generated")
+
+
+def test_dry_run_drawing_and_the_transform_select_the_same_faces_even_for_twin_detections():
+    from revanon_rt.faces import Face
+    from revanon_rt.photo import Selection, draw_faces, plan_faces
+
+    lm = np.array([[70.0, 50], [60, 50], [30, 50], [40, 50], [50, 70]])
+    twin = Face((20.0, 20.0, 80.0, 80.0), 1.0, lm)
+    found = [twin, Face(twin.box, twin.score, lm.copy()), Face((100.0, 20.0, 120.0, 40.0), 1.0, lm + [80, 0])]
+    selection = Selection(min_face=30, skip=(1,))
+    eligible, kept = selection.apply(found)
+    assert (eligible, kept) == ([0, 1], [0])
+    assert len(plan_faces(found, 32, selection)) == 1
+    drawn = draw_faces(np.zeros((140, 140, 3), np.uint8), found, selection)
+    assert tuple(drawn[20, 50]) == (255, 40, 40), "face 0 is kept: red"
+    assert tuple(drawn[20, 110]) == (150, 150, 150), "the small face is not numbered: grey"
+    assert Selection(faces="largest").apply(found)[1] == [0]
