@@ -256,3 +256,32 @@ def _plain_png(result) -> bytes:
     from .images import encode_png
 
     return encode_png(result.image.rgb, result.image.alpha, None, {})
+
+
+class ProgressLines:
+    """Progress as plain lines: one when a phase starts or ends, and at most one a minute in between."""
+
+    def __init__(self, write, every_seconds: float = 60.0):
+        import time
+
+        self._clock, self._write, self._every = time.monotonic, write, every_seconds
+        self._started = self._last = self._clock()
+        self._phase, self._done = None, 0
+
+    def __call__(self, phase: str, n: int) -> None:
+        if phase != self._phase:
+            if self._phase is not None:
+                self._line("done")
+            self._phase, self._done = phase, 0
+            self._line("started")
+        self._done += n
+        if self._clock() - self._last >= self._every:
+            self._line("")
+
+    def finish(self) -> None:
+        if self._phase is not None:
+            self._line("done")
+
+    def _line(self, what: str) -> None:
+        self._last = self._clock()
+        self._write(f"[{self._last - self._started:7.0f} s] {self._phase}: {self._done} {what}".rstrip())

@@ -594,16 +594,10 @@ def train_autoencoder_cmd(
         _fail(UsageError(f"train-autoencoder needs the PyTorch extra ({exc.name} is missing): "
                          "pip install 'revanon-rt[torch]'"))
     try:
-        widths = tuple(int(w) for w in channels.split(","))
-        if not widths or any(w <= 0 or w % 16 for w in widths):
-            raise ValueError
-    except ValueError:
-        _fail(UsageError(f"--channels {channels!r}: give positive multiples of 16, comma-separated (e.g. 32,64,128)"))
-    factor = 2 ** (len(widths) - 1)
-    if resolution % factor or 512 % (resolution // factor):
-        _fail(UsageError(f"--resolution {resolution} with {len(widths)} blocks gives a latent grid that spec §4's "
-                         "512-pixel face map cannot be pooled onto"))
-    try:
+        try:
+            widths = tuple(int(w) for w in channels.split(","))
+        except ValueError:
+            raise UsageError(f"--channels {channels!r}: give positive multiples of 16, comma-separated (e.g. 32,64,128)") from None
         result = train_autoencoder(data, out, minutes, resume,
                                    AutoencoderConfig(resolution=resolution, latent_channels=latent_channels,
                                                      block_out_channels=widths, batch=batch, lr=lr),
@@ -642,8 +636,9 @@ def eval_cmd(
     """Identity evaluation on LFW pairs: TAR@FAR=0.1% for anonymized, recovered and wrong-key images, and attacks."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .evaluate import ZipImages, contact_sheet, markdown, read_pairs, run_score, run_transform, summarize
-    from .images import encode_png, write_atomic
+    from .batch import ProgressLines
+    from .evaluate import (ZipImages, chunk_folder, markdown, read_pairs, run_score, run_transform,
+                           transformed_image_size, write_chunk_summary)
 
     try:
         all_pairs = read_pairs(pairs)
@@ -651,7 +646,7 @@ def eval_cmd(
         if not chosen:
             raise UsageError(f"--start {start} is past the {len(all_pairs)} pairs of {pairs}")
         end = start + len(chosen)
-        chunk = out / f"chunk-{start:05d}-{end:05d}"
+        chunk = chunk_folder(out, start, end)
         backend = None
         if stage != EvalStage.score:
             backend = open_backend(model, engine, device, parser)
@@ -659,10 +654,7 @@ def eval_cmd(
                 chosen_masker = _choose_masker(backend, _masker_name(masker, None, parser, engine), None, landmarks)
             else:
                 chosen_masker = None
-        if backend is None and not (chunk / "transform.json").is_file():
-            raise UsageError(f"{chunk}: no transforms to score; run this chunk with --stage transform (or all) first")
-        size = backend.image_size if backend else json.loads((chunk / "transform.json").read_text())["image_size"]
-        zip_images = ZipImages(images, size)
+        zip_images = ZipImages(images, backend.image_size if backend else transformed_image_size(chunk))
         recognizer = None
         if stage != EvalStage.transform:
             from .faces import Recognizer
@@ -674,7 +666,7 @@ def eval_cmd(
     with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
         tasks = {}
         # a long run logged to a file (nohup, a GPU job) gets lines instead of a bar
-        log_lines = None if err.is_terminal else _ProgressLines(lambda line: err.print(line, markup=False))
+        log_lines = None if err.is_terminal else ProgressLines(say)
 
         def tick(phase: str, n: int) -> None:
             if phase not in tasks:
@@ -697,41 +689,10 @@ def eval_cmd(
     if stage == EvalStage.transform:
         say(f"transforms written to {chunk}; score them with --stage score")
         return
-    summary = summarize([chunk / "features.npz"])
-    (chunk / "metrics.json").write_text(json.dumps(summary, indent=1))
-    (chunk / "metrics.md").write_text(markdown(summary, f"LFW pairs {start}..{end - 1}"))
-    write_atomic(chunk / "contact_sheet.png", encode_png(contact_sheet(chunk), None, None, {}), overwrite=True)
-    say(markdown(summary, f"LFW pairs {start}..{end - 1}"))
+    title = f"LFW pairs {start}..{end - 1}"
+    summary = write_chunk_summary(chunk, title)
+    say(markdown(summary, title))
     typer.echo(json.dumps(summary))
-
-
-class _ProgressLines:
-    """Progress as plain lines: one when a phase starts or ends, and at most one a minute in between."""
-
-    def __init__(self, write, every_seconds: float = 60.0):
-        import time
-
-        self._clock, self._write, self._every = time.monotonic, write, every_seconds
-        self._started = self._last = self._clock()
-        self._phase, self._done = None, 0
-
-    def __call__(self, phase: str, n: int) -> None:
-        if phase != self._phase:
-            if self._phase is not None:
-                self._line("done")
-            self._phase, self._done = phase, 0
-            self._line("started")
-        self._done += n
-        if self._clock() - self._last >= self._every:
-            self._line("")
-
-    def finish(self) -> None:
-        if self._phase is not None:
-            self._line("done")
-
-    def _line(self, what: str) -> None:
-        self._last = self._clock()
-        self._write(f"[{self._last - self._started:7.0f} s] {self._phase}: {self._done} {what}".rstrip())
 
 
 @app.command("eval-merge")
@@ -742,40 +703,15 @@ def eval_merge_cmd(
                                           "chunks at its threshold and add them to it."),
 ) -> None:
     """Combine the chunks of an evaluation into one summary (metrics.json, metrics.md)."""
-    from .evaluate import combine, markdown, summarize
+    from .evaluate import markdown, merge_chunks, pair_ranges
 
-    from .evaluate import pair_ranges
-
-    files = sorted(folder.glob("chunk-*/features.npz"))
-    if not files:
-        _fail(UsageError(f"{folder}: no chunk-*/features.npz to merge; run eval with --stage score first"))
-    unscored = sorted(c.name for c in folder.glob("chunk-*") if (c / "transform.json").is_file()
-                      and not (c / "features.npz").is_file())
-    if unscored:  # merging without them would quietly drop their pairs
-        _fail(UsageError(f"{folder}: {', '.join(unscored)} have transforms but no scores; run eval --stage score "
-                         "on them, or move them out of the folder"))
-    base = None
-    if extend is not None:
-        if extend.resolve() == (folder / "metrics.json").resolve():
-            _fail(UsageError(f"{extend}: the summary to extend would be overwritten; copy it out of {folder} first"))
-        try:
-            base = json.loads(extend.read_text())
-        except (OSError, ValueError) as exc:
-            _fail(UsageError(f"{extend}: cannot read it ({exc})"))
-        if not isinstance(base, dict) or not {"threshold_cosine_far_0.1%", "chunks"} <= base.keys():
-            _fail(UsageError(f"{extend}: not an eval summary (metrics.json)"))
     try:
-        if base is None:
-            summary = summarize(files)
-        else:
-            summary = combine(base, summarize(files, threshold=base["threshold_cosine_far_0.1%"]))
-    except UsageError as exc:
+        summary = merge_chunks(folder, title, extend)
+    except RevanonError as exc:
         _fail(exc)
     covered = pair_ranges(summary["chunks"])
     if "," in covered or not covered.startswith("0-"):
-        err.print(f"[yellow]note[/yellow]: the chunks cover pairs {covered} only")
-    (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
-    (folder / "metrics.md").write_text(markdown(summary, title))
+        err.print(f"[yellow]note[/yellow]: the chunks cover pairs {escape(covered)} only")
     say(markdown(summary, title))
     typer.echo(json.dumps(summary))
 

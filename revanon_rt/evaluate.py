@@ -423,6 +423,56 @@ def _refuse_overlaps(chunk_names: list[str]) -> None:
             seen[index] = name
 
 
+def chunk_folder(out: Path, start: int, end: int) -> Path:
+    """Where pairs start..end-1 of a run are transformed and scored; merges find chunks by this name."""
+    return Path(out) / f"chunk-{start:05d}-{end:05d}"
+
+
+def transformed_image_size(chunk: Path) -> int:
+    """The crop size a chunk's transforms were made at, for scoring them without the model."""
+    facts = chunk / "transform.json"
+    if not facts.is_file():
+        raise UsageError(f"{chunk}: no transforms to score; run this chunk with --stage transform (or all) first")
+    return json.loads(facts.read_text())["image_size"]
+
+
+def write_chunk_summary(chunk: Path, title: str) -> dict:
+    """metrics.json, metrics.md and the contact sheet of one scored chunk."""
+    summary = summarize([chunk / "features.npz"])
+    (chunk / "metrics.json").write_text(json.dumps(summary, indent=1))
+    (chunk / "metrics.md").write_text(markdown(summary, title))
+    write_atomic(chunk / "contact_sheet.png", encode_png(contact_sheet(chunk), None, None, {}), overwrite=True)
+    return summary
+
+
+def merge_chunks(folder: Path, title: str, extend: Path | None = None) -> dict:
+    """One summary of every scored chunk in `folder` (metrics.json, metrics.md there). With `extend`, the
+    chunks are scored at that summary's threshold and added to it (for runs whose old chunks are gone)."""
+    files = sorted(folder.glob("chunk-*/features.npz"))
+    if not files:
+        raise UsageError(f"{folder}: no chunk-*/features.npz to merge; run eval with --stage score first")
+    unscored = sorted(c.name for c in folder.glob("chunk-*") if (c / "transform.json").is_file()
+                      and not (c / "features.npz").is_file())
+    if unscored:  # merging without them would quietly drop their pairs
+        raise UsageError(f"{folder}: {', '.join(unscored)} have transforms but no scores; run eval --stage score "
+                         "on them, or move them out of the folder")
+    if extend is None:
+        summary = summarize(files)
+    else:
+        if extend.resolve() == (folder / "metrics.json").resolve():
+            raise UsageError(f"{extend}: the summary to extend would be overwritten; copy it out of {folder} first")
+        try:
+            base = json.loads(extend.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{extend}: cannot read it ({exc})") from None
+        if not isinstance(base, dict) or not {"threshold_cosine_far_0.1%", "chunks"} <= base.keys():
+            raise UsageError(f"{extend}: not an eval summary (metrics.json)")
+        summary = combine(base, summarize(files, threshold=base["threshold_cosine_far_0.1%"]))
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
+    (folder / "metrics.md").write_text(markdown(summary, title))
+    return summary
+
+
 def summarize(feature_files: list[Path], threshold: float | None = None) -> dict:
     """TAR@FAR=0.1% per condition and the other figures, over every chunk given.
 

@@ -42,6 +42,17 @@ class AutoencoderConfig:
     seed: int = 0
     checkpoint_minutes: float = 2.0
 
+    def __post_init__(self):
+        from .masks import FACE_MAP_SIZE
+
+        widths = tuple(self.block_out_channels)
+        if not widths or any(w <= 0 or w % 16 for w in widths):
+            raise UsageError(f"--channels {','.join(map(str, widths))}: give positive multiples of 16 (e.g. 32,64,128)")
+        factor = 2 ** (len(widths) - 1)
+        if self.resolution % factor or FACE_MAP_SIZE % (self.resolution // factor):
+            raise UsageError(f"--resolution {self.resolution} with {len(widths)} blocks gives a latent grid that "
+                             f"spec §4's {FACE_MAP_SIZE}-pixel face map cannot be pooled onto")
+
 
 def build_autoencoder(cfg: AutoencoderConfig):
     from diffusers import AutoencoderKL
