@@ -318,7 +318,8 @@ def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyf
 
 
 @pytest.mark.parametrize("case", ["missing_model", "corrupt_weights", "short_key", "no_key", "mask_with_bisenet",
-                                  "bisenet_without_parser", "meta_with_many_inputs"])
+                                  "bisenet_without_parser", "meta_with_many_inputs", "key_and_password",
+                                  "mapping_without_rename"])
 def test_usage_errors_exit_2_before_any_input(models, keyfile, tmp_path, case):
     src = save_png(tmp_path / "face.png", random_image(32, seed=8))
     mask = save_png(tmp_path / "mask.png", box_mask(32))
@@ -326,7 +327,8 @@ def test_usage_errors_exit_2_before_any_input(models, keyfile, tmp_path, case):
             "--key", keyfile]
     expected = {"missing_model": "no such model folder", "corrupt_weights": "cannot load the weights",
                 "short_key": "short.key", "no_key": "no key", "mask_with_bisenet": "--masker bisenet",
-                "bisenet_without_parser": "--parser", "meta_with_many_inputs": "--meta goes with exactly one"}[case]
+                "bisenet_without_parser": "--parser", "meta_with_many_inputs": "--meta goes with exactly one",
+                "key_and_password": "either --key or --password-file", "mapping_without_rename": "it needs --rename"}[case]
     if case == "missing_model":
         args[6] = tmp_path / "nowhere"
     elif case == "corrupt_weights":
@@ -346,6 +348,11 @@ def test_usage_errors_exit_2_before_any_input(models, keyfile, tmp_path, case):
         args += ["--masker", "bisenet"]
     elif case == "bisenet_without_parser":
         args = args[:7] + args[9:]
+    elif case == "key_and_password":
+        (tmp_path / "pw.txt").write_text("a password")
+        args += ["--password-file", tmp_path / "pw.txt"]
+    elif case == "mapping_without_rename":
+        args += ["--mapping", tmp_path / "names.json"]
     elif case == "meta_with_many_inputs":
         args = ["run", "deanonymize", src, src.with_name("mask.png"), "--out", tmp_path / "out", "--model",
                 models["zero"], "--key", keyfile, "--meta", tmp_path / "m.json"]
@@ -485,3 +492,103 @@ def test_info_reads_the_sidecar_of_a_stripped_png_and_keys_readable_by_others_ar
     quiet = cli("run", "anonymize", src, "--out", tmp_path / "anon2", "--engine", zero_engines["zero"], "--mask", mask,
                 "--key", keyfile)
     assert quiet.returncode == 0 and "can be read by other users" not in quiet.stderr
+
+
+def test_recovery_uses_the_stored_step_count_null_nonce_and_sidecar_beside_the_image(models, keyfile, tmp_path):
+    """A random-weight model, so the step count changes the result (with ε ≡ 0 any count round-trips);
+    every expected value below is computed from the spec's plain functions, not read from the tool."""
+    from revanon_rt.fingerprint import model_fingerprint
+    from revanon_rt.keys import flip_pattern, flip_subkey
+    from revanon_rt.masks import face_map_from_file, latent_mask, pack_mask
+    from revanon_rt.pixels import to_model, to_u8
+    from revanon_rt.reference import TorchReference
+    from revanon_rt.sampler import transform
+
+    original = random_image(32, seed=51)
+    src = save_png(tmp_path / "in" / "face.png", original)
+    mask_file = save_png(tmp_path / "mask.png", box_mask(32))
+    anon = cli("run", "anonymize", src, "--out", tmp_path / "anon", "--model", models["pixel"], "--mask", mask_file,
+               "--key", keyfile, "--steps", "7", "--insecure-key-reuse", "--sidecar")
+    assert anon.returncode == 0, anon.stderr
+    anonymized_path = tmp_path / "anon" / "face.png"
+    header = json.loads(container.read_png_chunk(anonymized_path))
+    mask = latent_mask(face_map_from_file(mask_file), (32, 32))
+    assert {k: v for k, v in header.items() if k != "auth"} == {  # spec §7, crop mode
+        "format": "revanon/1", "state": "anonymized", "steps": 7, "mode": "crop", "masker": "file",
+        "model": {"fingerprint": model_fingerprint(models["pixel"]), "image_size": 32}, "kdf": {"name": "raw"},
+        "faces": [{"box": [0, 0, 32, 32], "affine": [[1, 0, 0], [0, 1, 0]], "nonce": None, "mask": pack_mask(mask)}]}
+
+    reference = TorchReference(models["pixel"])
+    m = mask[None, None].astype(np.float32)
+    pattern = flip_pattern(flip_subkey(read_key_file(keyfile)), bytes(16), (3, 32, 32))[None]  # null nonce: zeros
+
+    def spec_transform(rgb, steps):
+        return to_u8(transform(reference, to_model(rgb[None]), m, pattern, reference.schedule(steps)))[0]
+
+    anonymized = read_rgb(anonymized_path)
+    assert np.array_equal(anonymized, spec_transform(original, 7))
+    Image.fromarray(anonymized).save(anonymized_path)  # chunk stripped; the sidecar stays beside it
+    assert container.read_png_chunk(anonymized_path) is None
+    rec = cli("run", "deanonymize", anonymized_path, "--out", tmp_path / "rec", "--model", models["pixel"],
+              "--key", keyfile)
+    assert rec.returncode == 0, rec.stderr
+    recovered = read_rgb(tmp_path / "rec" / "face.png")
+    assert np.array_equal(recovered, spec_transform(anonymized, 7))
+    assert not np.array_equal(recovered, spec_transform(anonymized, 50)), "the count must matter on this model"
+    recovered_header = json.loads(container.read_png_chunk(tmp_path / "rec" / "face.png"))
+    assert recovered_header == {**{k: v for k, v in header.items() if k != "auth"}, "state": "recovered"}
+
+
+def test_authentic_metadata_that_does_not_fit_the_model_or_mode_is_refused_per_image(zero_engines, zero_backend,
+                                                                                      keyfile, tmp_path):
+    """Headers signed with the right key (so the auth check passes) whose records cannot be applied."""
+    from revanon_rt.keys import mac_subkey
+    from revanon_rt.masks import pack_mask
+
+    src = save_png(tmp_path / "face.png", random_image(32, seed=13))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    anon = _anonymize_with_library(zero_backend, src, tmp_path / "anon.png", keyfile, mask)
+    k_mac = mac_subkey(read_key_file(keyfile))
+    rgb = read_rgb(anon)
+
+    def signed(name, edit):
+        def resign(header):
+            edit(header)
+            header["auth"] = container.compute_auth(k_mac, {k: v for k, v in header.items() if k != "auth"}, rgb)
+        return _rewrite_metadata(anon, tmp_path / "bad" / name, resign)
+
+    (tmp_path / "bad").mkdir()
+    signed("small_mask.png", lambda h: h["faces"][0].update(mask=pack_mask(np.ones((4, 4), np.uint8))))
+    signed("two_faces.png", lambda h: h.update(faces=h["faces"] * 2))
+    signed("other_size.png", lambda h: h["model"].update(image_size=64))
+    signed("flat_affine.png", lambda h: (h.update(mode="photo"), h["faces"][0].update(affine=[[1, 2, 0], [2, 4, 0]])))
+    result = cli("run", "deanonymize", tmp_path / "bad", "--out", tmp_path / "out", "--engine", zero_engines["zero"],
+                 "--key", keyfile)
+    assert result.returncode == 1 and "0 done, 0 skipped, 4 failed" in result.stderr, result.stderr
+    for name, message in [("small_mask.png", "the stored mask is 4x4, the model's latent grid is 32x32"),
+                          ("two_faces.png", "exactly one face record"),
+                          ("other_size.png", "made for 64px crops, this model works at 32px"),
+                          ("flat_affine.png", "the affine is not invertible")]:
+        assert any(name in line and message in line for line in result.stderr.splitlines()), (name, result.stderr)
+    photo = cli("run", "deanonymize", tmp_path / "bad" / "flat_affine.png", "--out", tmp_path / "out",
+                "--engine", zero_engines["zero"], "--key", keyfile, "--recompute-mask", "--mask", mask)
+    assert photo.returncode == 1 and "--recompute-mask works on crops" in photo.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mask_folder_mirrors_the_inputs(zero_engines, keyfile, tmp_path):
+    from revanon_rt.masks import face_map_from_file, latent_mask
+
+    inputs, masks = tmp_path / "in", tmp_path / "masks"
+    for relative, seed in (("a.png", 14), ("sub/b.png", 15), ("c.png", 16)):
+        save_png(inputs / relative, random_image(32, seed=seed))
+    save_png(masks / "a.png", box_mask(32, 0.25, 0.5))
+    (masks / "sub").mkdir(parents=True)
+    Image.fromarray(box_mask(32, 0.5, 0.9)).save(masks / "sub" / "b.PNG")  # any listed extension, either case
+    result = cli("run", "anonymize", inputs, "--out", tmp_path / "anon", "--engine", zero_engines["zero"],
+                 "--mask", masks, "--key", keyfile)
+    assert result.returncode == 1 and "2 done, 0 skipped, 1 failed" in result.stderr, result.stderr
+    assert "c.png: no mask for it under" in result.stderr
+    for relative, mask_file in (("a.png", masks / "a.png"), ("sub/b.png", masks / "sub" / "b.PNG")):
+        face = json.loads(container.read_png_chunk(tmp_path / "anon" / relative))["faces"][0]
+        assert np.array_equal(unpack_mask(face["mask"], relative), latent_mask(face_map_from_file(mask_file), (32, 32)))

@@ -16,7 +16,7 @@ from revanon_rt import container
 from revanon_rt.encoding import b64encode
 from revanon_rt.errors import InputError, MetadataError
 from revanon_rt.images import encode_png, load_image, write_atomic
-from revanon_rt.masks import pack_mask
+from revanon_rt.masks import pack_mask, unpack_mask
 
 
 def _header(**changes):
@@ -282,3 +282,11 @@ def test_a_crop_of_the_wrong_size_is_refused_from_its_header(tmp_path):
         load_image(cut, crop_size=32)
     with pytest.raises(InputError, match="cannot read the image"):
         load_image(cut)
+
+
+def test_values_exactly_at_the_spec_limits_are_accepted():
+    """§7's limits are inclusive: 1000 steps, 256 faces, a 512-cell mask side."""
+    face = container.crop_face_record(32, bytes(16), pack_mask(np.ones((512, 3), np.uint8)))
+    header = container.parse_header(container.to_text(_header(steps=1000, faces=[face] * 256)), "img.png")
+    assert header["steps"] == 1000 and len(header["faces"]) == 256
+    assert unpack_mask(header["faces"][0]["mask"], "img.png").shape == (512, 3)

@@ -17,12 +17,29 @@ from revanon_rt import container
 @pytest.fixture(scope="session")
 def engines(models, bisenet_pth, tmp_path_factory):
     root = tmp_path_factory.mktemp("engines")
-    built = cli("build", "--model", models["ldm"], "--parser", bisenet_pth, "--out", root / "ldm")
+    # batch 2: a call of one face is padded, and a call of three is split, on graphs whose rows differ
+    built = cli("build", "--model", models["ldm"], "--parser", bisenet_pth, "--out", root / "ldm", "--batch", "2")
     assert built.returncode == 0, built.stderr
     assert "[1/4] exported unet" in built.stderr and "[4/4] exported parser" in built.stderr
     zero = cli("build", "--model", models["zero"], "--out", root / "zero", "--batch", "2")
     assert zero.returncode == 0, zero.stderr
     return {"ldm": root / "ldm", "zero": root / "zero"}
+
+
+def test_calls_larger_or_smaller_than_the_engine_batch_give_each_row_its_own_result(engines):
+    """Three rows through a batch-2 engine (a full chunk, then a padded one) against one row at a time."""
+    from revanon_rt.engines import open_engine
+
+    backend = open_engine(engines["ldm"])
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, (3, 3, 64, 64)).astype(np.float32)
+    z = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    for name, call, rows in (("encode", backend.encode, x), ("decode", backend.decode, z),
+                             ("eps", lambda a: backend.eps(a, 500), z)):
+        together = call(rows)
+        alone = np.concatenate([call(rows[i:i + 1]) for i in range(3)])
+        np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6, err_msg=name)
+        assert not np.allclose(together[0], together[1]), f"{name}: rows must differ for this to test the order"
 
 
 def test_manifest_records_what_the_runtime_needs(engines, models):
@@ -34,8 +51,8 @@ def test_manifest_records_what_the_runtime_needs(engines, models):
     manifest = json.loads((engines["ldm"] / "engine.json").read_text())
     assert manifest["model"]["fingerprint"] == model_fingerprint(models["ldm"])
     assert set(manifest["graphs"]) == {"unet", "encoder", "decoder", "parser"}
-    assert manifest["graphs"]["unet"]["inputs"][0] == {"name": "sample", "shape": [1, 3, 16, 16], "dtype": "float32"}
-    assert manifest["graphs"]["parser"]["outputs"][0]["shape"] == [1, 512, 512]
+    assert manifest["graphs"]["unet"]["inputs"][0] == {"name": "sample", "shape": [2, 3, 16, 16], "dtype": "float32"}
+    assert manifest["graphs"]["parser"]["outputs"][0]["shape"] == [2, 512, 512]
     assert manifest["precision"] == "fp32" and manifest["onnx"]["opset"] == 18
     for package in ("torch", "diffusers", "onnx", "onnxruntime"):
         assert package in manifest["versions"]
@@ -104,7 +121,7 @@ def test_engine_anonymizes_and_the_reference_recovers(engines, models, bisenet_p
 
 
 def test_zero_eps_engine_round_trip_is_bit_exact_without_torch(engines, keyfile, tmp_path, no_torch_env):
-    """Three faces through a batch-2 engine (one full batch, one padded), with torch blocked."""
+    """Three faces through a batch-2 engine, one face per call as the CLI runs them, with torch blocked."""
     inputs = tmp_path / "in"
     originals = {name: save_png(inputs / f"{name}.png", random_image(32, seed=40 + i))
                  for i, name in enumerate(("a", "b", "c"))}
@@ -176,24 +193,34 @@ def test_verify_passes_on_a_good_engine_and_fails_on_a_perturbed_one(engines, mo
     assert report["stages"]["parse mask"]["differing_cells"] == 0
     assert "eps middle step" in good.stdout and "recovery engine -> pytorch" in good.stdout
 
-    # a broken build: the UNet's output layer is off by 2%, hashes made consistent again
-    bad = shutil.copytree(engines["ldm"], tmp_path / "bad")
-    model = onnx.load(str(bad / "unet.onnx"))
-    for init in model.graph.initializer:
-        if "conv_out" in init.name and "weight" in init.name:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.02), init.name))
-            break
-    else:
-        pytest.fail("no conv_out weight in the exported UNet")
-    onnx.save(model, str(bad / "unet.onnx"))
-    manifest = json.loads((bad / "engine.json").read_text())
-    manifest["graphs"]["unet"]["sha256"] = file_sha256(bad / "unet.onnx")
-    manifest["digest"] = manifest_digest(manifest)
-    (bad / "engine.json").write_text(json.dumps(manifest))
-    failed = cli("verify", "--engine", bad, "--model", models["ldm"], "--parser", bisenet_pth, "--steps", "10",
-                 "--json", tmp_path / "bad.json")
-    assert failed.returncode == 1 and "FAIL final latent" in failed.stdout
-    assert not json.loads((tmp_path / "bad.json").read_text())["passed"]
+    def broken(graph: str, layer: str, factor: float):
+        """A copy of the engine with one layer's weights scaled, its hashes made consistent again."""
+        bad = shutil.copytree(engines["ldm"], tmp_path / f"bad-{graph}")
+        model = onnx.load(str(bad / f"{graph}.onnx"))
+        for init in model.graph.initializer:
+            if layer in init.name and "weight" in init.name:
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+                break
+        else:
+            pytest.fail(f"no {layer} weight in the exported {graph}")
+        onnx.save(model, str(bad / f"{graph}.onnx"))
+        manifest = json.loads((bad / "engine.json").read_text())
+        manifest["graphs"][graph]["sha256"] = file_sha256(bad / f"{graph}.onnx")
+        manifest["digest"] = manifest_digest(manifest)
+        (bad / "engine.json").write_text(json.dumps(manifest))
+        run = cli("verify", "--engine", bad, "--model", models["ldm"], "--parser", bisenet_pth, "--steps", "10",
+                  "--json", tmp_path / f"bad-{graph}.json")
+        checks = json.loads((tmp_path / f"bad-{graph}.json").read_text())["checks"]
+        return run, {name: check["passed"] for name, check in checks.items()}
+
+    # the UNet's output layer off by 2%: the latents and the pixels move
+    failed, passed = broken("unet", "conv_out", 1.02)
+    assert failed.returncode == 1 and "FAIL final latent" in failed.stdout and "FAIL identical 8-bit" in failed.stdout
+    assert not passed["final latent rel_l2"] and not passed["identical 8-bit pixels"] and passed["identical masks"]
+    # the parser's last layer changed: the face maps differ, and only the mask check can say so
+    failed, passed = broken("parser", "conv_out", -1.0)
+    assert failed.returncode == 1 and "FAIL identical masks" in failed.stdout
+    assert not passed["identical masks"]
 
     other = cli("verify", "--engine", engines["ldm"], "--model", models["ldm_other"], "--steps", "2")
     assert other.returncode == 2 and "another model" in other.stderr

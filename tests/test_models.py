@@ -37,6 +37,11 @@ def test_vq_latents_are_unscaled_whatever_the_config_says(models, tmp_path):
     with torch.no_grad():
         raw = vq.encode(torch.from_numpy(x)).latents.numpy()
     assert np.array_equal(ldm.encode(x), raw)
+    with torch.no_grad():  # spec §1: D quantizes to the codebook first, as LDM does
+        quantized = vq.decode(torch.from_numpy(raw)).sample.numpy()
+        unquantized = vq.decode(torch.from_numpy(raw), force_not_quantize=True).sample.numpy()
+    assert np.array_equal(ldm.decode(raw), quantized)
+    assert np.abs(quantized - unquantized).max() > 1e-3, "the tiny model's codebook must move D(z) for this to test"
     scaled = _copy(models["ldm"], tmp_path / "scaled")
     _edit_json(scaled / "vqvae" / "config.json", scaling_factor=0.18215)
     assert np.array_equal(TorchReference(scaled).encode(x), raw)

@@ -178,6 +178,9 @@ def test_no_faces_tampering_and_wrong_key(zero_engines, group, keyfile, other_ke
     anon = cli("run", "anonymize", group, "--mode", "photo", "--out", tmp_path / "g", "--engine", zero_engines["zero64"],
                "--masker", "landmarks", "--key", keyfile)
     assert anon.returncode == 0, anon.stderr
+    twice = cli("run", "anonymize", tmp_path / "g" / "group.png", "--mode", "photo", "--out", tmp_path / "g2",
+                "--engine", zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
+    assert twice.returncode == 1 and "anonymizing it twice needs --force" in twice.stderr
     header = json.loads(container.read_png_chunk(tmp_path / "g" / "group.png"))
     header["faces"][1]["affine"][0][2] += 3.0
     from PIL import PngImagePlugin
@@ -229,7 +232,11 @@ def test_large_photo_is_detected_on_a_downscaled_copy(zero_engines, keyfile, tmp
     result = cli("run", "anonymize", path, "--mode", "photo", "--out", tmp_path / "a", "--engine", zero_engines["zero64"],
                  "--masker", "landmarks", "--key", keyfile)
     assert result.returncode == 0, result.stderr
-    assert len(json.loads(container.read_png_chunk(tmp_path / "a" / "big.png"))["faces"]) == 2
+    faces = json.loads(container.read_png_chunk(tmp_path / "a" / "big.png"))["faces"]
+    # the boxes are in the full-size photo's pixels: each centre near its 250-px LFW image's centre
+    centres = sorted(((x + 125 * s, y + 125 * s) for x, y, s, _ in ((200, 300, 4.0, 0), (1500, 500, 3.0, 5))))
+    found = sorted(((f["box"][0] + f["box"][2]) / 2, (f["box"][1] + f["box"][3]) / 2) for f in faces)
+    assert len(found) == 2 and all(np.hypot(a[0] - b[0], a[1] - b[1]) < 150 for a, b in zip(centres, found)), found
 
 
 def test_photo_mode_warns_about_clamped_faces_and_only_them(models, tmp_path):
@@ -272,3 +279,50 @@ def test_dry_run_drawing_and_the_transform_select_the_same_faces_even_for_twin_d
     assert tuple(drawn[20, 50]) == (255, 40, 40), "face 0 is kept: red"
     assert tuple(drawn[20, 110]) == (150, 150, 150), "the small face is not numbered: grey"
     assert Selection(faces="largest").apply(found)[1] == [0]
+
+
+def _bilinear_by_padding(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """An independent bilinear sampler for the tests: edges replicated by padding, float64 weights."""
+    pad = 64
+    padded = np.pad(image.astype(np.float64), ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    x, y = x.astype(np.float64) + pad, y.astype(np.float64) + pad
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = (x - x0)[..., None], (y - y0)[..., None]
+    return ((padded[y0, x0] * (1 - fx) + padded[y0, x0 + 1] * fx) * (1 - fy)
+            + (padded[y0 + 1, x0] * (1 - fx) + padded[y0 + 1, x0 + 1] * fx) * fy)
+
+
+def _agree(a: np.ndarray, b: np.ndarray) -> None:
+    """float32 (the tool) against float64 (the test): equal but for a rare rounding tie, one level apart."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() >= 0.999, (diff.max(), (diff == 0).mean())
+
+
+def test_rotated_scaled_crop_and_paste_follow_spec_8_beyond_the_photo_edge():
+    """A rotation, a scale and a fractional shift, with the crop reaching past the photo's top-left
+    corner: sampling replicates the edge, and paste-back replaces exactly the pixels §8 names."""
+    photo = random_image(80, seed=74)
+    size, angle, scale = 32, np.deg2rad(17.0), 1.37
+    c, s = np.cos(angle) * scale, np.sin(angle) * scale
+    affine = np.array([[c, -s, 9.3], [s, c, 4.6]])  # photo (x, y) -> crop (u, v)
+    inv = np.linalg.inv(np.vstack([affine, [0, 0, 1]]))[:2]
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    x, y = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2], inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
+    assert (x < 0).any() and (y < 0).any(), "the crop must reach past the photo for this to test edge replication"
+    expected_crop = np.rint(_bilinear_by_padding(photo, x, y)).astype(np.uint8)
+    _agree(sample_crop(photo, affine, size), expected_crop)
+
+    mask = (random_image(8, seed=75)[..., 0] > 127).astype(np.uint8)
+    crop = random_image(size, seed=76)
+    py, px = np.mgrid[0:80, 0:80].astype(np.float64)
+    cu = (affine[0, 0] * px + affine[0, 1] * py + affine[0, 2]).astype(np.float32)
+    cv = (affine[1, 0] * px + affine[1, 1] * py + affine[1, 2]).astype(np.float32)
+    inside = (cu >= 0) & (cu <= size - 1) & (cv >= 0) & (cv <= size - 1)
+    ci, cj = np.clip(np.rint(cu), 0, size - 1).astype(int), np.clip(np.rint(cv), 0, size - 1).astype(int)
+    cell = size // mask.shape[0]
+    replaced = inside & (mask[cj // cell, ci // cell] == 1)
+    assert 50 < replaced.sum() < inside.sum() - 50, "some of the footprint is face and some is not"
+    pasted = paste_back(photo, crop, affine, mask)
+    changed = (pasted != photo).any(axis=2)
+    assert not changed[~replaced].any(), "only the pixels §8 names may change"
+    _agree(pasted[replaced], np.rint(_bilinear_by_padding(crop, cu[replaced], cv[replaced])).astype(np.uint8))
