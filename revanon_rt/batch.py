@@ -176,8 +176,10 @@ def write_mapping(jobs: list[Job], path: Path, previous: dict[str, str] | None =
 
 
 def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, sidecar: bool,
-             console: Console) -> Summary:
-    """process(job, step_callback) -> pipeline.Output. Writes each output atomically."""
+             console: Console, group_size: int = 1) -> Summary:
+    """process(group, step_callback) -> one pipeline.Output, or the exception that stopped it, per job
+    of the group, in order. Jobs go to process in groups of up to group_size (an engine's batch), after
+    those whose outputs exist are skipped. Writes each output atomically."""
     summary = Summary()
     show = console.is_terminal
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -188,14 +190,63 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
         def on_step(phase: str, index: int, count: int) -> None:
             progress.update(steps, description=f"  {phase}", completed=index + 1, total=count, visible=True)
 
-        for job in jobs:
-            progress.update(images, description=f"{verb} {job.relative}")
-            _run_one(job, process, on_step, overwrite, sidecar, summary, console)
+        def run(group: list[Job]) -> None:
+            more = f" and {len(group) - 1} more" if len(group) > 1 else ""
+            progress.update(images, description=f"{verb} {group[0].relative}{more}")
+            try:
+                results = process(group, on_step)
+            except Exception as exc:  # noqa: BLE001 - reported against every job of the group
+                results = [exc] * len(group)
+            for job, result in zip(group, results):
+                _finish_one(job, result, overwrite, sidecar, summary, console)
             progress.update(steps, visible=False)
-            progress.advance(images)
+            progress.advance(images, len(group))
+
+        group: list[Job] = []
+        for job in jobs:
+            if _ready(job, overwrite, sidecar, summary, console):
+                group.append(job)
+                if len(group) == group_size:
+                    run(group)
+                    group = []
+            else:
+                progress.advance(images)
+        if group:
+            run(group)
     if len(jobs) > 1:
         _print_table(summary, console)
     return summary
+
+
+def one_at_a_time(process_one: Callable) -> Callable:
+    """A run_jobs process from a function of one job: process_one(job, step_callback) -> Output."""
+    def process(group: list[Job], on_step) -> list:
+        results = []
+        for job in group:
+            try:
+                results.append(process_one(job, on_step))
+            except Exception as exc:  # noqa: BLE001 - run_jobs reports it against this job
+                results.append(exc)
+        return results
+    return process
+
+
+def load_then_run(load: Callable, run: Callable) -> Callable:
+    """A run_jobs process in two steps: load(job) -> item for each job of the group (an error there fails
+    that job alone), then run(items, step_callback) -> one result per item, for the whole group at once."""
+    def process(group: list[Job], on_step) -> list:
+        results: list = [None] * len(group)
+        loaded = []
+        for i, job in enumerate(group):
+            try:
+                loaded.append((i, load(job)))
+            except Exception as exc:  # noqa: BLE001 - run_jobs reports it against this job
+                results[i] = exc
+        if loaded:
+            for (i, _), result in zip(loaded, run([item for _, item in loaded], on_step)):
+                results[i] = result
+        return results
+    return process
 
 
 def _print_table(summary: Summary, console: Console) -> None:
@@ -211,25 +262,41 @@ def _print_table(summary: Summary, console: Console) -> None:
     console.print(table)
 
 
-def _run_one(job, process, on_step, overwrite, sidecar, summary, console) -> None:
-    def fail(message: str) -> None:
-        summary.failed += 1
-        summary.failures.append(message)
-        summary.rows.append((str(job.relative), "failed", message.split(": ", 1)[-1]))
-        console.print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
+def _fail(job: Job, message: str, summary: Summary, console: Console) -> None:
+    summary.failed += 1
+    summary.failures.append(message)
+    summary.rows.append((str(job.relative), "failed", message.split(": ", 1)[-1]))
+    console.print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
 
+
+def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: Console) -> bool:
+    """Whether the job is to be processed: not failed already, and its outputs free (or --overwrite)."""
     if job.error:
-        return fail(job.error)
+        _fail(job, job.error, summary, console)
+        return False
     targets = [job.output] + ([sidecar_path(job.output)] if sidecar else [])
     if not overwrite and any(t.exists() for t in targets):
         summary.skipped += 1
         summary.rows.append((str(job.relative), "skipped", f"{job.output} exists"))
         console.print(escape(f"skipped: {job.output} exists (use --overwrite)"), highlight=False, soft_wrap=True)
-        return
+        return False
     if overwrite and file_identity(job.output) is not None and file_identity(job.output) == file_identity(job.source):
-        return fail(f"{job.source}: the output {job.output} is the input itself; choose another --out")
+        _fail(job, f"{job.source}: the output {job.output} is the input itself; choose another --out", summary, console)
+        return False
+    return True
+
+
+def _finish_one(job: Job, result, overwrite: bool, sidecar: bool, summary: Summary, console: Console) -> None:
+    if isinstance(result, RevanonError):
+        return _fail(job, str(result), summary, console)
+    if isinstance(result, MemoryError):
+        return _fail(job, f"{job.source}: out of memory", summary, console)
+    if isinstance(result, Exception):  # a bug must not cost the user the rest of the batch
+        if os.environ.get("REVANON_DEBUG"):
+            traceback.print_exception(result)
+        return _fail(job, f"{job.source}: internal error ({type(result).__name__}: {result}); "
+                          "set REVANON_DEBUG=1 for a traceback", summary, console)
     try:
-        result = process(job, on_step)
         for note in result.warnings:
             console.print(f"[yellow]warning[/yellow]: {escape(note)}", highlight=False, soft_wrap=True)
         if not write_atomic(job.output, result.png_bytes() if result.header else _plain_png(result), overwrite):
@@ -239,16 +306,11 @@ def _run_one(job, process, on_step, overwrite, sidecar, summary, console) -> Non
         if sidecar:
             write_atomic(sidecar_path(job.output), result.header_text().encode("utf-8"), overwrite)
     except RevanonError as exc:
-        return fail(str(exc))
-    except MemoryError:
-        return fail(f"{job.source}: out of memory")
-    except Exception as exc:  # a bug must not cost the user the rest of the batch
-        if os.environ.get("REVANON_DEBUG"):
-            traceback.print_exc()
-        return fail(f"{job.source}: internal error ({type(exc).__name__}: {exc}); "
-                    "set REVANON_DEBUG=1 for a traceback")
+        return _fail(job, str(exc), summary, console)
+    except OSError as exc:
+        return _fail(job, f"{job.output}: cannot write it ({exc.strerror or exc})", summary, console)
     summary.done += 1
-    summary.rows.append((str(job.relative), "done", getattr(result, "detail", "")))
+    summary.rows.append((str(job.relative), "done", result.detail))
 
 
 def _plain_png(result) -> bytes:

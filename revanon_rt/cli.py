@@ -238,9 +238,9 @@ def anonymize_cmd(
 ) -> None:
     """Anonymize faces with a secret key: aligned crops, or every face of a photo with --mode photo."""
     from . import container
-    from .batch import run_jobs, write_mapping
+    from .batch import load_then_run, one_at_a_time, run_jobs, write_mapping
     from .images import load_image
-    from .pipeline import Options, anonymize_image
+    from .pipeline import Crop, Options, anonymize_crops
 
     try:
         if output_format == OutputFormat.jpeg:
@@ -268,18 +268,29 @@ def anonymize_cmd(
                   "anonymized images, can undo every image made with it.")
     opts = Options(steps=steps, insecure_key_reuse=insecure_key_reuse, force=force)
 
-    def process(job, on_step):
-        image = load_image(job.source, crop_size=backend.image_size if mode == Mode.crop else None)
-        existing = container.read_metadata(job.source)
-        if mode == Mode.photo:
-            from .photo import anonymize_photo
+    if mode == Mode.photo:
+        from .photo import anonymize_photo
 
-            return anonymize_photo(image, existing, backend, chosen, secret, opts, job.relative,
-                                   detector=face_finder, selection=selection, callback=on_step)
-        return anonymize_image(image, existing, backend, chosen, secret, opts, job.relative, callback=on_step)
+        def anonymize_one(job, on_step):
+            return anonymize_photo(load_image(job.source), container.read_metadata(job.source), backend, chosen,
+                                   secret, opts, job.relative, detector=face_finder, selection=selection,
+                                   callback=on_step)
+
+        process, group_size = one_at_a_time(anonymize_one), 1
+    else:
+        def load(job):
+            return Crop(load_image(job.source, crop_size=backend.image_size), container.read_metadata(job.source),
+                        job.relative)
+
+        def anonymize_group(crops, on_step):
+            return anonymize_crops(crops, backend, chosen, secret, opts, callback=on_step)
+
+        # an engine built for a batch of faces gets full batches: the crops of several inputs go together
+        process, group_size = load_then_run(load, anonymize_group), backend.batch
 
     try:
-        summary = run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err)
+        summary = run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err,
+                           group_size=group_size)
     finally:  # an interrupted run still says which neutral name holds whose image
         if mapping is not None:
             write_mapping(jobs, mapping, named_before)
@@ -307,7 +318,7 @@ def _detector(kind: str):
 
 def _dry_run(inputs: List[Path], out: Path, selection, detector: str, overwrite: bool):
     """Detect and draw, nothing else: no key, no model."""
-    from .batch import assign_outputs, discover, run_jobs
+    from .batch import assign_outputs, discover, one_at_a_time, run_jobs
     from .images import LoadedImage, load_image
     from .photo import draw_faces
     from .pipeline import Output
@@ -324,7 +335,7 @@ def _dry_run(inputs: List[Path], out: Path, selection, detector: str, overwrite:
         drawn = draw_faces(image.rgb, found, selection)
         return Output(LoadedImage(job.source, drawn, None, None), {}, detail=f"{len(found)} face(s)")
 
-    return run_jobs(jobs, process, verb="detect", overwrite=overwrite, sidecar=False, console=err)
+    return run_jobs(jobs, one_at_a_time(process), verb="detect", overwrite=overwrite, sidecar=False, console=err)
 
 
 @run_app.command("deanonymize")
@@ -342,10 +353,10 @@ def deanonymize_cmd(
 ) -> None:
     """Recover the original faces with the key that anonymized them (crop or photo mode, as recorded)."""
     from . import container
-    from .batch import run_jobs
+    from .batch import load_then_run, run_jobs
     from .errors import MetadataError
     from .images import load_image
-    from .pipeline import Options, deanonymize_image
+    from .pipeline import Crop, Options, deanonymize_crops
 
     try:
         secret = _secret(key, password_file, confirm=False)
@@ -368,7 +379,7 @@ def deanonymize_cmd(
     opts = Options(force=force, skip_auth=skip_auth, ignore_model_mismatch=ignore_model_mismatch,
                    recompute_mask=recompute_mask)
 
-    def process(job, on_step):
+    def load(job):
         if meta is not None:
             text, source = container.read_sidecar(meta), str(meta)
         else:
@@ -376,11 +387,14 @@ def deanonymize_cmd(
             if text is None:
                 raise MetadataError(f"{job.source}: no revanon metadata (was the PNG chunk stripped? "
                                     "give the sidecar with --meta)")
-        image = load_image(job.source)
-        return deanonymize_image(image, text, source, backend, secret, opts, job.relative, maskers, on_step)
+        return Crop(load_image(job.source), text, job.relative, source)
+
+    def recover_group(crops, on_step):
+        return deanonymize_crops(crops, backend, secret, opts, maskers, on_step)
 
     try:
-        summary = run_jobs(jobs, process, verb="deanonymize", overwrite=overwrite, sidecar=sidecar, console=err)
+        summary = run_jobs(jobs, load_then_run(load, recover_group), verb="deanonymize", overwrite=overwrite,
+                           sidecar=sidecar, console=err, group_size=backend.batch)
     finally:
         if mapping is not None:
             from .batch import write_mapping

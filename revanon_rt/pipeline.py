@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import container
-from .errors import AuthError, InputError, MetadataError, ModelMismatchError, StateError
+from .errors import AuthError, InputError, MetadataError, ModelMismatchError, RevanonError, StateError
 from .images import LoadedImage, encode_png, not_a_crop
 from .keys import ZERO_NONCE, Secret, flip_pattern, flip_subkey, mac_subkey, new_nonce
 from .masks import latent_mask, pack_mask
@@ -60,7 +60,11 @@ def crop_patterns(backend, nonces: list[bytes], k_flip: bytes) -> np.ndarray:
 def transform_crops_float(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], k_flip: bytes,
                           steps: int, callback: StepCallback | None = None) -> np.ndarray:
     """T on a batch of aligned crops: N x H x W x 3 uint8 and N x h x w latent masks -> N x 3 x H x W float32."""
-    patterns = crop_patterns(backend, nonces, k_flip)
+    return _transform_with_patterns(backend, rgbs, masks, crop_patterns(backend, nonces, k_flip), steps, callback)
+
+
+def _transform_with_patterns(backend, rgbs: np.ndarray, masks: np.ndarray, patterns: np.ndarray, steps: int,
+                             callback: StepCallback | None = None) -> np.ndarray:
     x, m, schedule = to_model(rgbs), masks[:, None].astype(np.float32), backend.schedule(steps)
     if backend.supports_fused:
         return backend.fused_transform(x, m, patterns, schedule)
@@ -104,31 +108,80 @@ def face_nonces(opts: Options, count: int, given: list[bytes] | None = None) -> 
     return used, list(used)
 
 
+@dataclass
+class Crop:
+    """One input of a crop-mode group: the decoded image, the metadata it already carries (anonymize)
+    or must be recovered with (deanonymize), and its path relative to the input folder."""
+
+    image: LoadedImage
+    metadata: str | None
+    relative: object
+    source: str = ""
+
+
+def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Options, *,
+                    nonces: list[bytes] | None = None, salt: bytes | None = None,
+                    callback: StepCallback | None = None) -> list[Output | RevanonError]:
+    """Anonymize aligned crops together, so that an engine built for a batch gets full batches. Each
+    crop gets its Output, or the error that stopped it alone. `nonces` (one per crop) and `salt` may be
+    fixed for bit-for-bit comparisons (spec §9)."""
+    results: list[Output | RevanonError | None] = [None] * len(crops)
+    masks: dict[int, np.ndarray] = {}
+    for i, crop in enumerate(crops):
+        try:
+            refuse_double_anonymization(crop.image, crop.metadata, opts)
+            check_crop(crop.image, backend.image_size)
+            face_map = masker.face_maps(crop.image.rgb[None], [crop.relative])[0]
+            masks[i] = latent_mask(face_map, backend.latent_shape[1:])
+        except RevanonError as exc:
+            results[i] = exc
+    ready = sorted(masks)
+    if not ready:
+        return results
+    key, kdf = secret.for_anonymize(salt)
+    used, stored = face_nonces(opts, len(ready), None if nonces is None else [nonces[i] for i in ready])
+    mask_stack = np.stack([masks[i] for i in ready])
+    x = transform_crops_float(backend, np.stack([crops[i].image.rgb for i in ready]), mask_stack, used,
+                              flip_subkey(key), opts.steps, callback)
+    shares = clamped_share(x, mask_stack)
+    for i, rgb, nonce_field, share in zip(ready, to_u8(x), stored, shares):
+        image = crops[i].image
+        header = container.new_header(
+            steps=opts.steps, mode="crop", masker=masker.name, fingerprint=backend.fingerprint,
+            image_size=backend.image_size, kdf=kdf,
+            faces=[container.crop_face_record(backend.image_size, nonce_field, pack_mask(masks[i]))])
+        header["auth"] = container.compute_auth(mac_subkey(key), header, rgb)
+        results[i] = Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), header,
+                            clamping_notes(image.path, [share]))
+    return results
+
+
 def anonymize_image(image: LoadedImage, existing_metadata: str | None, backend, masker, secret: Secret,
                     opts: Options, relative, *, nonce: bytes | None = None, salt: bytes | None = None,
                     callback: StepCallback | None = None) -> Output:
-    """Anonymize one aligned crop. `nonce` and `salt` may be fixed for bit-for-bit comparisons (spec §9)."""
-    refuse_double_anonymization(image, existing_metadata, opts)
-    check_crop(image, backend.image_size)
-    key, kdf = secret.for_anonymize(salt)
-    face_map = masker.face_maps(image.rgb[None], [relative])[0]
-    mask = latent_mask(face_map, backend.latent_shape[1:])
-    (nonce_used,), (nonce_field,) = face_nonces(opts, 1, None if nonce is None else [nonce])
-    x = transform_crops_float(backend, image.rgb[None], mask[None], [nonce_used], flip_subkey(key), opts.steps, callback)
-    rgb = to_u8(x)[0]
-    header = container.new_header(
-        steps=opts.steps, mode="crop", masker=masker.name, fingerprint=backend.fingerprint,
-        image_size=backend.image_size, kdf=kdf,
-        faces=[container.crop_face_record(backend.image_size, nonce_field, pack_mask(mask))])
-    header["auth"] = container.compute_auth(mac_subkey(key), header, rgb)
-    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), header,
-                  clamping_notes(image.path, clamped_share(x, mask[None])))
+    """Anonymize one aligned crop."""
+    return _one(anonymize_crops([Crop(image, existing_metadata, relative)], backend, masker, secret, opts,
+                                nonces=None if nonce is None else [nonce], salt=salt, callback=callback))
 
 
-def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backend, secret: Secret,
-                      opts: Options, relative, maskers: dict | None = None, callback: StepCallback | None = None) -> Output:
-    """Recover one crop. The auth MAC is checked before anything else is done with the image."""
-    header = container.parse_header(metadata_text, source)
+@dataclass
+class _CropRecovery:
+    """What recovering one crop needs once its metadata has been checked."""
+
+    header: dict
+    key: bytes
+    mask: np.ndarray
+    nonce: bytes
+    verified: bool
+    notes: list[str]
+
+
+def _checked_recovery(crop: Crop, backend, secret: Secret, opts: Options, maskers: dict | None,
+                      callback: StepCallback | None) -> _CropRecovery | Output:
+    """Check one image's metadata, auth first, then state, model and mode. A photo is recovered here
+    and now (its faces go one wave at a time); a crop returns what its group transform needs."""
+    source, image = crop.source, crop.image
+    header = container.parse_header(crop.metadata, source)
     notes: list[str] = []
     if header["state"] != "anonymized" and not opts.force:
         raise StateError(f"{source}: its state is {header['state']!r}, not 'anonymized'; "
@@ -169,11 +222,43 @@ def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backe
         if masker is None:
             raise InputError(f"{source}: --recompute-mask re-runs the {header['masker']!r} masker "
                              "named in its metadata; give that masker's flags (--parser or --mask)")
-        mask = latent_mask(masker.face_maps(image.rgb[None], [relative])[0], latent_hw)
+        mask = latent_mask(masker.face_maps(image.rgb[None], [crop.relative])[0], latent_hw)
     else:
         mask = container.stored_mask(face, latent_hw, source)
-    nonce = container.face_nonce(face) or ZERO_NONCE
-    rgb = transform_crops(backend, image.rgb[None], mask[None], [nonce], flip_subkey(key), header["steps"], callback)[0]
-    return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile),
-                  container.recovered_header(header, verified), notes)
+    return _CropRecovery(header, key, mask, container.face_nonce(face) or ZERO_NONCE, verified, notes)
 
+
+def deanonymize_crops(crops: list[Crop], backend, secret: Secret, opts: Options, maskers: dict | None = None,
+                      callback: StepCallback | None = None) -> list[Output | RevanonError]:
+    """Recover images together: each one's auth MAC is checked before anything else is done with it,
+    then the crops that share a step count go through the model as one group."""
+    results: list[Output | RevanonError | _CropRecovery | None] = [None] * len(crops)
+    for i, crop in enumerate(crops):
+        try:
+            results[i] = _checked_recovery(crop, backend, secret, opts, maskers, callback)
+        except RevanonError as exc:
+            results[i] = exc
+    pending = [i for i, r in enumerate(results) if isinstance(r, _CropRecovery)]
+    for steps in sorted({results[i].header["steps"] for i in pending}):
+        group = [i for i in pending if results[i].header["steps"] == steps]
+        patterns = np.stack([crop_patterns(backend, [results[i].nonce], flip_subkey(results[i].key))[0] for i in group])
+        rgbs = to_u8(_transform_with_patterns(backend, np.stack([crops[i].image.rgb for i in group]),
+                                              np.stack([results[i].mask for i in group]), patterns, steps, callback))
+        for i, rgb in zip(group, rgbs):
+            plan, image = results[i], crops[i].image
+            results[i] = Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile),
+                                container.recovered_header(plan.header, plan.verified), plan.notes)
+    return results
+
+
+def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backend, secret: Secret,
+                      opts: Options, relative, maskers: dict | None = None, callback: StepCallback | None = None) -> Output:
+    """Recover one image (crop or photo mode, as its metadata says)."""
+    return _one(deanonymize_crops([Crop(image, metadata_text, relative, source)], backend, secret, opts, maskers,
+                                  callback))
+
+
+def _one(results: list) -> Output:
+    if isinstance(results[0], Exception):
+        raise results[0]
+    return results[0]

@@ -139,6 +139,7 @@ class TorchReference:
     name = "pytorch"
     precision = "fp32"
     supports_fused = False
+    batch = 1  # faces per call that runs go for: any size works, one keeps memory predictable
 
     def __init__(self, model_dir: Path, device: str = "cpu", parser: Path | None = None):
         # the folder's structure and weight files are checked before diffusers is imported (seconds)

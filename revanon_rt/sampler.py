@@ -38,6 +38,7 @@ class ModelBackend(Backend, Protocol):
     can_parse: bool
     supports_fused: bool  # True: fused_transform(x, mask, pattern, schedule) runs the whole of T
     precision: str
+    batch: int  # how many faces a run groups into one call
     identity: dict  # what decides the numbers (backend, engine files, device), for caches
 
     def schedule(self, steps: int) -> Schedule: ...

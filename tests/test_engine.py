@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -121,17 +122,20 @@ def test_engine_anonymizes_and_the_reference_recovers(engines, models, bisenet_p
 
 
 def test_zero_eps_engine_round_trip_is_bit_exact_without_torch(engines, keyfile, tmp_path, no_torch_env):
-    """Three faces through a batch-2 engine, one face per call as the CLI runs them, with torch blocked."""
+    """Four faces and a bad input through a batch-2 engine, which runs them in groups of two, with torch
+    blocked: the bad input fails alone and every face comes back bit for bit."""
     inputs = tmp_path / "in"
     originals = {name: save_png(inputs / f"{name}.png", random_image(32, seed=40 + i))
-                 for i, name in enumerate(("a", "b", "c"))}
+                 for i, name in enumerate(("a", "b", "c", "d"))}
+    save_png(inputs / "bb.png", random_image(48, seed=44))  # sorted between b and c: shares a group with c
     mask = save_png(tmp_path / "mask.png", box_mask(32))
     anon = cli("run", "anonymize", inputs, "--out", tmp_path / "anon", "--engine", engines["zero"], "--mask", mask,
                "--key", keyfile, env=no_torch_env)
-    assert anon.returncode == 0, anon.stderr
+    assert anon.returncode == 1 and "4 done, 0 skipped, 1 failed" in anon.stderr, anon.stderr
+    assert "bb.png: 48x48 is not an aligned face crop" in anon.stderr
     rec = cli("run", "deanonymize", tmp_path / "anon", "--out", tmp_path / "rec", "--engine", engines["zero"],
               "--key", keyfile, env=no_torch_env)
-    assert rec.returncode == 0, rec.stderr
+    assert rec.returncode == 0 and "4 done" in rec.stderr, rec.stderr
     inside = box_mask(32) > 0
     for name, path in originals.items():
         original = read_rgb(path)
@@ -139,6 +143,58 @@ def test_zero_eps_engine_round_trip_is_bit_exact_without_torch(engines, keyfile,
         assert (anonymized[inside] != original[inside]).mean() > 0.3
         assert np.array_equal(anonymized[~inside], original[~inside])
         assert np.array_equal(read_rgb(tmp_path / "rec" / f"{name}.png"), original)
+
+
+def test_crops_of_a_group_share_engine_calls_and_keep_their_own_nonces_and_errors(engines, keyfile):
+    """The crops of a group go through each UNet call together, and give what each gives alone."""
+    from revanon_rt.engines import open_engine
+    from revanon_rt.images import LoadedImage
+    from revanon_rt.keys import Secret, read_key_file
+    from revanon_rt.pipeline import Crop, Options, anonymize_crops, anonymize_image, deanonymize_crops
+
+    class CountingRows:
+        """The real engine backend; it only notes how many faces each UNet call carries."""
+
+        def __init__(self, backend):
+            self.backend, self.rows = backend, []
+
+        def __getattr__(self, name):
+            return getattr(self.backend, name)
+
+        def eps(self, z, t):
+            self.rows.append(z.shape[0])
+            return self.backend.eps(z, t)
+
+    backend = CountingRows(open_engine(engines["ldm"]))
+    secret, opts = Secret.from_key(read_key_file(keyfile)), Options(steps=3)
+    masker = _BoxMasker()
+    crops = [Crop(LoadedImage(Path(f"{i}.png"), random_image(64, seed=80 + i), None, None), None, f"{i}.png")
+             for i in range(3)]
+    crops.insert(1, Crop(LoadedImage(Path("small.png"), random_image(32, seed=79), None, None), None, "small.png"))
+    nonces = [bytes([i]) * 16 for i in range(4)]
+    together = anonymize_crops(crops, backend, masker, secret, opts, nonces=nonces)
+    assert backend.rows == [3] * 6, "3 inversion and 3 denoising calls, each carrying the three good crops"
+    assert "not an aligned face crop" in str(together[1])
+    for i in (0, 2, 3):
+        alone = anonymize_image(crops[i].image, None, backend, masker, secret, opts, crops[i].relative, nonce=nonces[i])
+        np.testing.assert_array_equal(together[i].image.rgb, alone.image.rgb)
+        assert together[i].header["faces"] == alone.header["faces"]
+    anonymized = [Crop(together[i].image, together[i].header_text(), f"{i}.png", f"{i}.png") for i in (0, 2, 3)]
+    anonymized[1].metadata = anonymized[1].metadata.replace('"steps":3', '"steps":2')  # auth must catch it
+    recovered = deanonymize_crops(anonymized, backend, secret, opts)
+    assert "wrong key, or the image or its metadata was changed" in str(recovered[1])
+    assert all(r.header["state"] == "recovered" for r in (recovered[0], recovered[2]))
+
+
+class _BoxMasker:
+    """Face maps from the central box, the same for every crop (a FileMasker without a file)."""
+
+    name = "file"
+
+    def face_maps(self, rgbs, relatives):
+        face = np.zeros((512, 512), np.uint8)
+        face[128:384, 128:384] = 1
+        return np.stack([face] * len(rgbs))
 
 
 @pytest.mark.parametrize("damage, message", [
