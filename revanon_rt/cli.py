@@ -163,7 +163,8 @@ def _recompute_maskers(backend, mask: Optional[Path], landmarks: int) -> dict:
     return maskers
 
 
-def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optional[Path] = None):
+def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optional[Path] = None,
+             suffix: str = ".png"):
     """The jobs with their outputs, and the names an earlier --rename run put in the mapping file."""
     from .batch import assign_neutral_outputs, assign_outputs, discover, read_mapping
 
@@ -178,7 +179,7 @@ def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optio
     if rename:
         assign_neutral_outputs(jobs, out, previous)
     else:
-        assign_outputs(jobs, out)
+        assign_outputs(jobs, out, suffix=suffix)
     return jobs, previous
 
 
@@ -318,15 +319,12 @@ def _detector(kind: str):
 
 def _dry_run(inputs: List[Path], out: Path, selection, detector: str, overwrite: bool):
     """Detect and draw, nothing else: no key, no model."""
-    from .batch import assign_outputs, discover, one_at_a_time, run_jobs
+    from .batch import one_at_a_time, run_jobs
     from .images import LoadedImage, load_image
     from .photo import draw_faces
     from .pipeline import Output
 
-    jobs = discover(inputs, out)
-    if not jobs:
-        raise UsageError("no input images found")
-    assign_outputs(jobs, out, suffix=".faces.png")
+    jobs, _ = _prepare(inputs, out, suffix=".faces.png")
     finder = _detector(detector)
 
     def process(job, on_step):
