@@ -38,7 +38,7 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     failures: list[str] = field(default_factory=list)
-    rows: list[tuple[str, str, str]] = field(default_factory=list)  # input, status, detail
+    rows: list[tuple[Job, str, str]] = field(default_factory=list)  # job, status, detail
 
     @property
     def exit_code(self) -> int:
@@ -176,10 +176,11 @@ def write_mapping(jobs: list[Job], path: Path, previous: dict[str, str] | None =
 
 
 def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, sidecar: bool,
-             console: Console, group_size: int = 1) -> Summary:
+             console: Console, group_size: int = 1, alone: Callable[[Job], bool] | None = None) -> Summary:
     """process(group, step_callback) -> one pipeline.Output, or the exception that stopped it, per job
     of the group, in order. Jobs go to process in groups of up to group_size (an engine's batch), after
-    those whose outputs exist are skipped. Writes each output atomically."""
+    those whose outputs exist are skipped; a job for which alone(job) is true (a whole photo) goes by
+    itself, so a group never holds more than one large image. Writes each output atomically."""
     summary = Summary()
     show = console.is_terminal
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -190,12 +191,12 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
         def on_step(phase: str, index: int, count: int) -> None:
             progress.update(steps, description=f"  {phase}", completed=index + 1, total=count, visible=True)
 
-        def run(group: list[Job]) -> None:
+        def process_group(group: list[Job]) -> None:
             more = f" and {len(group) - 1} more" if len(group) > 1 else ""
             progress.update(images, description=f"{verb} {group[0].relative}{more}")
             try:
                 results = process(group, on_step)
-            except Exception as exc:  # noqa: BLE001 - reported against every job of the group
+            except Exception as exc:  # noqa: BLE001 - process failed as a whole: every job of the group failed
                 results = [exc] * len(group)
             for job, result in zip(group, results):
                 _finish_one(job, result, overwrite, sidecar, summary, console)
@@ -204,16 +205,20 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
 
         group: list[Job] = []
         for job in jobs:
-            if _ready(job, overwrite, sidecar, summary, console):
+            if not _ready(job, overwrite, sidecar, summary, console):
+                progress.advance(images)
+            elif alone is not None and alone(job):
+                process_group([job])
+            else:
                 group.append(job)
                 if len(group) == group_size:
-                    run(group)
+                    process_group(group)
                     group = []
-            else:
-                progress.advance(images)
         if group:
-            run(group)
+            process_group(group)
     if len(jobs) > 1:
+        order = {id(job): n for n, job in enumerate(jobs)}
+        summary.rows.sort(key=lambda row: order[id(row[0])])
         _print_table(summary, console)
     return summary
 
@@ -231,9 +236,10 @@ def one_at_a_time(process_one: Callable) -> Callable:
     return process
 
 
-def load_then_run(load: Callable, run: Callable) -> Callable:
+def load_then_process(load: Callable, process_loaded: Callable) -> Callable:
     """A run_jobs process in two steps: load(job) -> item for each job of the group (an error there fails
-    that job alone), then run(items, step_callback) -> one result per item, for the whole group at once."""
+    that job alone), then process_loaded(items, step_callback) -> one result per item, for the whole
+    group at once."""
     def process(group: list[Job], on_step) -> list:
         results: list = [None] * len(group)
         loaded = []
@@ -243,7 +249,7 @@ def load_then_run(load: Callable, run: Callable) -> Callable:
             except Exception as exc:  # noqa: BLE001 - run_jobs reports it against this job
                 results[i] = exc
         if loaded:
-            for (i, _), result in zip(loaded, run([item for _, item in loaded], on_step)):
+            for (i, _), result in zip(loaded, process_loaded([item for _, item in loaded], on_step)):
                 results[i] = result
         return results
     return process
@@ -256,7 +262,8 @@ def _print_table(summary: Summary, console: Console) -> None:
     table = Table(show_edge=False)
     for column in ("input", "result", "detail"):
         table.add_column(column)
-    for source, status, detail in summary.rows:
+    for job, status, detail in summary.rows:
+        source = str(job.relative)
         style = {"failed": "red", "skipped": "yellow"}.get(status, "")
         table.add_row(Text(source), Text(status, style=style), Text(detail))
     console.print(table)
@@ -265,7 +272,7 @@ def _print_table(summary: Summary, console: Console) -> None:
 def _fail(job: Job, message: str, summary: Summary, console: Console) -> None:
     summary.failed += 1
     summary.failures.append(message)
-    summary.rows.append((str(job.relative), "failed", message.split(": ", 1)[-1]))
+    summary.rows.append((job, "failed", message.split(": ", 1)[-1]))
     console.print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
 
 
@@ -277,7 +284,7 @@ def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: 
     targets = [job.output] + ([sidecar_path(job.output)] if sidecar else [])
     if not overwrite and any(t.exists() for t in targets):
         summary.skipped += 1
-        summary.rows.append((str(job.relative), "skipped", f"{job.output} exists"))
+        summary.rows.append((job, "skipped", f"{job.output} exists"))
         console.print(escape(f"skipped: {job.output} exists (use --overwrite)"), highlight=False, soft_wrap=True)
         return False
     if overwrite and file_identity(job.output) is not None and file_identity(job.output) == file_identity(job.source):
@@ -287,30 +294,33 @@ def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: 
 
 
 def _finish_one(job: Job, result, overwrite: bool, sidecar: bool, summary: Summary, console: Console) -> None:
-    if isinstance(result, RevanonError):
-        return _fail(job, str(result), summary, console)
-    if isinstance(result, MemoryError):
-        return _fail(job, f"{job.source}: out of memory", summary, console)
-    if isinstance(result, Exception):  # a bug must not cost the user the rest of the batch
-        if os.environ.get("REVANON_DEBUG"):
-            traceback.print_exception(result)
-        return _fail(job, f"{job.source}: internal error ({type(result).__name__}: {result}); "
-                          "set REVANON_DEBUG=1 for a traceback", summary, console)
+    if isinstance(result, Exception):
+        return _fail(job, _message(job, result), summary, console)
     try:
         for note in result.warnings:
             console.print(f"[yellow]warning[/yellow]: {escape(note)}", highlight=False, soft_wrap=True)
         if not write_atomic(job.output, result.png_bytes() if result.header else _plain_png(result), overwrite):
             summary.skipped += 1
-            summary.rows.append((str(job.relative), "skipped", f"{job.output} appeared meanwhile"))
+            summary.rows.append((job, "skipped", f"{job.output} appeared meanwhile"))
             return
         if sidecar:
             write_atomic(sidecar_path(job.output), result.header_text().encode("utf-8"), overwrite)
-    except RevanonError as exc:
-        return _fail(job, str(exc), summary, console)
     except OSError as exc:
         return _fail(job, f"{job.output}: cannot write it ({exc.strerror or exc})", summary, console)
+    except Exception as exc:  # noqa: BLE001 - as for the transform: this output failed, the others go on
+        return _fail(job, _message(job, exc), summary, console)
     summary.done += 1
-    summary.rows.append((str(job.relative), "done", result.detail))
+    summary.rows.append((job, "done", result.detail))
+
+
+def _message(job: Job, exc: Exception) -> str:
+    if isinstance(exc, RevanonError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return f"{job.source}: out of memory"
+    if os.environ.get("REVANON_DEBUG"):  # a bug must not cost the user the rest of the batch
+        traceback.print_exception(exc)
+    return f"{job.source}: internal error ({type(exc).__name__}: {exc}); set REVANON_DEBUG=1 for a traceback"
 
 
 def _plain_png(result) -> bytes:

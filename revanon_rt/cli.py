@@ -239,7 +239,7 @@ def anonymize_cmd(
 ) -> None:
     """Anonymize faces with a secret key: aligned crops, or every face of a photo with --mode photo."""
     from . import container
-    from .batch import load_then_run, one_at_a_time, run_jobs, write_mapping
+    from .batch import load_then_process, one_at_a_time, run_jobs, write_mapping
     from .images import load_image
     from .pipeline import Crop, Options, anonymize_crops
 
@@ -287,7 +287,7 @@ def anonymize_cmd(
             return anonymize_crops(crops, backend, chosen, secret, opts, callback=on_step)
 
         # an engine built for a batch of faces gets full batches: the crops of several inputs go together
-        process, group_size = load_then_run(load, anonymize_group), backend.batch
+        process, group_size = load_then_process(load, anonymize_group), backend.batch
 
     try:
         summary = run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err,
@@ -351,7 +351,7 @@ def deanonymize_cmd(
 ) -> None:
     """Recover the original faces with the key that anonymized them (crop or photo mode, as recorded)."""
     from . import container
-    from .batch import load_then_run, run_jobs
+    from .batch import load_then_process, run_jobs
     from .errors import MetadataError
     from .images import load_image
     from .pipeline import Crop, Options, deanonymize_crops
@@ -377,22 +377,31 @@ def deanonymize_cmd(
     opts = Options(force=force, skip_auth=skip_auth, ignore_model_mismatch=ignore_model_mismatch,
                    recompute_mask=recompute_mask)
 
-    def load(job):
+    def metadata_of(job):
         if meta is not None:
-            text, source = container.read_sidecar(meta), str(meta)
-        else:
-            text, source = container.read_metadata(job.source), str(job.source)
-            if text is None:
-                raise MetadataError(f"{job.source}: no revanon metadata (was the PNG chunk stripped? "
-                                    "give the sidecar with --meta)")
+            return container.read_sidecar(meta), str(meta)
+        text = container.read_metadata(job.source)
+        if text is None:
+            raise MetadataError(f"{job.source}: no revanon metadata (was the PNG chunk stripped? "
+                                "give the sidecar with --meta)")
+        return text, str(job.source)
+
+    def load(job):
+        text, source = metadata_of(job)
         return Crop(load_image(job.source), text, job.relative, source)
+
+    def is_photo(job) -> bool:
+        try:
+            return container.recorded_mode(metadata_of(job)[0]) == "photo"
+        except RevanonError:
+            return False  # the load step reports it, against this image
 
     def recover_group(crops, on_step):
         return deanonymize_crops(crops, backend, secret, opts, maskers, on_step)
 
     try:
-        summary = run_jobs(jobs, load_then_run(load, recover_group), verb="deanonymize", overwrite=overwrite,
-                           sidecar=sidecar, console=err, group_size=backend.batch)
+        summary = run_jobs(jobs, load_then_process(load, recover_group), verb="deanonymize", overwrite=overwrite,
+                           sidecar=sidecar, console=err, group_size=backend.batch, alone=is_photo)
     finally:
         if mapping is not None:
             from .batch import write_mapping

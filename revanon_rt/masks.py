@@ -62,6 +62,8 @@ def face_map_from_file(path: Path) -> np.ndarray:
             return face_map_from_image(ImageOps.exif_transpose(im))  # a mask lines up with the face as displayed
     except FileNotFoundError:
         raise InputError(f"{path}: mask file not found") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"{path}: the mask's pixel count is over the limit (a decompression bomb?)") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: cannot read the mask image ({exc})") from None
 

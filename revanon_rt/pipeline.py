@@ -10,11 +10,12 @@ outputs is the caller's business (see batch.py), so the same code serves the CLI
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from . import container
-from .errors import AuthError, InputError, MetadataError, ModelMismatchError, RevanonError, StateError
+from .errors import AuthError, InputError, MetadataError, ModelMismatchError, StateError
 from .images import LoadedImage, encode_png, not_a_crop
 from .keys import ZERO_NONCE, Secret, flip_pattern, flip_subkey, mac_subkey, new_nonce
 from .masks import latent_mask, pack_mask
@@ -110,31 +111,55 @@ def face_nonces(opts: Options, count: int, given: list[bytes] | None = None) -> 
 
 @dataclass
 class Crop:
-    """One input of a crop-mode group: the decoded image, the metadata it already carries (anonymize)
-    or must be recovered with (deanonymize), and its path relative to the input folder."""
+    """One input of a group: the decoded image, the metadata it already carries (anonymize) or is to be
+    recovered with (deanonymize), its path relative to the input folder (for --mask folders), and the
+    name its errors give (default: the image's path)."""
 
     image: LoadedImage
     metadata: str | None
-    relative: object
-    source: str = ""
+    relative: Path | str
+    source: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.source or str(self.image.path)
+
+
+def _face_maps(masker, crops: list[Crop]) -> list[np.ndarray | Exception]:
+    """Face maps for the crops in one masker call (one parser call per engine batch); where that call
+    fails, each crop is asked alone so that the error lands on the crop that caused it."""
+    try:
+        return list(masker.face_maps(np.stack([c.image.rgb for c in crops]), [c.relative for c in crops]))
+    except Exception:  # noqa: BLE001 - retried one by one below
+        return [_attempt(lambda c=c: masker.face_maps(c.image.rgb[None], [c.relative])[0]) for c in crops]
+
+
+def _attempt(call):
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - the caller reports it against one input
+        return exc
 
 
 def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Options, *,
                     nonces: list[bytes] | None = None, salt: bytes | None = None,
-                    callback: StepCallback | None = None) -> list[Output | RevanonError]:
+                    callback: StepCallback | None = None) -> list[Output | Exception]:
     """Anonymize aligned crops together, so that an engine built for a batch gets full batches. Each
     crop gets its Output, or the error that stopped it alone. `nonces` (one per crop) and `salt` may be
     fixed for bit-for-bit comparisons (spec §9)."""
-    results: list[Output | RevanonError | None] = [None] * len(crops)
+    def checked(crop: Crop) -> Crop:
+        refuse_double_anonymization(crop.image, crop.metadata, opts)
+        check_crop(crop.image, backend.image_size)
+        return crop
+
+    results: list = [_attempt(lambda c=c: checked(c)) for c in crops]
+    passed = [i for i, r in enumerate(results) if isinstance(r, Crop)]
     masks: dict[int, np.ndarray] = {}
-    for i, crop in enumerate(crops):
-        try:
-            refuse_double_anonymization(crop.image, crop.metadata, opts)
-            check_crop(crop.image, backend.image_size)
-            face_map = masker.face_maps(crop.image.rgb[None], [crop.relative])[0]
-            masks[i] = latent_mask(face_map, backend.latent_shape[1:])
-        except RevanonError as exc:
-            results[i] = exc
+    for i, face_map in zip(passed, _face_maps(masker, [crops[i] for i in passed]) if passed else []):
+        results[i] = face_map if isinstance(face_map, Exception) else _attempt(
+            lambda f=face_map: latent_mask(f, backend.latent_shape[1:]))
+        if not isinstance(results[i], Exception):
+            masks[i] = results[i]
     ready = sorted(masks)
     if not ready:
         return results
@@ -165,22 +190,19 @@ def anonymize_image(image: LoadedImage, existing_metadata: str | None, backend, 
 
 
 @dataclass
-class _CropRecovery:
-    """What recovering one crop needs once its metadata has been checked."""
+class Authentic:
+    """An image's metadata once its auth tag, state and model have been checked."""
 
     header: dict
     key: bytes
-    mask: np.ndarray
-    nonce: bytes
     verified: bool
     notes: list[str]
 
 
-def _checked_recovery(crop: Crop, backend, secret: Secret, opts: Options, maskers: dict | None,
-                      callback: StepCallback | None) -> _CropRecovery | Output:
-    """Check one image's metadata, auth first, then state, model and mode. A photo is recovered here
-    and now (its faces go one wave at a time); a crop returns what its group transform needs."""
-    source, image = crop.source, crop.image
+def check_metadata(crop: Crop, backend, secret: Secret, opts: Options) -> Authentic:
+    """Parse the metadata and check the auth MAC before anything else is done with the image, then the
+    state and the model."""
+    source, image = crop.label, crop.image
     header = container.parse_header(crop.metadata, source)
     notes: list[str] = []
     if header["state"] != "anonymized" and not opts.force:
@@ -206,48 +228,59 @@ def _checked_recovery(crop: Crop, backend, secret: Secret, opts: Options, masker
     if header["model"]["image_size"] != backend.image_size:
         raise ModelMismatchError(f"{source}: made for {header['model']['image_size']}px crops, "
                                  f"this model works at {backend.image_size}px")
-    if header["mode"] == "photo":
-        from .photo import deanonymize_photo
+    if header["mode"] == "photo" and opts.recompute_mask:
+        raise InputError(f"{source}: --recompute-mask works on crops; photo records keep their masks")
+    return Authentic(header, key, verified, notes)
 
-        if opts.recompute_mask:
-            raise InputError(f"{source}: --recompute-mask works on crops; photo records keep their masks")
-        return deanonymize_photo(image, header, key, source, backend, opts, verified, notes, callback)
-    check_crop(image, backend.image_size)
+
+def _recovery_mask(crop: Crop, checked: Authentic, backend, maskers: dict | None) -> np.ndarray:
+    """The crop's latent mask: the stored one, or under --recompute-mask the named masker's."""
+    source, header = crop.label, checked.header
+    check_crop(crop.image, backend.image_size)
     if len(header["faces"]) != 1:
         raise MetadataError(f"{source}: a crop-mode image has exactly one face record")
-    face = header["faces"][0]
     latent_hw = tuple(backend.latent_shape[1:])
-    if opts.recompute_mask:
-        masker = (maskers or {}).get(header["masker"])
-        if masker is None:
-            raise InputError(f"{source}: --recompute-mask re-runs the {header['masker']!r} masker "
-                             "named in its metadata; give that masker's flags (--parser or --mask)")
-        mask = latent_mask(masker.face_maps(image.rgb[None], [crop.relative])[0], latent_hw)
-    else:
-        mask = container.stored_mask(face, latent_hw, source)
-    return _CropRecovery(header, key, mask, container.face_nonce(face) or ZERO_NONCE, verified, notes)
+    if maskers is None:
+        return container.stored_mask(header["faces"][0], latent_hw, source)
+    masker = maskers.get(header["masker"])
+    if masker is None:
+        raise InputError(f"{source}: --recompute-mask re-runs the {header['masker']!r} masker "
+                         "named in its metadata; give that masker's flags (--parser or --mask)")
+    return latent_mask(masker.face_maps(crop.image.rgb[None], [crop.relative])[0], latent_hw)
 
 
 def deanonymize_crops(crops: list[Crop], backend, secret: Secret, opts: Options, maskers: dict | None = None,
-                      callback: StepCallback | None = None) -> list[Output | RevanonError]:
-    """Recover images together: each one's auth MAC is checked before anything else is done with it,
-    then the crops that share a step count go through the model as one group."""
-    results: list[Output | RevanonError | _CropRecovery | None] = [None] * len(crops)
-    for i, crop in enumerate(crops):
-        try:
-            results[i] = _checked_recovery(crop, backend, secret, opts, maskers, callback)
-        except RevanonError as exc:
-            results[i] = exc
-    pending = [i for i, r in enumerate(results) if isinstance(r, _CropRecovery)]
-    for steps in sorted({results[i].header["steps"] for i in pending}):
-        group = [i for i in pending if results[i].header["steps"] == steps]
-        patterns = np.stack([crop_patterns(backend, [results[i].nonce], flip_subkey(results[i].key))[0] for i in group])
+                      callback: StepCallback | None = None) -> list[Output | Exception]:
+    """Recover images together. Each one's metadata and auth tag are checked first; a photo is then
+    recovered on its own (its faces go in waves), and the crops that share a step count go through the
+    model as one group, each with its own key and nonce. Each image gets its Output or its own error."""
+    from .photo import deanonymize_photo
+
+    recompute = (maskers or {}) if opts.recompute_mask else None
+    results: list = [_attempt(lambda c=c: check_metadata(c, backend, secret, opts)) for c in crops]
+    masks: dict[int, np.ndarray] = {}
+    for i, (crop, checked) in enumerate(zip(crops, results)):
+        if isinstance(checked, Exception):
+            continue
+        if checked.header["mode"] == "photo":
+            results[i] = _attempt(lambda: deanonymize_photo(crop.image, checked.header, checked.key, crop.label,
+                                                            backend, opts, checked.verified, checked.notes, callback))
+            continue
+        mask = _attempt(lambda: _recovery_mask(crop, checked, backend, recompute))
+        if isinstance(mask, Exception):
+            results[i] = mask
+        else:
+            masks[i] = mask
+    for steps in sorted({results[i].header["steps"] for i in masks}):
+        group = [i for i in masks if results[i].header["steps"] == steps]
+        patterns = np.stack([crop_patterns(backend, [container.face_nonce(results[i].header["faces"][0]) or ZERO_NONCE],
+                                           flip_subkey(results[i].key))[0] for i in group])
         rgbs = to_u8(_transform_with_patterns(backend, np.stack([crops[i].image.rgb for i in group]),
-                                              np.stack([results[i].mask for i in group]), patterns, steps, callback))
+                                              np.stack([masks[i] for i in group]), patterns, steps, callback))
         for i, rgb in zip(group, rgbs):
-            plan, image = results[i], crops[i].image
+            checked, image = results[i], crops[i].image
             results[i] = Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile),
-                                container.recovered_header(plan.header, plan.verified), plan.notes)
+                                container.recovered_header(checked.header, checked.verified), checked.notes)
     return results
 
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import struct
+import zlib
 import re
 import shutil
 
@@ -579,16 +581,25 @@ def test_authentic_metadata_that_does_not_fit_the_model_or_mode_is_refused_per_i
 def test_a_mask_folder_mirrors_the_inputs(zero_engines, keyfile, tmp_path):
     from revanon_rt.masks import face_map_from_file, latent_mask
 
+    """With a batch-2 engine, so that a bad mask shares its group with good ones: it fails alone."""
     inputs, masks = tmp_path / "in", tmp_path / "masks"
-    for relative, seed in (("a.png", 14), ("sub/b.png", 15), ("c.png", 16)):
+    for relative, seed in (("a.png", 14), ("sub/b.png", 15), ("c.png", 16), ("d.png", 17)):
         save_png(inputs / relative, random_image(32, seed=seed))
     save_png(masks / "a.png", box_mask(32, 0.25, 0.5))
     (masks / "sub").mkdir(parents=True)
     Image.fromarray(box_mask(32, 0.5, 0.9)).save(masks / "sub" / "b.PNG")  # any listed extension, either case
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 20000, 8, 0, 0, 0, 0))  # 800 Mpixel grey, 58 bytes
+    (masks / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bomb + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     result = cli("run", "anonymize", inputs, "--out", tmp_path / "anon", "--engine", zero_engines["zero"],
                  "--mask", masks, "--key", keyfile)
-    assert result.returncode == 1 and "2 done, 0 skipped, 1 failed" in result.stderr, result.stderr
-    assert "c.png: no mask for it under" in result.stderr
+    assert result.returncode == 1 and "2 done, 0 skipped, 2 failed" in result.stderr, result.stderr
+    assert "c.png: no mask for it under" in result.stderr and "d.png: the mask's pixel count is over" in result.stderr
+    table = [line.split()[0] for line in result.stderr.splitlines() if line.strip().endswith(("done", "failed"))
+             or " failed " in line or " done " in line]
+    assert [name for name in table if name.endswith(".png")] == ["a.png", "c.png", "d.png", "sub/b.png"], table
     for relative, mask_file in (("a.png", masks / "a.png"), ("sub/b.png", masks / "sub" / "b.PNG")):
         face = json.loads(container.read_png_chunk(tmp_path / "anon" / relative))["faces"][0]
         assert np.array_equal(unpack_mask(face["mask"], relative), latent_mask(face_map_from_file(mask_file), (32, 32)))
