@@ -66,6 +66,11 @@ def file_identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def same_file(a: Path, b: Path) -> bool:
+    identity = file_identity(a)
+    return identity is not None and identity == file_identity(b)
+
+
 def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
     """Files are taken as given; folders are searched recursively for images, skipping hidden
     files and anything under the output folder."""
@@ -100,7 +105,6 @@ def assign_outputs(jobs: list[Job], out_dir: Path, suffix: str = ".png") -> None
     """<stem><suffix> under out_dir, mirroring the input tree. When two inputs would share a name
     (a.png beside a.jpg), the .png input keeps it and the other keeps its extension (a.jpg.png).
     No output ever lands on an input of the run, its own or another's."""
-    inputs = {j.source.resolve() for j in jobs if j.error is None}
     input_files = {file_identity(j.source) for j in jobs if j.error is None} - {None}
     taken: dict[Path, Path] = {}
     order = sorted((j for j in jobs if j.error is None),
@@ -109,11 +113,11 @@ def assign_outputs(jobs: list[Job], out_dir: Path, suffix: str = ".png") -> None
     for job in order:
         folder = out_dir / job.relative.parent
         candidates = [folder / (job.relative.stem + suffix), folder / (job.relative.name + suffix)]
-        if candidates[0].resolve() == job.source.resolve() or file_identity(candidates[0]) == file_identity(job.source):
+        if same_file(candidates[0], job.source):
             job.error = f"{job.source}: the output would replace the input; choose another --out"
             continue
         free = [c for c in candidates
-                if c not in taken and c.resolve() not in inputs and file_identity(c) not in input_files]
+                if c not in taken and file_identity(c) not in input_files]
         if not free:
             holder = next((taken[c] for c in candidates if c in taken), None)
             job.error = (f"{job.source}: its output name is already taken by {holder}" if holder else
@@ -147,7 +151,6 @@ def assign_neutral_outputs(jobs: list[Job], out_dir: Path, previous: dict[str, s
     in a file or folder name. Numbers continue after those already in out_dir or in the mapping,
     and an input the mapping already names keeps its output (so a rerun skips it)."""
     previous = previous or {}
-    inputs = {j.source.resolve() for j in jobs if j.error is None}
     input_files = {file_identity(j.source) for j in jobs if j.error is None} - {None}
     used = [int(m.group(1)) for m in (NEUTRAL_NAME.match(p.name) for p in out_dir.glob("*.png")) if m] if out_dir.is_dir() else []
     used += [int(m.group(1)) for m in (NEUTRAL_NAME.match(Path(v).name) for v in previous.values()) if m]
@@ -159,7 +162,7 @@ def assign_neutral_outputs(jobs: list[Job], out_dir: Path, previous: dict[str, s
             continue
         number += 1
         job.output = out_dir / f"{number:06d}.png"
-        if job.output.resolve() in inputs or file_identity(job.output) in input_files:
+        if file_identity(job.output) in input_files:
             job.error = f"{job.source}: the output {job.output} would replace an input; choose another --out"
 
 
@@ -287,7 +290,7 @@ def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: 
         summary.rows.append((job, "skipped", f"{job.output} exists"))
         console.print(escape(f"skipped: {job.output} exists (use --overwrite)"), highlight=False, soft_wrap=True)
         return False
-    if overwrite and file_identity(job.output) is not None and file_identity(job.output) == file_identity(job.source):
+    if overwrite and same_file(job.output, job.source):
         _fail(job, f"{job.source}: the output {job.output} is the input itself; choose another --out", summary, console)
         return False
     return True

@@ -192,12 +192,12 @@ def parse_header(text: str, source: str) -> dict:
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     """A repeated key is refused: readers that keep the first value and readers that keep the last
     would see different headers behind one valid MAC."""
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen = set()
-        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise ValueError(f"the key {repeated!r} appears more than once")
-    return obj
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} appears more than once")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _check_face(face: object, source: str) -> None:

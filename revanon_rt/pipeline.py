@@ -128,6 +128,8 @@ class Crop:
 def _face_maps(masker, crops: list[Crop]) -> list[np.ndarray | Exception]:
     """Face maps for the crops in one masker call (one parser call per engine batch); where that call
     fails, each crop is asked alone so that the error lands on the crop that caused it."""
+    if not crops:
+        return []
     try:
         return list(masker.face_maps(np.stack([c.image.rgb for c in crops]), [c.relative for c in crops]))
     except Exception:  # noqa: BLE001 - retried one by one below
@@ -155,11 +157,11 @@ def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Op
     results: list = [_attempt(lambda c=c: checked(c)) for c in crops]
     passed = [i for i, r in enumerate(results) if isinstance(r, Crop)]
     masks: dict[int, np.ndarray] = {}
-    for i, face_map in zip(passed, _face_maps(masker, [crops[i] for i in passed]) if passed else []):
-        results[i] = face_map if isinstance(face_map, Exception) else _attempt(
-            lambda f=face_map: latent_mask(f, backend.latent_shape[1:]))
-        if not isinstance(results[i], Exception):
-            masks[i] = results[i]
+    for i, face_map in zip(passed, _face_maps(masker, [crops[i] for i in passed])):
+        if isinstance(face_map, Exception):
+            results[i] = face_map
+        else:
+            masks[i] = latent_mask(face_map, backend.latent_shape[1:])
     ready = sorted(masks)
     if not ready:
         return results
