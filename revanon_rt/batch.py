@@ -302,18 +302,25 @@ def _finish_one(job: Job, result, overwrite: bool, sidecar: bool, summary: Summa
     try:
         for note in result.warnings:
             console.print(f"[yellow]warning[/yellow]: {escape(note)}", highlight=False, soft_wrap=True)
-        if not write_atomic(job.output, result.png_bytes() if result.header else _plain_png(result), overwrite):
+        mode = output_mode(result.header)
+        if not write_atomic(job.output, result.png_bytes() if result.header else _plain_png(result), overwrite,
+                            mode=mode):
             summary.skipped += 1
             summary.rows.append((job, "skipped", f"{job.output} appeared meanwhile"))
             return
         if sidecar:
-            write_atomic(sidecar_path(job.output), result.header_text().encode("utf-8"), overwrite)
+            write_atomic(sidecar_path(job.output), result.header_text().encode("utf-8"), overwrite, mode=mode)
     except OSError as exc:
         return _fail(job, f"{job.output}: cannot write it ({exc.strerror or exc})", summary, console)
     except Exception as exc:  # noqa: BLE001 - as for the transform: this output failed, the others go on
         return _fail(job, _message(job, exc), summary, console)
     summary.done += 1
     summary.rows.append((job, "done", result.detail))
+
+
+def output_mode(header: dict | None) -> int:
+    """Recovered images show the real faces again, so only their owner may read them, as with --mapping."""
+    return 0o600 if header and header.get("state") == "recovered" else 0o644
 
 
 def _message(job: Job, exc: Exception) -> str:

@@ -6,6 +6,7 @@ import struct
 import zlib
 import re
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -96,6 +97,11 @@ def test_zero_eps_round_trip_is_bit_exact_and_outputs_are_clean(models, keyfile,
             assert set(im.text) == {"revanon"}
         with Image.open(tmp_path / folder / "face.jpg.png") as im:
             assert "exif" not in im.info and not im.getexif()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in outputs:
+        assert stat.S_IMODE((tmp_path / "anon" / name).stat().st_mode) == 0o644 & ~umask, name
+        assert stat.S_IMODE((tmp_path / "rec" / name).stat().st_mode) == 0o600, "recovered faces are private"
     recovered = json.loads(container.read_png_chunk(tmp_path / "rec" / "face.png"))
     assert recovered["state"] == "recovered" and "auth" not in recovered and "unverified" not in recovered
 
