@@ -6,8 +6,14 @@ is never replaced without --overwrite.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import signal
+import stat
+import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +58,7 @@ def is_within(path: Path, folder: Path) -> bool:
     try:
         path.resolve().relative_to(folder.resolve())
         return True
-    except ValueError:
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a link loop, before Python 3.13
         return False
 
 
@@ -72,32 +78,48 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
-    """Files are taken as given; folders are searched recursively for images, skipping hidden
-    files and anything under the output folder."""
+    """Files are taken as given; folders are searched recursively for images, following linked
+    folders once each, and skipping hidden files and anything under the output folder. An input that
+    is not a regular file (a FIFO, a device, a link loop) fails alone, before anything blocks on it."""
     jobs: list[Job] = []
     seen: set[Path] = set()
 
     def add(source: Path, relative: Path) -> None:
-        key = source.resolve()
-        if key not in seen:
-            seen.add(key)
+        try:
+            st = os.stat(source)
+        except FileNotFoundError:
+            jobs.append(Job(source, relative, error=f"{source}: no such file or folder"))
+            return
+        except OSError as exc:
+            jobs.append(Job(source, relative, error=f"{source}: cannot read it ({exc.strerror or exc})"))
+            return
+        if not stat.S_ISREG(st.st_mode):
+            jobs.append(Job(source, relative, error=f"{source}: not a regular file"))
+        elif source.resolve() not in seen:
+            seen.add(source.resolve())
             jobs.append(Job(source, relative))
 
     for given in inputs:
         given = Path(given)
         if given.is_dir():
-            for dirpath, dirnames, filenames in os.walk(given):
+            if same_file(given, out_dir):
+                raise UsageError(f"--out {out_dir} is the input folder {given}: its outputs would be inputs of the "
+                                 "next run; choose another --out")
+            walked: set[tuple[int, int] | None] = set()
+            for dirpath, dirnames, filenames in os.walk(given, followlinks=True):
                 here = Path(dirpath)
+                if file_identity(here) in walked:  # a linked folder seen before, or a link loop
+                    dirnames[:] = []
+                    continue
+                walked.add(file_identity(here))
                 dirnames[:] = sorted(d for d in dirnames
                                      if not d.startswith(".") and not is_within(here / d, out_dir))
                 for name in sorted(filenames):
                     path = here / name
                     if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
                         add(path, path.relative_to(given))
-        elif given.exists():
-            add(given, Path(given.name))
         else:
-            jobs.append(Job(given, Path(given.name), error=f"{given}: no such file or folder"))
+            add(given, Path(given.name))
     return jobs
 
 
@@ -130,33 +152,106 @@ def assign_outputs(jobs: list[Job], out_dir: Path, suffix: str = ".png") -> None
 NEUTRAL_NAME = re.compile(r"^(\d{6,})\.png$")
 
 
-def read_mapping(path: Path | None) -> dict[str, str]:
-    """The input -> output names of earlier --rename runs into the same mapping file."""
-    import json
+def mapping_key(path: Path) -> str:
+    """Inputs and outputs are named by their resolved paths, so a rerun finds them however they are spelled."""
+    return str(Path(path).resolve())
 
-    if path is None or not path.exists():
-        return {}
+
+class NameMapping:
+    """--mapping: the input -> output names of --rename runs, a JSON object readable by the user alone.
+
+    Names are added as their outputs are written and saved after every group, so an interrupted run,
+    even a killed one, loses at most the group it was writing. Each save merges with the file as it
+    is then, under a lock, so that runs sharing the file keep each other's names."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.previous = self._read()
+        self.added: dict[str, str] = {}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--mapping {self.path}: cannot create its folder ({exc.strerror or exc})") from None
+        if not os.access(self.path.parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--mapping {self.path}: its folder is not writable")
+
+    def _read(self) -> dict[str, str]:
+        if not self.path.exists():
+            return {}
+        try:
+            mapping = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"{self.path}: cannot read the existing mapping ({exc}); it is kept as it is, give "
+                             "another --mapping") from None
+        if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in mapping.items()):
+            raise UsageError(f"{self.path}: not a --mapping file (a JSON object of input -> output names); give "
+                             "another --mapping")
+        return mapping
+
+    def earlier_output(self, source: Path) -> str | None:
+        # mappings written before names were resolved hold the input as it was spelled
+        return self.previous.get(mapping_key(source), self.previous.get(str(source)))
+
+    def add(self, job: Job) -> None:
+        self.added[mapping_key(job.source)] = mapping_key(job.output)
+
+    def save(self) -> None:
+        if not self.added:
+            return
+        import fcntl
+
+        # a lock file of its own: the mapping itself is replaced by a rename, which a lock would not survive
+        try:
+            lock = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                mapping = {**self._read(), **self.added}
+                text = json.dumps(mapping, indent=1, ensure_ascii=False) + "\n"
+                try:
+                    data = text.encode("utf-8")
+                except UnicodeEncodeError:  # a file name that is not UTF-8: escaped, as JSON allows
+                    data = (json.dumps(mapping, indent=1) + "\n").encode("ascii")
+                # it ties people's file names to the neutral ones: readable by the user alone, as a key file is
+                write_atomic(self.path, data, overwrite=True, mode=0o600)
+            finally:
+                os.close(lock)
+        except OSError as exc:
+            raise RevanonError(f"--mapping {self.path}: cannot write it ({exc.strerror or exc}); the names of "
+                               f"{len(self.added)} outputs written since it was last saved are not in it") from None
+        self.previous, self.added = mapping, {}
+
+
+def claim_folder(out_dir: Path) -> int:
+    """An exclusive lock on --out for a --rename run, held until the process ends: two runs numbering
+    the same folder would give out the same numbers."""
+    import fcntl
+
     try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read the existing mapping ({exc}); it is kept as it is, give another "
-                         "--mapping") from None
-    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
-        raise UsageError(f"{path}: not a --mapping file (a JSON object of input -> output names); give another --mapping")
-    return mapping
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir, os.O_RDONLY)
+    except OSError as exc:
+        raise UsageError(f"--out {out_dir}: cannot open it ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"--out {out_dir}: another --rename run is writing there, and the two would give out the "
+                         "same numbers; wait for it to finish, or give another --out") from None
+    return fd
 
 
-def assign_neutral_outputs(jobs: list[Job], out_dir: Path, previous: dict[str, str] | None = None) -> None:
+def assign_neutral_outputs(jobs: list[Job], out_dir: Path, mapping: NameMapping | None = None) -> None:
     """--rename: 000001.png, 000002.png, ... in input order, flat, so no person's name survives
     in a file or folder name. Numbers continue after those already in out_dir or in the mapping,
     and an input the mapping already names keeps its output (so a rerun skips it)."""
-    previous = previous or {}
+    previous = mapping.previous if mapping is not None else {}
     input_files = {file_identity(j.source) for j in jobs if j.error is None} - {None}
     used = [int(m.group(1)) for m in (NEUTRAL_NAME.match(p.name) for p in out_dir.glob("*.png")) if m] if out_dir.is_dir() else []
     used += [int(m.group(1)) for m in (NEUTRAL_NAME.match(Path(v).name) for v in previous.values()) if m]
     number = max(used, default=0)
     for job in (j for j in jobs if j.error is None):
-        earlier = previous.get(str(job.source))
+        earlier = mapping.earlier_output(job.source) if mapping is not None else None
         if earlier is not None and Path(earlier).parent.resolve() == out_dir.resolve():
             job.output = Path(earlier)
             continue
@@ -166,64 +261,127 @@ def assign_neutral_outputs(jobs: list[Job], out_dir: Path, previous: dict[str, s
             job.error = f"{job.source}: the output {job.output} would replace an input; choose another --out"
 
 
-def write_mapping(jobs: list[Job], path: Path, previous: dict[str, str] | None = None) -> None:
-    """The input -> output names of a --rename run, added to the earlier runs' names and written only
-    where the user asked."""
-    import json
-
-    mapping = dict(previous or {})
-    mapping.update({str(j.source): str(j.output) for j in jobs if j.output is not None and j.output.exists()})
-    # it ties people's file names to the neutral ones: readable by the user alone, as a key file is
-    write_atomic(path, (json.dumps(mapping, indent=1, ensure_ascii=False) + "\n").encode("utf-8"), overwrite=True,
-                 mode=0o600)
-
-
 def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, sidecar: bool,
-             console: Console, group_size: int = 1, alone: Callable[[Job], bool] | None = None) -> Summary:
+             console: Console, group_size: int = 1, alone: Callable[[Job], bool] | None = None,
+             mapping: NameMapping | None = None) -> Summary:
     """process(group, step_callback) -> one pipeline.Output, or the exception that stopped it, per job
     of the group, in order. Jobs go to process in groups of up to group_size (an engine's batch), after
     those whose outputs exist are skipped; a job for which alone(job) is true (a whole photo) goes by
-    itself, so a group never holds more than one large image. Writes each output atomically."""
+    itself, so a group never holds more than one large image. Writes each output atomically, and
+    records it in the mapping after each group.
+
+    Ctrl-C, SIGTERM and SIGHUP stop the run between outputs: the summary so far is printed, the
+    mapping saved, and the process then ends as the signal would have ended it."""
     summary = Summary()
     show = console.is_terminal
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True, disable=not show) as progress:
-        images = progress.add_task(verb, total=len(jobs))
-        steps = progress.add_task("steps", total=1, visible=False)
+    with _Interrupts().installed() as interrupts:
+        try:
+            with Progress(*columns, console=console, transient=True, disable=not show) as progress:
+                images = progress.add_task(verb, total=len(jobs))
+                steps = progress.add_task("steps", total=1, visible=False)
 
-        def on_step(phase: str, index: int, count: int) -> None:
-            progress.update(steps, description=f"  {phase}", completed=index + 1, total=count, visible=True)
+                def on_step(phase: str, index: int, count: int) -> None:
+                    progress.update(steps, description=f"  {phase}", completed=index + 1, total=count,
+                                    visible=True)
 
-        def process_group(group: list[Job]) -> None:
-            more = f" and {len(group) - 1} more" if len(group) > 1 else ""
-            progress.update(images, description=f"{verb} {group[0].relative}{more}")
-            try:
-                results = process(group, on_step)
-            except Exception as exc:  # noqa: BLE001 - process failed as a whole: every job of the group failed
-                results = [exc] * len(group)
-            for job, result in zip(group, results):
-                _finish_one(job, result, overwrite, sidecar, summary, console)
-            progress.update(steps, visible=False)
-            progress.advance(images, len(group))
+                def process_group(group: list[Job]) -> None:
+                    more = f" and {len(group) - 1} more" if len(group) > 1 else ""
+                    progress.update(images, description=escape(one_line(f"{verb} {group[0].relative}{more}")))
+                    try:
+                        results = process(group, on_step)
+                    except Exception as exc:  # noqa: BLE001 - process failed as a whole: every job of it failed
+                        results = [exc] * len(group)
+                    with interrupts.held():
+                        for job, result in zip(group, results):
+                            if _finish_one(job, result, overwrite, sidecar, summary, console) and mapping is not None:
+                                mapping.add(job)
+                        if mapping is not None:
+                            mapping.save()
+                    progress.update(steps, visible=False)
+                    progress.advance(images, len(group))
 
-        group: list[Job] = []
-        for job in jobs:
-            if not _ready(job, overwrite, sidecar, summary, console):
-                progress.advance(images)
-            elif alone is not None and alone(job):
-                process_group([job])
-            else:
-                group.append(job)
-                if len(group) == group_size:
+                group: list[Job] = []
+                for job in jobs:
+                    if not _ready(job, overwrite, sidecar, summary, console):
+                        progress.advance(images)
+                    elif alone is not None and alone(job):
+                        process_group([job])
+                    else:
+                        group.append(job)
+                        if len(group) == group_size:
+                            process_group(group)
+                            group = []
+                if group:
                     process_group(group)
-                    group = []
-        if group:
-            process_group(group)
+        except KeyboardInterrupt:
+            interrupts.holding = True  # a second signal must not cut the cleanup short
+            console.print(f"interrupted after {summary.done} done, {summary.skipped} skipped, {summary.failed} "
+                          "failed; a rerun skips the outputs already written", highlight=False)
+            if mapping is not None:
+                mapping.save()
+            interrupts.end_as_received()
+            raise
     if len(jobs) > 1:
         order = {id(job): n for n, job in enumerate(jobs)}
         summary.rows.sort(key=lambda row: order[id(row[0])])
         _print_table(summary, console)
     return summary
+
+
+class _Interrupts:
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) raise KeyboardInterrupt, so that the run ends
+    through its cleanup; but not inside held(), where an output and its mapping entry are written."""
+
+    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.holding = False
+
+    def _handle(self, signum, frame) -> None:
+        self.received.append(signum)
+        if not self.holding:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+            yield self
+            return
+        # a signal ignored on purpose (nohup, a background job) stays ignored
+        before = {s: signal.signal(s, self._handle) for s in self.SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
+        try:
+            yield self
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.received:
+            raise KeyboardInterrupt
+
+    def end_as_received(self) -> None:
+        """End the process as the signal would have ended it, so that callers see how it stopped."""
+        if self.received:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.signal(self.received[0], signal.SIG_DFL)
+            os.kill(os.getpid(), self.received[0])
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """A message on one line, whatever the file names in it hold (a newline, a terminal escape)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def one_at_a_time(process_one: Callable) -> Callable:
@@ -266,17 +424,21 @@ def _print_table(summary: Summary, console: Console) -> None:
     for column in ("input", "result", "detail"):
         table.add_column(column)
     for job, status, detail in summary.rows:
-        source = str(job.relative)
         style = {"failed": "red", "skipped": "yellow"}.get(status, "")
-        table.add_row(Text(source), Text(status, style=style), Text(detail))
+        table.add_row(Text(one_line(str(job.relative))), Text(status, style=style), Text(one_line(detail)))
     console.print(table)
 
 
 def _fail(job: Job, message: str, summary: Summary, console: Console) -> None:
+    message = one_line(message)
     summary.failed += 1
     summary.failures.append(message)
     summary.rows.append((job, "failed", message.split(": ", 1)[-1]))
     console.print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
+
+
+# Most file systems allow 255 bytes in one name.
+NAME_MAX = 255
 
 
 def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: Console) -> bool:
@@ -285,10 +447,22 @@ def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: 
         _fail(job, job.error, summary, console)
         return False
     targets = [job.output] + ([sidecar_path(job.output)] if sidecar else [])
-    if not overwrite and any(t.exists() for t in targets):
+    long = next((t for t in targets if len(os.fsencode(t.name)) > NAME_MAX), None)
+    if long is not None:
+        _fail(job, f"{job.source}: the output name {long.name} is over the file system's {NAME_MAX} bytes; "
+                   "rename the input or use --rename", summary, console)
+        return False
+    present = [os.path.lexists(t) for t in targets]  # a dangling link counts: writes never follow one
+    if not overwrite and all(present):
         summary.skipped += 1
         summary.rows.append((job, "skipped", f"{job.output} exists"))
-        console.print(escape(f"skipped: {job.output} exists (use --overwrite)"), highlight=False, soft_wrap=True)
+        console.print(escape(one_line(f"skipped: {job.output} exists (use --overwrite)")), highlight=False,
+                      soft_wrap=True)
+        return False
+    if not overwrite and any(present):
+        there, missing = (targets[0], targets[1]) if present[0] else (targets[1], targets[0])
+        _fail(job, f"{job.source}: {there} exists without {missing.name}, the rest of an interrupted run; remove "
+                   "it and run again, or use --overwrite", summary, console)
         return False
     if overwrite and same_file(job.output, job.source):
         _fail(job, f"{job.source}: the output {job.output} is the input itself; choose another --out", summary, console)
@@ -296,26 +470,41 @@ def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: 
     return True
 
 
-def _finish_one(job: Job, result, overwrite: bool, sidecar: bool, summary: Summary, console: Console) -> None:
+def _finish_one(job: Job, result, overwrite: bool, sidecar: bool, summary: Summary, console: Console) -> bool:
+    """Write one job's output (and sidecar); whether it was written."""
     if isinstance(result, Exception):
-        return _fail(job, _message(job, result), summary, console)
+        _fail(job, _message(job, result), summary, console)
+        return False
     try:
         for note in result.warnings:
-            console.print(f"[yellow]warning[/yellow]: {escape(note)}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]warning[/yellow]: {escape(one_line(note))}", highlight=False, soft_wrap=True)
         mode = output_mode(result.header)
         if not write_atomic(job.output, result.png_bytes() if result.header else _plain_png(result), overwrite,
                             mode=mode):
             summary.skipped += 1
             summary.rows.append((job, "skipped", f"{job.output} appeared meanwhile"))
-            return
+            return False
         if sidecar:
-            write_atomic(sidecar_path(job.output), result.header_text().encode("utf-8"), overwrite, mode=mode)
+            kept = False
+            try:
+                kept = write_atomic(sidecar_path(job.output), result.header_text().encode("utf-8"), overwrite,
+                                    mode=mode)
+            finally:
+                if not kept:  # an image is kept only with its sidecar: a rerun then finds neither, and redoes it
+                    job.output.unlink(missing_ok=True)
+            if not kept:
+                _fail(job, f"{sidecar_path(job.output)} appeared meanwhile; {job.output} was not kept", summary,
+                      console)
+                return False
     except OSError as exc:
-        return _fail(job, f"{job.output}: cannot write it ({exc.strerror or exc})", summary, console)
+        _fail(job, f"{job.output}: cannot write it ({exc.strerror or exc})", summary, console)
+        return False
     except Exception as exc:  # noqa: BLE001 - as for the transform: this output failed, the others go on
-        return _fail(job, _message(job, exc), summary, console)
+        _fail(job, _message(job, exc), summary, console)
+        return False
     summary.done += 1
     summary.rows.append((job, "done", result.detail))
+    return True
 
 
 def output_mode(header: dict | None) -> int:

@@ -165,8 +165,9 @@ def _recompute_maskers(backend, mask: Optional[Path], landmarks: int) -> dict:
 
 def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optional[Path] = None,
              suffix: str = ".png"):
-    """The jobs with their outputs, and the names an earlier --rename run put in the mapping file."""
-    from .batch import assign_neutral_outputs, assign_outputs, discover, read_mapping
+    """The jobs with their outputs, and the --mapping file. --out is checked before any input is
+    processed; a --rename run holds it until the process ends."""
+    from .batch import NameMapping, assign_neutral_outputs, assign_outputs, claim_folder, discover
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: is a file; give the folder the outputs go to")
@@ -175,12 +176,19 @@ def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optio
         raise UsageError("no input images found")
     if mapping is not None and not rename:
         raise UsageError("--mapping records the names --rename gives; it needs --rename")
-    previous = read_mapping(mapping)
+    names = NameMapping(mapping) if mapping is not None else None
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):  # before any work that could not be written
+        raise UsageError(f"--out {out}: {existing} is not writable")
     if rename:
-        assign_neutral_outputs(jobs, out, previous)
+        _held_folders.append(claim_folder(out))
+        assign_neutral_outputs(jobs, out, names)
     else:
         assign_outputs(jobs, out, suffix=suffix)
-    return jobs, previous
+    return jobs, names
+
+
+_held_folders: list[int] = []  # the --rename runs' locks on --out, released when the process ends
 
 
 def _finish(summary, verb: str) -> None:
@@ -239,7 +247,7 @@ def anonymize_cmd(
 ) -> None:
     """Anonymize faces with a secret key: aligned crops, or every face of a photo with --mode photo."""
     from . import container
-    from .batch import load_then_process, one_at_a_time, run_jobs, write_mapping
+    from .batch import load_then_process, one_at_a_time, run_jobs
     from .images import load_image
     from .pipeline import Crop, Options, anonymize_crops
 
@@ -251,7 +259,7 @@ def anonymize_cmd(
         if dry_run:
             _finish(_dry_run(inputs, out, selection, detector, overwrite), "dry run")
         secret = _secret(key, password_file, confirm=True)
-        jobs, named_before = _prepare(inputs, out, rename, mapping)
+        jobs, names = _prepare(inputs, out, rename, mapping)
         masker_name = _masker_name(masker, mask, parser, engine, mode)
         if mode == Mode.photo and masker_name == MaskerName.landmarks and landmarks != 5:
             from .photo import PHOTO_LANDMARKS
@@ -291,10 +299,9 @@ def anonymize_cmd(
 
     try:
         summary = run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err,
-                           group_size=group_size)
-    finally:  # an interrupted run still says which neutral name holds whose image
-        if mapping is not None:
-            write_mapping(jobs, mapping, named_before)
+                           group_size=group_size, mapping=names)
+    except RevanonError as exc:
+        _fail(exc)
     _finish(summary, "anonymize")
 
 
@@ -358,7 +365,7 @@ def deanonymize_cmd(
 
     try:
         secret = _secret(key, password_file, confirm=False)
-        jobs, named_before = _prepare(inputs, out, rename, mapping)
+        jobs, names = _prepare(inputs, out, rename, mapping)
         if meta is not None and len(jobs) != 1:
             raise UsageError("--meta goes with exactly one input image")
         if (masker is not None or mask is not None or parser is not None) and not recompute_mask:
@@ -401,12 +408,9 @@ def deanonymize_cmd(
 
     try:
         summary = run_jobs(jobs, load_then_process(load, recover_group), verb="deanonymize", overwrite=overwrite,
-                           sidecar=sidecar, console=err, group_size=backend.batch, alone=is_photo)
-    finally:
-        if mapping is not None:
-            from .batch import write_mapping
-
-            write_mapping(jobs, mapping, named_before)
+                           sidecar=sidecar, console=err, group_size=backend.batch, alone=is_photo, mapping=names)
+    except RevanonError as exc:
+        _fail(exc)
     _finish(summary, "deanonymize")
 
 

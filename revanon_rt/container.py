@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
-import stat
 import struct
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import numpy as np
 from . import FORMAT
 from .encoding import b64decode, b64encode, canonical_json
 from .errors import MetadataError
-from .images import PNG_SIGNATURE
+from .images import PNG_SIGNATURE, open_regular
 from .keys import NONCE_BYTES, check_kdf
 from .masks import unpack_mask
 from .schedule import MAX_STEPS
@@ -72,7 +70,7 @@ def read_png_chunk(path: Path) -> str | None:
     and refuses an oversized or duplicated chunk before reading it."""
     found: list[str] = []
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path) as fh:
             if fh.read(8) != PNG_SIGNATURE:
                 return None
             while True:
@@ -118,10 +116,7 @@ def read_sidecar(path: Path) -> str:
     """A metadata file, which must be a regular file within the chunk limit. It is opened without
     blocking and checked on the open handle, so a FIFO or a device named like a sidecar is refused."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise MetadataError(f"{path}: not a regular file")
+        with open_regular(path) as f:
             data = f.read(MAX_CHUNK_BYTES + 1)
         if len(data) > MAX_CHUNK_BYTES:
             raise MetadataError(f"{path}: over the metadata limit of {MAX_CHUNK_BYTES} bytes")
@@ -139,9 +134,16 @@ def sidecar_path(image_path: Path) -> Path:
 def read_metadata(image_path: Path) -> str | None:
     """The image's revanon chunk, or else the sidecar beside it (for PNGs whose chunk was stripped)."""
     text = read_png_chunk(image_path)
-    if text is None and sidecar_path(image_path).exists():
+    if text is None and _exists(sidecar_path(image_path)):
         text = read_sidecar(sidecar_path(image_path))
     return text
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name over the file system's limit names no file
+        return False
 
 
 def recorded_mode(text: str | None) -> str | None:

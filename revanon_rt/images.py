@@ -6,7 +6,9 @@ are dropped so that an anonymized image does not leak where or when it was taken
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 import zlib
 from dataclasses import dataclass
@@ -65,12 +67,24 @@ def not_a_crop(path: Path, width: int, height: int, image_size: int) -> InputErr
                       "resize or crop it, or use --mode photo for photos")
 
 
+def open_regular(path: Path):
+    """A binary file object for reading, or OSError when the path is not a regular file. It is opened
+    without blocking and checked on the open handle, so a FIFO or a device named like an image is refused
+    instead of hanging the run."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    fh = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fh.close()
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fh
+
+
 def load_image(path: Path, crop_size: int | None = None) -> LoadedImage:
     """Decode an image to RGB uint8 (+ alpha), applying EXIF orientation. Errors name the file.
     With crop_size, an image of another size is refused from its header, before it is decoded."""
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with open_regular(path) as fh, Image.open(fh) as im:
             width, height = im.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise InputError(
@@ -143,7 +157,8 @@ def write_atomic(path: Path, data: bytes, overwrite: bool, mode: int = 0o644) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         return False
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # a short name of its own: the output's name plus a prefix could pass the file system's limit
+    fd, tmp = tempfile.mkstemp(prefix=".revanon-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

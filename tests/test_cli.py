@@ -243,8 +243,8 @@ def test_existing_outputs_are_skipped_unless_overwrite(models, zero_engines, key
     third = cli("run", "anonymize", *common, "--overwrite")
     assert third.returncode == 0 and "1 done" in third.stderr
     assert (tmp_path / "out" / "face.png").read_bytes() != first, "a fresh nonce makes new bytes"
-    into_input = cli("run", "anonymize", tmp_path / "out", "--out", tmp_path / "out", "--engine", zero_engines["zero"],
-                     "--mask", mask, "--key", keyfile, "--overwrite", "--force")
+    into_input = cli("run", "anonymize", tmp_path / "out" / "face.png", "--out", tmp_path / "out", "--engine",
+                     zero_engines["zero"], "--mask", mask, "--key", keyfile, "--overwrite", "--force")
     assert into_input.returncode == 1 and "would replace the input" in into_input.stderr
 
 
@@ -255,7 +255,10 @@ def test_no_output_lands_on_any_input_and_renamed_runs_add_to_their_mapping(zero
     mask = save_png(tmp_path / "mask.png", box_mask(32))
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     common = ("--engine", zero_engines["zero"], "--mask", mask, "--key", keyfile)
-    into_itself = cli("run", "anonymize", folder, "--out", folder, "--overwrite", *common)
+    as_folder = cli("run", "anonymize", folder, "--out", folder, *common)
+    # the next run of the folder would take these outputs for inputs
+    assert as_folder.returncode == 2 and "is the input folder" in as_folder.stderr, as_folder.stderr
+    into_itself = cli("run", "anonymize", folder / "a.png", folder / "a.jpg", "--out", folder, "--overwrite", *common)
     # a.png is refused; a.jpg must not take the name a.png, which is a.png's input
     assert into_itself.returncode == 1 and "would replace the input" in into_itself.stderr
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in before} == before
