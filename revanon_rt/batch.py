@@ -7,6 +7,7 @@ is never replaced without --overwrite.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .container import sidecar_path
-from .errors import RevanonError, UsageError
+from .errors import RevanonError, UsageError, one_line
 from .images import write_atomic
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -78,9 +80,10 @@ def same_file(a: Path, b: Path) -> bool:
 
 
 def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
-    """Files are taken as given; folders are searched recursively for images, following linked
-    folders once each, and skipping hidden files and anything under the output folder. An input that
-    is not a regular file (a FIFO, a device, a link loop) fails alone, before anything blocks on it."""
+    """Files are taken as given; folders are searched recursively for images, skipping hidden files
+    and anything under the output folder. Linked folders are followed once each, after the real ones,
+    unless they lead back up to the input folder. An input that is not a regular file (a FIFO, a
+    device, a link loop) fails alone, before anything blocks on it."""
     jobs: list[Job] = []
     seen: set[Path] = set()
 
@@ -93,33 +96,44 @@ def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
         except OSError as exc:
             jobs.append(Job(source, relative, error=f"{source}: cannot read it ({exc.strerror or exc})"))
             return
+        resolved = source.resolve()
         if not stat.S_ISREG(st.st_mode):
             jobs.append(Job(source, relative, error=f"{source}: not a regular file"))
-        elif source.resolve() not in seen:
-            seen.add(source.resolve())
+        elif resolved not in seen:
+            seen.add(resolved)
             jobs.append(Job(source, relative))
 
     for given in inputs:
         given = Path(given)
-        if given.is_dir():
-            if same_file(given, out_dir):
-                raise UsageError(f"--out {out_dir} is the input folder {given}: its outputs would be inputs of the "
-                                 "next run; choose another --out")
-            walked: set[tuple[int, int] | None] = set()
-            for dirpath, dirnames, filenames in os.walk(given, followlinks=True):
-                here = Path(dirpath)
-                if file_identity(here) in walked:  # a linked folder seen before, or a link loop
-                    dirnames[:] = []
-                    continue
-                walked.add(file_identity(here))
-                dirnames[:] = sorted(d for d in dirnames
-                                     if not d.startswith(".") and not is_within(here / d, out_dir))
-                for name in sorted(filenames):
-                    path = here / name
-                    if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
-                        add(path, path.relative_to(given))
-        else:
+        if not given.is_dir():
             add(given, Path(given.name))
+            continue
+        if same_file(given, out_dir):
+            raise UsageError(f"--out {out_dir} is the input folder {given}: its outputs would be inputs of the "
+                             "next run; choose another --out")
+        walked: set[tuple[int, int] | None] = set()
+        for dirpath, dirnames, filenames in os.walk(given, followlinks=True):
+            here = Path(dirpath)
+            identity = file_identity(here)
+            if identity in walked:  # a linked folder already searched
+                dirnames[:] = []
+                continue
+            walked.add(identity)
+            kept = []
+            for name in sorted(dirnames, key=lambda d: (os.path.islink(here / d), d)):
+                folder = here / name
+                if name.startswith(".") or is_within(folder, out_dir):
+                    continue
+                if os.path.islink(folder) and is_within(given, folder):
+                    jobs.append(Job(folder, folder.relative_to(given), error=f"{folder}: a link to a folder that "
+                                    f"holds {given}; give that folder itself to search it"))
+                    continue
+                kept.append(name)
+            dirnames[:] = kept
+            for name in sorted(filenames):
+                path = here / name
+                if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+                    add(path, path.relative_to(given))
     return jobs
 
 
@@ -160,14 +174,16 @@ def mapping_key(path: Path) -> str:
 class NameMapping:
     """--mapping: the input -> output names of --rename runs, a JSON object readable by the user alone.
 
-    Names are added as their outputs are written and saved after every group, so an interrupted run,
-    even a killed one, loses at most the group it was writing. Each save merges with the file as it
-    is then, under a lock, so that runs sharing the file keep each other's names."""
+    Names are added as their outputs are written, and saved as the run goes: after a group, unless
+    saves would take more than 5% of the run (a large mapping is rewritten whole), and always at its
+    end or interruption. Each save merges with the file as it is then, under a lock, so that runs
+    sharing the file keep each other's names."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.previous = self._read()
-        self.added: dict[str, str] = {}
+        self.added: dict[str, Path] = {}
+        self.next_save, self.save_seconds = 0.0, 0.0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -194,19 +210,20 @@ class NameMapping:
         return self.previous.get(mapping_key(source), self.previous.get(str(source)))
 
     def add(self, job: Job) -> None:
-        self.added[mapping_key(job.source)] = mapping_key(job.output)
+        self.added[mapping_key(job.source)] = job.output
+
+    def save_in_time(self) -> None:
+        if time.monotonic() >= self.next_save:
+            self.save()
 
     def save(self) -> None:
         if not self.added:
             return
-        import fcntl
-
-        # a lock file of its own: the mapping itself is replaced by a rename, which a lock would not survive
+        started = time.monotonic()
         try:
-            lock = os.open(self.path.with_name(f".{self.path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                mapping = {**self._read(), **self.added}
+            # a lock file of its own: the mapping is replaced by a rename, which a lock on it would not survive
+            with locked(self.path.with_name(f".{self.path.name}.lock"), wait=True):
+                mapping = {**self._read(), **{k: mapping_key(v) for k, v in self.added.items()}}
                 text = json.dumps(mapping, indent=1, ensure_ascii=False) + "\n"
                 try:
                     data = text.encode("utf-8")
@@ -214,31 +231,55 @@ class NameMapping:
                     data = (json.dumps(mapping, indent=1) + "\n").encode("ascii")
                 # it ties people's file names to the neutral ones: readable by the user alone, as a key file is
                 write_atomic(self.path, data, overwrite=True, mode=0o600)
-            finally:
-                os.close(lock)
-        except OSError as exc:
-            raise RevanonError(f"--mapping {self.path}: cannot write it ({exc.strerror or exc}); the names of "
-                               f"{len(self.added)} outputs written since it was last saved are not in it") from None
+        except (OSError, UsageError) as exc:
+            # outputs that no mapping names would be orphans: removed, so that a rerun redoes them
+            for output in self.added.values():
+                for path in (output, sidecar_path(output)):
+                    path.unlink(missing_ok=True)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise RevanonError(f"--mapping {self.path}: cannot write it ({why}); the "
+                               f"{len(self.added)} outputs written since it was last saved were removed, so that a "
+                               "rerun redoes them") from None
         self.previous, self.added = mapping, {}
+        self.save_seconds = time.monotonic() - started
+        self.next_save = time.monotonic() + 20 * self.save_seconds
 
 
-def claim_folder(out_dir: Path) -> int:
-    """An exclusive lock on --out for a --rename run, held until the process ends: two runs numbering
-    the same folder would give out the same numbers."""
+# Where flock is not supported (some network file systems), runs go on without the lock.
+_NO_LOCKING = {errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+@contextlib.contextmanager
+def locked(path: Path, wait: bool):
+    """An exclusive flock on path (a folder, or a lock file created 0600), held inside the block.
+    BlockingIOError when another process holds it and wait is False."""
     import fcntl
 
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKING:
+                raise
+        yield
+    finally:
+        os.close(fd)
+
+
+def claim_folder(out_dir: Path, stack: contextlib.ExitStack) -> None:
+    """An exclusive lock on --out for a --rename run, held until the stack closes: two runs numbering
+    the same folder would give out the same numbers."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out_dir, os.O_RDONLY)
-    except OSError as exc:
-        raise UsageError(f"--out {out_dir}: cannot open it ({exc.strerror or exc})") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        stack.enter_context(locked(out_dir, wait=False))
     except BlockingIOError:
-        os.close(fd)
         raise UsageError(f"--out {out_dir}: another --rename run is writing there, and the two would give out the "
                          "same numbers; wait for it to finish, or give another --out") from None
-    return fd
+    except OSError as exc:
+        raise UsageError(f"--out {out_dir}: cannot open it ({exc.strerror or exc})") from None
 
 
 def assign_neutral_outputs(jobs: list[Job], out_dir: Path, mapping: NameMapping | None = None) -> None:
@@ -268,10 +309,11 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
     of the group, in order. Jobs go to process in groups of up to group_size (an engine's batch), after
     those whose outputs exist are skipped; a job for which alone(job) is true (a whole photo) goes by
     itself, so a group never holds more than one large image. Writes each output atomically, and
-    records it in the mapping after each group.
+    records it in the mapping.
 
-    Ctrl-C, SIGTERM and SIGHUP stop the run between outputs: the summary so far is printed, the
-    mapping saved, and the process then ends as the signal would have ended it."""
+    Ctrl-C, SIGTERM and SIGHUP stop the run at the next step or output, never between an output and
+    its mapping entry: the summary so far is printed, the mapping saved, and the process then ends as
+    the signal would have ended it."""
     summary = Summary()
     show = console.is_terminal
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -282,6 +324,7 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
                 steps = progress.add_task("steps", total=1, visible=False)
 
                 def on_step(phase: str, index: int, count: int) -> None:
+                    interrupts.check()
                     progress.update(steps, description=f"  {phase}", completed=index + 1, total=count,
                                     visible=True)
 
@@ -292,14 +335,14 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
                         results = process(group, on_step)
                     except Exception as exc:  # noqa: BLE001 - process failed as a whole: every job of it failed
                         results = [exc] * len(group)
-                    with interrupts.held():
-                        for job, result in zip(group, results):
-                            if _finish_one(job, result, overwrite, sidecar, summary, console) and mapping is not None:
-                                mapping.add(job)
-                        if mapping is not None:
-                            mapping.save()
+                    for job, result in zip(group, results):
+                        if _finish_one(job, result, overwrite, sidecar, summary, console) and mapping is not None:
+                            mapping.add(job)
+                    if mapping is not None:
+                        mapping.save_in_time()
                     progress.update(steps, visible=False)
                     progress.advance(images, len(group))
+                    interrupts.check()
 
                 group: list[Job] = []
                 for job in jobs:
@@ -314,14 +357,13 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
                             group = []
                 if group:
                     process_group(group)
-        except KeyboardInterrupt:
-            interrupts.holding = True  # a second signal must not cut the cleanup short
+        except _Interrupted:
             console.print(f"interrupted after {summary.done} done, {summary.skipped} skipped, {summary.failed} "
                           "failed; a rerun skips the outputs already written", highlight=False)
+        finally:
             if mapping is not None:
                 mapping.save()
-            interrupts.end_as_received()
-            raise
+        interrupts.end_as_received()
     if len(jobs) > 1:
         order = {id(job): n for n, job in enumerate(jobs)}
         summary.rows.sort(key=lambda row: order[id(row[0])])
@@ -329,20 +371,19 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
     return summary
 
 
+class _Interrupted(BaseException):
+    """Raised at a step or between groups once a stopping signal arrived; not an Exception, so that the
+    handlers that fail one input alone let it through."""
+
+
 class _Interrupts:
-    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) raise KeyboardInterrupt, so that the run ends
-    through its cleanup; but not inside held(), where an output and its mapping entry are written."""
+    """Ctrl-C, SIGTERM and SIGHUP (a closed terminal) are noted when they arrive, and check() stops the
+    run at the next step or group, where nothing is half written. A second Ctrl-C stops it at once."""
 
     SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 
     def __init__(self):
         self.received: list[int] = []
-        self.holding = False
-
-    def _handle(self, signum, frame) -> None:
-        self.received.append(signum)
-        if not self.holding:
-            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def installed(self):
@@ -350,22 +391,21 @@ class _Interrupts:
             yield self
             return
         # a signal ignored on purpose (nohup, a background job) stays ignored
-        before = {s: signal.signal(s, self._handle) for s in self.SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
+        before = {s: signal.signal(s, self._note) for s in self.SIGNALS if signal.getsignal(s) != signal.SIG_IGN}
         try:
             yield self
         finally:
             for s, handler in before.items():
                 signal.signal(s, handler)
 
-    @contextlib.contextmanager
-    def held(self):
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding = False
-        if self.received:
+    def _note(self, signum, frame) -> None:
+        self.received.append(signum)
+        if self.received.count(signal.SIGINT) > 1:  # Ctrl-C again: at once, whatever it is doing
             raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.received:
+            raise _Interrupted
 
     def end_as_received(self) -> None:
         """End the process as the signal would have ended it, so that callers see how it stopped."""
@@ -374,14 +414,7 @@ class _Interrupts:
             sys.stderr.flush()
             signal.signal(self.received[0], signal.SIG_DFL)
             os.kill(os.getpid(), self.received[0])
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-def one_line(text: str) -> str:
-    """A message on one line, whatever the file names in it hold (a newline, a terminal escape)."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+            raise KeyboardInterrupt  # where the signal does not end the process (pid 1 of a container)
 
 
 def one_at_a_time(process_one: Callable) -> Callable:
@@ -484,18 +517,10 @@ def _finish_one(job: Job, result, overwrite: bool, sidecar: bool, summary: Summa
             summary.skipped += 1
             summary.rows.append((job, "skipped", f"{job.output} appeared meanwhile"))
             return False
-        if sidecar:
-            kept = False
-            try:
-                kept = write_atomic(sidecar_path(job.output), result.header_text().encode("utf-8"), overwrite,
-                                    mode=mode)
-            finally:
-                if not kept:  # an image is kept only with its sidecar: a rerun then finds neither, and redoes it
-                    job.output.unlink(missing_ok=True)
-            if not kept:
-                _fail(job, f"{sidecar_path(job.output)} appeared meanwhile; {job.output} was not kept", summary,
-                      console)
-                return False
+        problem = _write_sidecar(job, result, overwrite, mode) if sidecar else None
+        if problem:
+            _fail(job, problem, summary, console)
+            return False
     except OSError as exc:
         _fail(job, f"{job.output}: cannot write it ({exc.strerror or exc})", summary, console)
         return False
@@ -505,6 +530,21 @@ def _finish_one(job: Job, result, overwrite: bool, sidecar: bool, summary: Summa
     summary.done += 1
     summary.rows.append((job, "done", result.detail))
     return True
+
+
+def _write_sidecar(job: Job, result, overwrite: bool, mode: int) -> str | None:
+    """The sidecar of an output just written, or why not; the output is then removed, so that a rerun
+    finds neither and redoes it."""
+    path = sidecar_path(job.output)
+    try:
+        problem = None if write_atomic(path, result.header_text().encode("utf-8"), overwrite, mode=mode) else \
+            "appeared meanwhile"
+    except OSError as exc:
+        problem = f"cannot write it ({exc.strerror or exc})"
+    if problem is None:
+        return None
+    job.output.unlink(missing_ok=True)
+    return f"{path}: {problem}; {job.output} was not kept"
 
 
 def output_mode(header: dict | None) -> int:

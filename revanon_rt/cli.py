@@ -5,6 +5,7 @@ Nothing here imports torch at module level: `run --engine` must work on a box wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .errors import RevanonError, UsageError
+from .errors import RevanonError, UsageError, one_line
 from .schedule import DEFAULT_STEPS, MAX_STEPS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -55,7 +56,7 @@ class OutputFormat(str, Enum):
 
 
 def _fail(exc: RevanonError) -> None:
-    err.print(f"[red]error[/red]: {escape(str(exc))}")
+    err.print(f"[red]error[/red]: {escape(one_line(str(exc)))}")
     raise typer.Exit(exc.exit_code)
 
 
@@ -169,8 +170,11 @@ def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optio
     processed; a --rename run holds it until the process ends."""
     from .batch import NameMapping, assign_neutral_outputs, assign_outputs, claim_folder, discover
 
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: is a file; give the folder the outputs go to")
+    try:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out}: is a file; give the folder the outputs go to")
+    except OSError as exc:
+        raise UsageError(f"--out {out}: {exc.strerror or exc}") from None
     jobs = discover(inputs, out)
     if not jobs:
         raise UsageError("no input images found")
@@ -181,17 +185,18 @@ def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optio
     if not os.access(existing, os.W_OK | os.X_OK):  # before any work that could not be written
         raise UsageError(f"--out {out}: {existing} is not writable")
     if rename:
-        _held_folders.append(claim_folder(out))
+        claim_folder(out, _held_folders)
         assign_neutral_outputs(jobs, out, names)
     else:
         assign_outputs(jobs, out, suffix=suffix)
     return jobs, names
 
 
-_held_folders: list[int] = []  # the --rename runs' locks on --out, released when the process ends
+_held_folders = contextlib.ExitStack()  # a --rename run's lock on --out, released when it finishes
 
 
 def _finish(summary, verb: str) -> None:
+    _held_folders.close()
     say(summary.line(verb))
     raise typer.Exit(summary.exit_code)
 

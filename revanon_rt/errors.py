@@ -1,5 +1,14 @@
 """Errors the command-line tool reports in one line, with the exit codes of spec §9."""
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """A message on one line, whatever the file names in it hold (a newline, a terminal escape)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
 
 class RevanonError(Exception):
     """Base class: a problem the user can act on. The message names the file involved."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InputError
 
@@ -105,6 +105,8 @@ def load_image(path: Path, crop_size: int | None = None) -> LoadedImage:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not an image format this tool reads") from None
     except Image.DecompressionBombError:
         raise InputError(f"{path}: its pixel count is over the limit of {MAX_IMAGE_PIXELS} "
                          "(a decompression bomb, or a photo far larger than needed)") from None

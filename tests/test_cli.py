@@ -320,7 +320,7 @@ def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyf
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 5
     expectations = {"wrong_size.png": "48x48 is not an aligned face crop of the model's 32x32",
-                    "not_square.png": "--mode photo", "garbage.png": "cannot read the image",
+                    "not_square.png": "--mode photo", "garbage.png": "not an image format this tool reads",
                     "truncated.png": "cannot read the image", "missing.png": "no such file"}
     for name, message in expectations.items():
         assert any(name in line and message in line for line in lines), (name, lines)

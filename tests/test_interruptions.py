@@ -110,6 +110,7 @@ def test_files_that_are_not_images_fail_alone_and_linked_folders_are_followed(ze
     save_png(tmp_path / "elsewhere" / "b.png", random_image(32, seed=3))
     os.symlink(tmp_path / "elsewhere", folder / "linked")
     os.symlink(folder, folder / "linked" / "back")  # a loop through the linked folder
+    os.symlink("..", folder / "up")  # would pull in everything beside the input folder
     os.mkfifo(folder / "fifo.png")  # opening it for reading would wait for a writer forever
     os.symlink("self.png", folder / "self.png")
     save_png(folder / ("e" * 245 + ".png"), random_image(32, seed=4))  # its sidecar's name is over 255 bytes
@@ -118,7 +119,8 @@ def test_files_that_are_not_images_fail_alone_and_linked_folders_are_followed(ze
     run = cli("run", "anonymize", folder, "--out", tmp_path / "anon", "--engine", zero_engines["zero"], "--mask", mask,
               "--key", keyfile, "--sidecar")
     assert run.returncode == 1, run.stderr
-    assert "3 done, 0 skipped, 3 failed" in run.stderr, run.stderr
+    assert "3 done, 0 skipped, 5 failed" in run.stderr, run.stderr
+    assert "up: a link to a folder that holds" in run.stderr and "back: a link to a folder that holds" in run.stderr
     assert "fifo.png: not a regular file" in run.stderr
     assert "self.png: cannot read it" in run.stderr
     assert "is over the file system's 255 bytes" in run.stderr
@@ -126,7 +128,7 @@ def test_files_that_are_not_images_fail_alone_and_linked_folders_are_followed(ze
     assert {p.relative_to(tmp_path / "anon").as_posix() for p in (tmp_path / "anon").rglob("*.png")} == \
         {"a.png", "linked/b.png", "new\nline.png"}
     errors = [line for line in run.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 3, "one line per failure"
+    assert len(errors) == 5, "one line per failure"
     assert any("new\\x0aline.png" in line for line in run.stderr.splitlines()), "control characters are escaped"
 
 
@@ -153,3 +155,25 @@ def test_an_unwritable_out_is_refused_before_any_work(zero_engines, keyfile, tmp
     run = cli("run", "anonymize", source, "--out", tmp_path / "locked" / "anon", "--engine", zero_engines["zero"],
               "--mask", save_png(tmp_path / "mask.png", box_mask(32)), "--key", keyfile)
     assert run.returncode == 2 and "is not writable" in run.stderr, run.stderr
+
+
+def test_outputs_whose_names_cannot_be_saved_are_removed_so_that_a_rerun_redoes_them(tmp_path):
+    from revanon_rt.batch import Job, NameMapping
+    from revanon_rt.errors import RevanonError
+
+    names = tmp_path / "names.json"
+    mapping = NameMapping(names)
+    first = Job(tmp_path / "a.png", tmp_path / "a.png", output=save_png(tmp_path / "out" / "000001.png",
+                                                                         random_image(8)))
+    mapping.add(first)
+    mapping.save()
+    assert json.loads(names.read_text()) == {str(first.source): str(first.output)}
+    second = Job(tmp_path / "b.png", tmp_path / "b.png", output=save_png(tmp_path / "out" / "000002.png",
+                                                                          random_image(8)))
+    (tmp_path / "out" / "000002.png.revanon.json").write_text("{}")
+    mapping.add(second)
+    names.unlink()
+    names.mkdir()  # the mapping can no longer be written
+    with pytest.raises(RevanonError, match="were removed, so that a rerun redoes them"):
+        mapping.save()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000001.png"]
