@@ -183,7 +183,7 @@ class NameMapping:
         self.path = Path(path)
         self.previous = self._read()
         self.added: dict[str, Path] = {}
-        self.next_save, self.save_seconds = 0.0, 0.0
+        self.next_save = 0.0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -241,8 +241,7 @@ class NameMapping:
                                f"{len(self.added)} outputs written since it was last saved were removed, so that a "
                                "rerun redoes them") from None
         self.previous, self.added = mapping, {}
-        self.save_seconds = time.monotonic() - started
-        self.next_save = time.monotonic() + 20 * self.save_seconds
+        self.next_save = time.monotonic() + 20 * (time.monotonic() - started)
 
 
 # Where flock is not supported (some network file systems), runs go on without the lock.
