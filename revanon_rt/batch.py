@@ -258,9 +258,7 @@ def locked(path: Path, wait: bool):
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise
-        except OSError as exc:
+        except OSError as exc:  # BlockingIOError (EAGAIN) is not in _NO_LOCKING: it reaches the caller
             if exc.errno not in _NO_LOCKING:
                 raise
         yield

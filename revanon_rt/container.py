@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -134,16 +135,10 @@ def sidecar_path(image_path: Path) -> Path:
 def read_metadata(image_path: Path) -> str | None:
     """The image's revanon chunk, or else the sidecar beside it (for PNGs whose chunk was stripped)."""
     text = read_png_chunk(image_path)
-    if text is None and _exists(sidecar_path(image_path)):
+    # os.path.exists, not Path.exists: a name over the file system's limit names no file, it raises nothing
+    if text is None and os.path.exists(sidecar_path(image_path)):
         text = read_sidecar(sidecar_path(image_path))
     return text
-
-
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except OSError:  # a name over the file system's limit names no file
-        return False
 
 
 def recorded_mode(text: str | None) -> str | None:
