@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
+from .api import masker_for, open_backend, resolve_device
 from .errors import RevanonError, UsageError, one_line
 from .schedule import DEFAULT_STEPS, MAX_STEPS
 
@@ -83,34 +83,6 @@ def _secret(key: Optional[Path], password_file: Optional[Path], confirm: bool):
     return Secret.from_password(password)
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
-def open_backend(model: Optional[Path], engine: Optional[Path], device: str, parser: Optional[Path]):
-    if (model is None) == (engine is None):
-        raise UsageError("give --model DIR (PyTorch reference) or --engine DIR (a built engine)")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
-    if engine is not None:
-        from .engines import open_engine
-
-        return open_engine(engine, device=device)
-    try:
-        from .reference import TorchReference
-    except ImportError as exc:
-        raise UsageError(f"--model needs the PyTorch extra ({exc.name} is missing): "
-                         "pip install 'revanon-rt[torch]', or run a built engine with --engine") from None
-    return TorchReference(model, device=_device(device), parser=parser)
-
-
 def _masker_name(masker: Optional[MaskerName], mask: Optional[Path], parser: Optional[Path],
                  engine: Optional[Path], mode: "Mode" = None) -> MaskerName:
     """Checked before any model is loaded, so that a flag mistake costs nothing."""
@@ -128,25 +100,20 @@ def _masker_name(masker: Optional[MaskerName], mask: Optional[Path], parser: Opt
     return masker
 
 
-def _landmarks_masker(landmarks: int):
-    from .faces import LICENSE_68, LandmarksMasker
+def _landmarks_note() -> None:
+    from .faces import LICENSE_68
 
-    if landmarks == 68:
-        err.print(f"[yellow]note[/yellow]: {LICENSE_68}")
-    return LandmarksMasker(landmarks=landmarks)
+    err.print(f"[yellow]note[/yellow]: {LICENSE_68}")
 
 
 def _choose_masker(backend, masker: MaskerName, mask: Optional[Path], landmarks: int = 5):
-    from .masks import BiSeNetMasker, FileMasker
+    from .masks import FileMasker
 
     if masker == MaskerName.file:
         return FileMasker(mask)
-    if masker == MaskerName.landmarks:
-        return _landmarks_masker(landmarks)
-    if not backend.can_parse:
-        raise UsageError("the bisenet masker needs --parser BISENET.pth (facexlib's parsing_bisenet.pth), "
-                         "or give masks with --mask")
-    return BiSeNetMasker(backend)
+    if masker == MaskerName.landmarks and landmarks == 68:
+        _landmarks_note()
+    return masker_for(backend, masker.value, landmarks)
 
 
 def _recompute_maskers(backend, mask: Optional[Path], landmarks: int) -> dict:
@@ -158,7 +125,9 @@ def _recompute_maskers(backend, mask: Optional[Path], landmarks: int) -> dict:
     if backend.can_parse:
         maskers["bisenet"] = BiSeNetMasker(backend)
     try:
-        maskers["landmarks"] = _landmarks_masker(landmarks)
+        maskers["landmarks"] = masker_for(backend, "landmarks", landmarks)
+        if landmarks == 68:
+            _landmarks_note()
     except RevanonError:
         pass  # dlib not installed: only an image recorded with that masker will say so
     return maskers
@@ -522,7 +491,7 @@ def verify_cmd(
         from .reference import TorchReference
         from .verify import Thresholds, run_verify
 
-        dev = _device(device)
+        dev = resolve_device(device)
         reference = TorchReference(model, device=dev, parser=parser)
         from .engines import open_engine
 
@@ -595,7 +564,7 @@ def train_cmd(
         result = train(data, out, minutes, resume, TrainConfig(resolution=resolution, architecture=architecture,
                                                                 batch=batch, **changes), device=device,
                        max_steps=max_steps, log=say, resume_changes=changes)
-        write_model_card(out, data, result, samples, _device(device))
+        write_model_card(out, data, result, samples, resolve_device(device))
     except RevanonError as exc:
         _fail(exc)
     say(f"model ready: {out} (load it with --model {out})")
@@ -768,7 +737,7 @@ def demo_cmd(
     except ImportError as exc:
         _fail(UsageError(f"the demo needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
     try:
-        report = run_demo(out, model, _device(device), steps, seed=seed,
+        report = run_demo(out, model, resolve_device(device), steps, seed=seed,
                           face=None if face is DemoFace.auto else face.value, log=say)
     except RevanonError as exc:
         _fail(exc)

@@ -9,6 +9,7 @@ import os
 import re
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -67,34 +68,39 @@ def to_text(header: dict) -> str:
 
 
 def read_png_chunk(path: Path) -> str | None:
-    """The text of the revanon iTXt chunk, or None. Walks chunk headers without decoding pixels
-    and refuses an oversized or duplicated chunk before reading it."""
-    found: list[str] = []
+    """The text of the revanon iTXt chunk of a PNG file, or None."""
     try:
         with open_regular(path) as fh:
-            if fh.read(8) != PNG_SIGNATURE:
-                return None
-            while True:
-                head = fh.read(8)
-                if len(head) < 8:
-                    break
-                length, ctype = struct.unpack(">I4s", head)
-                if ctype == b"iTXt" and length >= len(KEYWORD) + 1:
-                    if fh.read(len(KEYWORD) + 1) == KEYWORD.encode("latin-1") + b"\0":
-                        if length > MAX_CHUNK_BYTES:
-                            raise MetadataError(
-                                f"{path}: the revanon chunk is {length} bytes, over the limit of {MAX_CHUNK_BYTES}")
-                        found.append(_itxt_text(fh.read(length - len(KEYWORD) - 1), path))
-                        fh.seek(4, 1)
-                        continue
-                    fh.seek(-(len(KEYWORD) + 1), 1)
-                if ctype == b"IEND":
-                    break
-                fh.seek(length + 4, 1)
+            return png_chunk_text(fh, path)
     except OSError as exc:
         raise MetadataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def png_chunk_text(fh: BinaryIO, source) -> str | None:
+    """read_png_chunk on an open binary file. Walks chunk headers without decoding pixels and refuses
+    an oversized or duplicated chunk before reading it."""
+    found: list[str] = []
+    if fh.read(8) != PNG_SIGNATURE:
+        return None
+    while True:
+        head = fh.read(8)
+        if len(head) < 8:
+            break
+        length, ctype = struct.unpack(">I4s", head)
+        if ctype == b"iTXt" and length >= len(KEYWORD) + 1:
+            if fh.read(len(KEYWORD) + 1) == KEYWORD.encode("latin-1") + b"\0":
+                if length > MAX_CHUNK_BYTES:
+                    raise MetadataError(
+                        f"{source}: the revanon chunk is {length} bytes, over the limit of {MAX_CHUNK_BYTES}")
+                found.append(_itxt_text(fh.read(length - len(KEYWORD) - 1), source))
+                fh.seek(4, 1)
+                continue
+            fh.seek(-(len(KEYWORD) + 1), 1)
+        if ctype == b"IEND":
+            break
+        fh.seek(length + 4, 1)
     if len(found) > 1:
-        raise MetadataError(f"{path}: {len(found)} revanon chunks; v1 files have exactly one")
+        raise MetadataError(f"{source}: {len(found)} revanon chunks; v1 files have exactly one")
     return found[0] if found else None
 
 

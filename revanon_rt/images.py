@@ -13,6 +13,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
@@ -51,14 +52,13 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_TYPES_WITH_ALPHA = (4, 6)  # grey + alpha, RGB + alpha
 
 
-def _refuse_sixteen_bit_alpha(path: Path) -> None:
+def _refuse_sixteen_bit_alpha(head: bytes, name) -> None:
     """Pillow reads a 16-bit alpha channel as 8 bits, and outputs are 8-bit PNGs: carrying it through
-    untouched (spec §2) is impossible, so such an input is refused rather than silently changed."""
-    with open(path, "rb") as fh:
-        head = fh.read(26)
-    if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16 \
+    untouched (spec §2) is impossible, so such an input is refused rather than silently changed.
+    `head` is the file's first 26 bytes."""
+    if len(head) == 26 and head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16 \
             and head[25] in PNG_COLOUR_TYPES_WITH_ALPHA:
-        raise InputError(f"{path}: its alpha channel has 16 bits, and revanon writes 8-bit PNGs, so the alpha "
+        raise InputError(f"{name}: its alpha channel has 16 bits, and revanon writes 8-bit PNGs, so the alpha "
                          "could not be kept as it is; convert the image to 8 bits per channel first")
 
 
@@ -80,39 +80,46 @@ def open_regular(path: Path):
 
 
 def load_image(path: Path, crop_size: int | None = None) -> LoadedImage:
-    """Decode an image to RGB uint8 (+ alpha), applying EXIF orientation. Errors name the file.
+    """Decode an image file to RGB uint8 (+ alpha), applying EXIF orientation. Errors name the file.
     With crop_size, an image of another size is refused from its header, before it is decoded."""
     path = Path(path)
     try:
-        with open_regular(path) as fh, Image.open(fh) as im:
-            width, height = im.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise InputError(
-                    f"{path}: {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
-                    "(a decompression bomb, or a photo far larger than needed)"
-                )
-            if crop_size is not None and (width, height) != (crop_size, crop_size):
-                raise not_a_crop(path, width, height, crop_size)
-            if im.format == "PNG":
-                _refuse_sixteen_bit_alpha(path)
-            icc = im.info.get("icc_profile")
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            rgb, alpha = _split_channels(im)
-    except InputError:
-        raise
+        with open_regular(path) as fh:
+            return decode_image(fh, path, crop_size)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the image ({exc})") from None
+
+
+def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None) -> LoadedImage:
+    """load_image on an open binary file (or io.BytesIO); `name` is what errors and the result call it."""
+    try:
+        _refuse_sixteen_bit_alpha(fh.read(26), name)
+        fh.seek(0)
+        with Image.open(fh) as im:
+            width, height = im.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InputError(
+                    f"{name}: {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
+                    "(a decompression bomb, or a photo far larger than needed)"
+                )
+            if crop_size is not None and (width, height) != (crop_size, crop_size):
+                raise not_a_crop(name, width, height, crop_size)
+            icc = im.info.get("icc_profile")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb, alpha = _split_channels(im)
     except UnidentifiedImageError:
-        raise InputError(f"{path}: not an image format this tool reads") from None
+        raise InputError(f"{name}: not an image format this tool reads") from None
     except Image.DecompressionBombError:
-        raise InputError(f"{path}: its pixel count is over the limit of {MAX_IMAGE_PIXELS} "
+        raise InputError(f"{name}: its pixel count is over the limit of {MAX_IMAGE_PIXELS} "
                          "(a decompression bomb, or a photo far larger than needed)") from None
     except (OSError, ValueError, SyntaxError, zlib.error) as exc:
-        raise InputError(f"{path}: cannot read the image ({exc})") from None
-    return LoadedImage(path, rgb, alpha, icc if _icc_is_rgb(icc) else None)
+        raise InputError(f"{name}: cannot read the image ({exc})") from None
+    return LoadedImage(Path(name), rgb, alpha, icc if _icc_is_rgb(icc) else None)
 
 
 def _split_channels(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:

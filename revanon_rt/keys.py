@@ -147,6 +147,10 @@ def new_nonce() -> bytes:
     return secrets.token_bytes(NONCE_BYTES)
 
 
+# Derived keys kept per salt: a run's own salt and the salts of the files it recovers.
+DERIVED_KEYS_KEPT = 256
+
+
 @dataclass
 class Secret:
     """What the user gave: a raw key, or a password (stretched with scrypt per salt)."""
@@ -188,6 +192,8 @@ class Secret:
 
     def _scrypt(self, salt: bytes) -> bytes:
         if salt not in self._derived:
+            if len(self._derived) >= DERIVED_KEYS_KEPT:  # a long-lived service meets a new salt per file
+                del self._derived[next(iter(self._derived))]
             self._derived[salt] = scrypt_key(self.password, salt)
         return self._derived[salt]
 

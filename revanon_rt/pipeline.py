@@ -187,8 +187,8 @@ def anonymize_image(image: LoadedImage, existing_metadata: str | None, backend, 
                     opts: Options, relative, *, nonce: bytes | None = None, salt: bytes | None = None,
                     callback: StepCallback | None = None) -> Output:
     """Anonymize one aligned crop."""
-    return _one(anonymize_crops([Crop(image, existing_metadata, relative)], backend, masker, secret, opts,
-                                nonces=None if nonce is None else [nonce], salt=salt, callback=callback))
+    return single(anonymize_crops([Crop(image, existing_metadata, relative)], backend, masker, secret, opts,
+                                  nonces=None if nonce is None else [nonce], salt=salt, callback=callback))
 
 
 @dataclass
@@ -289,11 +289,12 @@ def deanonymize_crops(crops: list[Crop], backend, secret: Secret, opts: Options,
 def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backend, secret: Secret,
                       opts: Options, relative, maskers: dict | None = None, callback: StepCallback | None = None) -> Output:
     """Recover one image (crop or photo mode, as its metadata says)."""
-    return _one(deanonymize_crops([Crop(image, metadata_text, relative, source)], backend, secret, opts, maskers,
-                                  callback))
+    return single(deanonymize_crops([Crop(image, metadata_text, relative, source)], backend, secret, opts, maskers,
+                                    callback))
 
 
-def _one(results: list) -> Output:
+def single(results: list) -> Output:
+    """The Output of a one-input call, or its error raised."""
     if isinstance(results[0], Exception):
         raise results[0]
     return results[0]

@@ -73,6 +73,17 @@ def test_password_secret_round_trips_salt_through_the_header():
     assert keys.Secret.from_password("wrong").for_header(kdf, "x") != key
 
 
+def test_a_long_lived_secret_keeps_a_bounded_number_of_derived_keys(monkeypatch):
+    """A service recovering files with a salt each must not hold every derived key forever."""
+    monkeypatch.setattr(keys, "DERIVED_KEYS_KEPT", 2)
+    secret = keys.Secret.from_password("pw")
+    salts = [bytes([i]) * 16 for i in range(3)]
+    derived = [secret.for_header({"name": "scrypt", "salt": keys.b64encode(s)}, "x") for s in salts]
+    assert list(secret._derived) == salts[1:]
+    assert secret.for_header({"name": "scrypt", "salt": keys.b64encode(salts[0])}, "x") == derived[0]
+    assert derived[0] == keys.scrypt_key("pw", salts[0]) and len(set(derived)) == 3
+
+
 @pytest.mark.parametrize("kdf, message", [
     ({"name": "argon2"}, "unknown key derivation"),
     ({"name": "scrypt", "salt": "AAAAAAAAAAAAAAAAAAAAAA==", "n": 2**10, "r": 8, "p": 1}, "foreign scrypt"),
