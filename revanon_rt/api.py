@@ -10,8 +10,9 @@
 A service keeps one Anonymizer, where each `revanon-rt run` loads the model (and an engine captures its
 CUDA graphs) again. The work is the CLI's own (pipeline.py, photo.py), so the outputs of one recover with
 the other. Errors are the RevanonError subclasses that the CLI reports: AuthError for a wrong key or an
-edited image, InputError for an image it cannot take, and so on. An Anonymizer is not thread-safe: a
-compiled engine replays its CUDA graphs on fixed buffers. Give each thread its own, or hold a lock.
+edited image, InputError for an image it cannot take, and so on. Threads may share an Anonymizer: their
+images are decoded side by side and go through the model one call at a time, since a compiled engine replays
+its CUDA graphs on fixed buffers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -142,6 +144,7 @@ class Anonymizer:
         self.masker = None if masker is None else masker_for(self.backend, masker, landmarks)
         self.steps = steps
         self._detectors: dict = {}
+        self._model_lock = threading.Lock()
 
     @property
     def image_size(self) -> int:
@@ -176,8 +179,8 @@ class Anonymizer:
                                 name, name)
             except (InputError, MetadataError) as exc:
                 results[i] = exc
-        return _fill(results, crops, lambda ready: anonymize_crops(ready, self.backend, masker, self.secret,
-                                                                   Options(steps=self.steps)))
+        return self._fill(results, crops, lambda ready: anonymize_crops(ready, self.backend, masker, self.secret,
+                                                                        Options(steps=self.steps)))
 
     def anonymize_photo(self, image: ImageInput, *, faces: str = "all", min_face: int = 0,
                         detector: str = "hog") -> Output:
@@ -190,12 +193,13 @@ class Anonymizer:
             raise UsageError("photo mode masks faces with the bisenet or landmarks masker")
         if faces not in ("all", "largest"):
             raise UsageError(f"faces is all or largest, not {faces!r}")
-        if detector not in self._detectors:
-            self._detectors[detector] = DlibFaces(detector=detector)
         name = _names([image])[0]
-        return anonymize_photo(_load(image, name, None), _metadata_of(image, name, required=False), self.backend,
-                               self.masker, self.secret, Options(steps=self.steps), name,
-                               detector=self._detectors[detector], selection=Selection(faces, min_face))
+        loaded, metadata = _load(image, name, None), _metadata_of(image, name, required=False)
+        with self._model_lock:
+            if detector not in self._detectors:
+                self._detectors[detector] = DlibFaces(detector=detector)
+            return anonymize_photo(loaded, metadata, self.backend, self.masker, self.secret, Options(steps=self.steps),
+                                   name, detector=self._detectors[detector], selection=Selection(faces, min_face))
 
     def deanonymize(self, image: ImageInput, *, metadata: str | None = None) -> Output:
         """Recover an anonymized image, crop or photo, with its stored masks and step count. `metadata` is
@@ -216,7 +220,17 @@ class Anonymizer:
                 crops[i] = Crop(_load(image, name, None), text, name, name)
             except (InputError, MetadataError) as exc:
                 results[i] = exc
-        return _fill(results, crops, lambda ready: deanonymize_crops(ready, self.backend, self.secret, Options()))
+        return self._fill(results, crops, lambda ready: deanonymize_crops(ready, self.backend, self.secret, Options()))
+
+    def _fill(self, results: list, crops: dict[int, Crop], run) -> list:
+        """The results of the inputs that loaded, put in their places among those that failed to load."""
+        ready = sorted(crops)
+        if ready:
+            with self._model_lock:
+                done = run([crops[i] for i in ready])
+            for i, result in zip(ready, done):
+                results[i] = result
+        return results
 
 
 def _names(images: Sequence[ImageInput]) -> list[str]:
@@ -247,11 +261,3 @@ def _metadata_of(image: ImageInput, name: str, required: bool) -> str | None:
         raise MetadataError(f"{name}: no revanon metadata (was the PNG chunk stripped? pass the sidecar's text "
                             "as metadata=)")
     return text
-
-
-def _fill(results: list, crops: dict[int, Crop], run) -> list:
-    """The results of the inputs that loaded, put in their places among those that failed to load."""
-    ready = sorted(crops)
-    for i, result in zip(ready, run([crops[i] for i in ready]) if ready else []):
-        results[i] = result
-    return results

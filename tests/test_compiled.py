@@ -157,3 +157,25 @@ def test_update_kernels_ask_for_eager_numerics_and_the_reference_stays_strict_be
         assert torch.backends.cuda.matmul.allow_tf32, "the engine's own setting is restored"
     finally:
         apply_precision("fp32")
+
+
+def test_threads_sharing_an_anonymizer_take_turns_on_the_fused_loops_buffers(compiled_zero, keyfile):
+    """The compiled engine's fused loop runs on fixed buffers: threads of a service that share one
+    Anonymizer must not write their faces into each other's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from revanon_rt.api import Anonymizer
+
+    anonymizer = Anonymizer(engine=compiled_zero, key_file=keyfile, masker=None, steps=20)
+    crops = [random_image(32, seed=80 + i) for i in range(6)]
+
+    def round_trip(crop):
+        anonymized = anonymizer.anonymize(crop, mask=box_mask(32))
+        return anonymized.image.rgb, anonymizer.deanonymize(anonymized.png_bytes()).image.rgb
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(round_trip, crops))
+    inside = box_mask(32) > 0
+    for crop, (anonymized, recovered) in zip(crops, results):
+        assert np.array_equal(anonymized[~inside], crop[~inside])
+        assert np.array_equal(recovered, crop)
