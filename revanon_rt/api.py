@@ -9,8 +9,8 @@
 
 A service keeps one Anonymizer, where each `revanon-rt run` loads the model (and an engine captures its
 CUDA graphs) again. The work is the CLI's own (pipeline.py, photo.py), so the outputs of one recover with
-the other. Errors are the RevanonError subclasses that the CLI reports: AuthError for a wrong key or an
-edited image, InputError for an image it cannot take, and so on. Threads may share an Anonymizer: their
+the other. Errors are the RevanonError subclasses that the CLI reports, with its messages (which may name a
+CLI flag): AuthError for a wrong key or an edited image, InputError for an image it cannot take, and so on. Threads may share an Anonymizer: their
 images are decoded side by side and go through the model one call at a time, since a compiled engine replays
 its CUDA graphs on fixed buffers.
 """
@@ -28,7 +28,7 @@ import numpy as np
 
 from . import container
 from .errors import InputError, MetadataError, UsageError
-from .images import LoadedImage, decode_image, load_image
+from .images import MAX_IMAGE_PIXELS, LoadedImage, decode_image, load_image
 from .keys import Secret, read_key_file
 from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
 from .pipeline import Crop, Options, Output, anonymize_crops, deanonymize_crops, single
@@ -54,7 +54,7 @@ def open_backend(model: Path | None, engine: Path | None, device: str = "auto", 
     """The PyTorch reference on a diffusers folder, or a built engine (which needs no torch)."""
     if (model is None) == (engine is None):
         raise UsageError("give --model DIR (PyTorch reference) or --engine DIR (a built engine)")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     if engine is not None:
         from .engines import open_engine
@@ -84,34 +84,36 @@ def masker_for(backend, name: str, landmarks: int = 5):
 
 
 class _GivenMasks:
-    """The masks a caller passed with the images, by the images' names (recorded as masker "file", as
+    """The masks a caller passed with the images, by the images' positions (recorded as masker "file", as
     --mask is)."""
 
     name = "file"
 
-    def __init__(self, by_name: dict[str, np.ndarray]):
-        self.by_name = by_name
+    def __init__(self):
+        self.by_position: dict[int, np.ndarray] = {}
 
-    def face_maps(self, rgbs: np.ndarray, relatives: list) -> np.ndarray:
-        return np.stack([self.by_name[str(relative)] for relative in relatives])
+    def face_maps(self, rgbs: np.ndarray, positions: list) -> np.ndarray:
+        return np.stack([self.by_position[position] for position in positions])
+
+
+BYTES_LIKE = (bytes, bytearray, memoryview)
 
 
 def _face_map(mask: MaskInput, name: str) -> np.ndarray:
-    """White (>= 128) = face, as a --mask file."""
+    """F from an encoded mask image or a path (white = face, as a --mask file), or from an H x W array:
+    bool (True = face) or uint8 (>= 128 = face, as the same array saved as a file)."""
     from PIL import Image
 
     if isinstance(mask, np.ndarray):
-        if mask.ndim != 2:
-            raise InputError(f"{name}: a mask array is H x W, not {mask.shape}")
-        return face_map_from_image(Image.fromarray(np.asarray(mask, dtype=np.uint8)))
-    if isinstance(mask, bytes):
-        try:
-            with Image.open(io.BytesIO(mask)) as im:
-                im.load()
-                return face_map_from_image(im)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{name}: cannot read the mask image ({exc})") from None
-    return face_map_from_file(Path(mask))
+        if mask.ndim != 2 or mask.dtype not in (np.bool_, np.uint8):
+            raise InputError(f"{name}: a mask array is H x W, bool or uint8 (white = face), not {mask.shape} "
+                             f"{mask.dtype}")
+        return face_map_from_image(Image.fromarray(mask.astype(np.uint8) * 255 if mask.dtype == np.bool_ else mask))
+    if isinstance(mask, BYTES_LIKE):
+        return face_map_from_file(io.BytesIO(bytes(mask)), name)
+    if isinstance(mask, (str, os.PathLike)):
+        return face_map_from_file(Path(mask))
+    raise InputError(f"{name}: a mask is encoded image bytes, a path or an H x W array, not {type(mask).__name__}")
 
 
 class Anonymizer:
@@ -128,17 +130,17 @@ class Anonymizer:
                  device: str = "auto", steps: int = DEFAULT_STEPS):
         if sum(v is not None for v in (key_file, key, password)) != 1:
             raise UsageError("give exactly one of key_file, key or password")
-        if not 1 <= steps <= MAX_STEPS:
-            raise UsageError(f"steps must be 1 to {MAX_STEPS}, not {steps}")
+        if type(steps) is not int or not 1 <= steps <= MAX_STEPS:  # the header would refuse anything else
+            raise UsageError(f"steps is an integer from 1 to {MAX_STEPS}, not {steps!r}")
         if key_file is not None:
             self.secret = Secret.from_key(read_key_file(Path(key_file)))
         elif key is not None:
-            if not isinstance(key, bytes) or len(key) != 32:
+            if not isinstance(key, BYTES_LIKE) or len(bytes(key)) != 32:
                 raise UsageError("key is 32 raw bytes (a key file holds them; see `revanon-rt keygen`)")
-            self.secret = Secret.from_key(key)
+            self.secret = Secret.from_key(bytes(key))
         else:
-            if not password:
-                raise UsageError("the password is empty")
+            if not isinstance(password, str) or not password:
+                raise UsageError("the password is a non-empty str")
             self.secret = Secret.from_password(password)
         self.backend = open_backend(model, engine, device, parser)
         self.masker = None if masker is None else masker_for(self.backend, masker, landmarks)
@@ -159,14 +161,14 @@ class Anonymizer:
                         masks: Sequence[MaskInput] | None = None) -> list[Output | Exception]:
         """Anonymize crops together (an engine built for a batch gets full batches). Each image gets its
         Output, or the error that stopped it alone; the others carry on."""
+        images = list(images)
         names = _names(images)
         masker = self.masker
         if masks is not None:
+            masks = list(masks)
             if len(masks) != len(images):
                 raise UsageError(f"{len(images)} images and {len(masks)} masks")
-            if len(set(names)) < len(names):
-                raise UsageError("a file appears twice among images given with masks")
-            masker = _GivenMasks({})
+            masker = _GivenMasks()
         elif masker is None:
             raise UsageError("this Anonymizer has no masker: pass masks with the images")
         results: list = [None] * len(images)
@@ -174,23 +176,25 @@ class Anonymizer:
         for i, (image, name) in enumerate(zip(images, names)):
             try:
                 if masks is not None:
-                    masker.by_name[name] = _face_map(masks[i], f"{name}: its mask")
+                    masker.by_position[i] = _face_map(masks[i], f"{name}: its mask")
                 crops[i] = Crop(_load(image, name, self.image_size), _metadata_of(image, name, required=False),
-                                name, name)
+                                i if masks is not None else name, name)
             except (InputError, MetadataError) as exc:
                 results[i] = exc
         return self._fill(results, crops, lambda ready: anonymize_crops(ready, self.backend, masker, self.secret,
                                                                         Options(steps=self.steps)))
 
     def anonymize_photo(self, image: ImageInput, *, faces: str = "all", min_face: int = 0,
-                        detector: str = "hog") -> Output:
+                        detector: str = "hog", allow_no_faces: bool = False) -> Output:
         """Anonymize every face dlib finds in a photo of any size (--mode photo); pixels off the faces'
         masks stay byte-identical. The masker must be bisenet or landmarks."""
         from .faces import DlibFaces
-        from .photo import Selection, anonymize_photo
+        from .photo import PHOTO_LANDMARKS, Selection, anonymize_photo
 
         if self.masker is None:
             raise UsageError("photo mode masks faces with the bisenet or landmarks masker")
+        if getattr(self.masker, "n_landmarks", 5) != 5:
+            raise UsageError(PHOTO_LANDMARKS)
         if faces not in ("all", "largest"):
             raise UsageError(f"faces is all or largest, not {faces!r}")
         name = _names([image])[0]
@@ -198,8 +202,13 @@ class Anonymizer:
         with self._model_lock:
             if detector not in self._detectors:
                 self._detectors[detector] = DlibFaces(detector=detector)
-            return anonymize_photo(loaded, metadata, self.backend, self.masker, self.secret, Options(steps=self.steps),
-                                   name, detector=self._detectors[detector], selection=Selection(faces, min_face))
+            output = anonymize_photo(loaded, metadata, self.backend, self.masker, self.secret,
+                                     Options(steps=self.steps), name, detector=self._detectors[detector],
+                                     selection=Selection(faces, min_face))
+        if not output.header["faces"] and not allow_no_faces:  # else a caller could store the input as anonymized
+            raise InputError(f"{name}: no faces found, so nothing was anonymized (allow_no_faces=True returns "
+                             "such a photo unchanged, with its record)")
+        return output
 
     def deanonymize(self, image: ImageInput, *, metadata: str | None = None) -> Output:
         """Recover an anonymized image, crop or photo, with its stored masks and step count. `metadata` is
@@ -209,14 +218,20 @@ class Anonymizer:
     def deanonymize_batch(self, images: Sequence[ImageInput], *,
                           metadata: Sequence[str | None] | None = None) -> list[Output | Exception]:
         """Recover images together; each gets its Output or its own error."""
-        if metadata is not None and len(metadata) != len(images):
-            raise UsageError(f"{len(images)} images and {len(metadata)} metadata texts")
+        images = list(images)
+        if isinstance(metadata, (str, *BYTES_LIKE)):
+            raise UsageError("metadata= is a list of texts, one per image")
         given = list(metadata) if metadata is not None else [None] * len(images)
+        if len(given) != len(images):
+            raise UsageError(f"{len(images)} images and {len(given)} metadata texts")
         results: list = [None] * len(images)
         crops = {}
         for i, (image, name, text) in enumerate(zip(images, _names(images), given)):
             try:
-                text = text if text is not None else _metadata_of(image, name, required=True)
+                if text is None:
+                    text = _metadata_of(image, name, required=True)
+                elif not isinstance(text, str):
+                    raise MetadataError(f"{name}: metadata is the sidecar's JSON text, a str, not {type(text).__name__}")
                 crops[i] = Crop(_load(image, name, None), text, name, name)
             except (InputError, MetadataError) as exc:
                 results[i] = exc
@@ -233,29 +248,32 @@ class Anonymizer:
         return results
 
 
-def _names(images: Sequence[ImageInput]) -> list[str]:
+def _names(images: list) -> list[str]:
     """What errors call each input: its path, or `image N` for bytes and arrays."""
-    return [f"image {i}" if isinstance(image, (bytes, bytearray, np.ndarray)) else str(image)
-            for i, image in enumerate(images)]
+    return [str(image) if isinstance(image, (str, os.PathLike)) else f"image {i}" for i, image in enumerate(images)]
 
 
 def _load(image: ImageInput, name: str, crop_size: int | None) -> LoadedImage:
-    if isinstance(image, (bytes, bytearray)):
-        return decode_image(io.BytesIO(image), Path(name), crop_size)
+    if isinstance(image, BYTES_LIKE):
+        return decode_image(io.BytesIO(bytes(image)), Path(name), crop_size)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"{name}: an image array is H x W x 3 uint8, not {image.shape} {image.dtype}")
+        if image.shape[0] * image.shape[1] > MAX_IMAGE_PIXELS:
+            raise InputError(f"{name}: {image.shape[1]}x{image.shape[0]} pixels is over the limit of {MAX_IMAGE_PIXELS}")
         return LoadedImage(Path(name), np.ascontiguousarray(image), None, None)
-    return load_image(Path(image), crop_size)
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(Path(image), crop_size)
+    raise InputError(f"{name}: an image is encoded bytes, a path or an H x W x 3 uint8 array, not "
+                     f"{type(image).__name__} (a PIL image: np.asarray(image.convert('RGB')))")
 
 
 def _metadata_of(image: ImageInput, name: str, required: bool) -> str | None:
     """The revanon metadata an input carries: its PNG chunk, or a sidecar beside a file."""
-    if isinstance(image, (bytes, bytearray)):
-        text = container.png_chunk_text(io.BytesIO(image), name)
-    elif isinstance(image, np.ndarray):
-        text = None
-    else:
+    text = None
+    if isinstance(image, BYTES_LIKE):
+        text = container.png_chunk_text(io.BytesIO(bytes(image)), name)
+    elif isinstance(image, (str, os.PathLike)):
         text = container.read_metadata(Path(image))
     if text is None and required:
         raise MetadataError(f"{name}: no revanon metadata (was the PNG chunk stripped? pass the sidecar's text "

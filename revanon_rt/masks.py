@@ -55,17 +55,19 @@ def face_map_from_image(image: Image.Image) -> np.ndarray:
     return (np.asarray(gray) >= 128).astype(np.uint8)
 
 
-def face_map_from_file(path: Path) -> np.ndarray:
+def face_map_from_file(source, name=None) -> np.ndarray:
+    """F from a mask image: a path, or an open binary file that errors call `name`."""
+    name = source if name is None else name
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             return face_map_from_image(ImageOps.exif_transpose(im))  # a mask lines up with the face as displayed
     except FileNotFoundError:
-        raise InputError(f"{path}: mask file not found") from None
+        raise InputError(f"{name}: mask file not found") from None
     except Image.DecompressionBombError:
-        raise InputError(f"{path}: the mask's pixel count is over the limit (a decompression bomb?)") from None
+        raise InputError(f"{name}: the mask's pixel count is over the limit (a decompression bomb?)") from None
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read the mask image ({exc})") from None
+        raise InputError(f"{name}: cannot read the mask image ({exc})") from None
 
 
 class BiSeNetMasker:

@@ -127,6 +127,27 @@ def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_
     metadata = container.png_chunk_text(io.BytesIO(anonymized), "x")
     assert np.array_equal(anonymizer.deanonymize(pixels, metadata=metadata).image.rgb, crop)
 
+    with pytest.raises(UsageError, match="steps is an integer"):
+        Anonymizer(engine=zero_engines["zero"], key_file=keyfile, masker=None, steps=True)
+    # a mask that marks nothing would return the face untouched, labelled anonymized
+    with pytest.raises(InputError, match="its mask marks no face"):
+        anonymizer.anonymize(crop, mask=(box_mask(32) > 0).astype(np.uint8))  # 0/1, not white
+    with pytest.raises(InputError, match="bool or uint8"):
+        anonymizer.anonymize(crop, mask=box_mask(32).astype(np.float32))
+    black = save_png(tmp_path / "black.png", np.zeros((32, 32), np.uint8))
+    face = save_png(tmp_path / "face.png", crop)
+    refused = cli("run", "anonymize", face, "--out", tmp_path / "out", "--engine", zero_engines["zero"],
+                  "--mask", black, "--key", keyfile)
+    assert refused.returncode == 1 and "its mask marks no face" in refused.stderr
+    assert not (tmp_path / "out" / "face.png").exists()
+
+    # every way of giving a mask gives the same record, and a bad item fails alone
+    white = save_png(tmp_path / "white.png", box_mask(32))
+    batch = anonymizer.anonymize_batch([memoryview(png_bytes(crop)), face, crop, Image.fromarray(crop)],
+                                       masks=[box_mask(32) > 0, white, white.read_bytes(), box_mask(32)])
+    assert isinstance(batch[3], InputError) and "np.asarray(image.convert('RGB'))" in str(batch[3])
+    assert len({json.dumps(output.header["faces"][0]["mask"]) for output in batch[:3]}) == 1
+
 
 def test_photo_mode_through_the_api_recovers_as_the_cli_does(zero_engines, keyfile, tmp_path):
     from test_photo import LAYOUT, compose
@@ -144,3 +165,5 @@ def test_photo_mode_through_the_api_recovers_as_the_cli_does(zero_engines, keyfi
     assert back.returncode == 0, back.stderr
     assert np.array_equal(read_rgb(tmp_path / "rec" / "group.png"), by_api.image.rgb)
     assert np.abs(by_api.image.rgb.astype(int) - photo).mean() < np.abs(anonymized.image.rgb.astype(int) - photo).mean() / 2
+    with pytest.raises(InputError, match="no faces found, so nothing was anonymized"):
+        anonymizer.anonymize_photo(random_image(200, seed=90))
