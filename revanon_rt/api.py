@@ -10,9 +10,9 @@
 A service keeps one Anonymizer, where each `revanon-rt run` loads the model (and an engine captures its
 CUDA graphs) again. The work is the CLI's own (pipeline.py, photo.py), so the outputs of one recover with
 the other. Errors are the RevanonError subclasses that the CLI reports, with its messages (which may name a
-CLI flag): AuthError for a wrong key or an edited image, InputError for an image it cannot take, and so on. Threads may share an Anonymizer: their
-images are decoded side by side and go through the model one call at a time, since a compiled engine replays
-its CUDA graphs on fixed buffers.
+CLI flag): AuthError for a wrong key or an edited image, InputError for an image it cannot take, and so on.
+Threads may share an Anonymizer: their images are decoded side by side and go through the model one call at
+a time, since a compiled engine replays its CUDA graphs on fixed buffers.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
 from .pipeline import Crop, Options, Output, anonymize_crops, deanonymize_crops, single
 from .schedule import DEFAULT_STEPS, MAX_STEPS
 
-ImageInput = Union[bytes, str, os.PathLike, np.ndarray]
-MaskInput = Union[bytes, str, os.PathLike, np.ndarray]
+ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, np.ndarray]
+MaskInput = ImageInput
 
 
 def resolve_device(name: str) -> str:
