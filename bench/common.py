@@ -13,6 +13,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / "work"
 LFW_DEV_CROPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "dev-128.zip"
 SHARED_CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "spec" / "compvis-ldm-celebahq-256"
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo-lfw64"
 
 
 def machine() -> dict:
@@ -90,3 +91,37 @@ def dev_crop_setup(args):
     k_flip = flip_subkey(bytes(32))
     flips = np.stack([flip_pattern(k_flip, bytes([i]) * 16, (c, h, w)) for i in range(len(rgb))])
     return backend, rgb, mask, flips
+
+
+def run_cli(*args: object) -> None:
+    """The real command line, in a subprocess; a failure stops the benchmark."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "revanon_rt", *map(str, args)], check=True, capture_output=True)
+
+
+def cli_workspace(name: str, model: Path, count: int) -> tuple[Path, list[Path], Path]:
+    """For the benchmarks of the command line: the work folder WORK/name, the first `count` LFW dev crops
+    at the model's size as PNGs in its faces/ (LFW crops stay in the ignored work folder), and a key."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    from revanon_rt.keys import keygen
+    from revanon_rt.model_dir import inspect_model_dir
+
+    size = inspect_model_dir(model).image_size
+    root = WORK / name
+    (root / "faces").mkdir(parents=True, exist_ok=True)
+    paths = []
+    with zipfile.ZipFile(LFW_DEV_CROPS) as z:
+        for entry in sorted(n for n in z.namelist() if n.endswith((".png", ".jpg")))[:count]:
+            im = Image.open(io.BytesIO(z.read(entry))).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
+            paths.append(root / "faces" / (Path(entry).stem + ".png"))
+            im.save(paths[-1])
+    key = root / "k.key"
+    if not key.exists():
+        keygen(key)
+    return root, paths, key

@@ -10,56 +10,34 @@ ONNX Runtime engine (batch 1), the landmark masker and LFW dev crops, one image 
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
-import subprocess
-import sys
 import time
-import zipfile
 from pathlib import Path
 
-from common import LFW_DEV_CROPS, WORK, machine, write_results
-
-
-def cli(*args: object) -> None:
-    subprocess.run([sys.executable, "-m", "revanon_rt", *map(str, args)], check=True, capture_output=True)
+from common import DEMO_MODEL, cli_workspace, machine, run_cli, write_results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path(__file__).resolve().parents[1] / "models" / "demo-lfw64")
+    parser.add_argument("--model", type=Path, default=DEMO_MODEL)
     parser.add_argument("--requests", type=int, default=6)
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args()
 
-    from PIL import Image
-
     from revanon_rt.api import Anonymizer
-    from revanon_rt.keys import keygen
     from revanon_rt.model_dir import inspect_model_dir
 
     size = inspect_model_dir(args.model).image_size
-    root = WORK / "cpu-service"
-    faces = root / "faces"
-    faces.mkdir(parents=True, exist_ok=True)
-    paths = []
-    with zipfile.ZipFile(LFW_DEV_CROPS) as z:  # LFW crops stay in the ignored work folder
-        for name in sorted(n for n in z.namelist() if n.endswith((".png", ".jpg")))[: args.requests]:
-            im = Image.open(io.BytesIO(z.read(name))).convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
-            paths.append(faces / (Path(name).stem + ".png"))
-            im.save(paths[-1])
-    key = root / "k.key"
-    if not key.exists():
-        keygen(key)
+    root, paths, key = cli_workspace("cpu-service", args.model, args.requests)
     engine = root / "engine-b1"
     if not engine.is_dir():
-        cli("build", "--model", args.model, "--out", engine, "--batch", 1)
+        run_cli("build", "--model", args.model, "--out", engine, "--batch", 1)
 
     per_run = []
-    for i, path in enumerate(paths):
+    for path in paths:
         started = time.perf_counter()
-        cli("run", "anonymize", path, "--out", root / "anon-cli", "--engine", engine, "--masker", "landmarks",
-            "--key", key, "--steps", args.steps, "--overwrite")
+        run_cli("run", "anonymize", path, "--out", root / "anon-cli", "--engine", engine, "--masker", "landmarks",
+                "--key", key, "--steps", args.steps, "--overwrite")
         per_run.append(time.perf_counter() - started)
 
     started = time.perf_counter()

@@ -100,10 +100,11 @@ def _masker_name(masker: Optional[MaskerName], mask: Optional[Path], parser: Opt
     return masker
 
 
-def _landmarks_note() -> None:
+def _landmarks_note(landmarks: int) -> None:
     from .faces import LICENSE_68
 
-    err.print(f"[yellow]note[/yellow]: {LICENSE_68}")
+    if landmarks == 68:
+        err.print(f"[yellow]note[/yellow]: {LICENSE_68}")
 
 
 def _choose_masker(backend, masker: MaskerName, mask: Optional[Path], landmarks: int = 5):
@@ -111,8 +112,8 @@ def _choose_masker(backend, masker: MaskerName, mask: Optional[Path], landmarks:
 
     if masker == MaskerName.file:
         return FileMasker(mask)
-    if masker == MaskerName.landmarks and landmarks == 68:
-        _landmarks_note()
+    if masker == MaskerName.landmarks:
+        _landmarks_note(landmarks)
     return masker_for(backend, masker.value, landmarks)
 
 
@@ -126,8 +127,7 @@ def _recompute_maskers(backend, mask: Optional[Path], landmarks: int) -> dict:
         maskers["bisenet"] = BiSeNetMasker(backend)
     try:
         maskers["landmarks"] = masker_for(backend, "landmarks", landmarks)
-        if landmarks == 68:
-            _landmarks_note()
+        _landmarks_note(landmarks)
     except RevanonError:
         pass  # dlib not installed: only an image recorded with that masker will say so
     return maskers

@@ -158,14 +158,15 @@ def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Op
     passed = [i for i, r in enumerate(results) if isinstance(r, Crop)]
     masks: dict[int, np.ndarray] = {}
     for i, face_map in zip(passed, _face_maps(masker, [crops[i] for i in passed])):
-        mask = face_map if isinstance(face_map, Exception) else latent_mask(face_map, backend.latent_shape[1:])
-        if isinstance(mask, Exception):
-            results[i] = mask
-        elif not mask.any():  # the output would be the input, labelled anonymized
+        if isinstance(face_map, Exception):
+            results[i] = face_map
+            continue
+        mask = latent_mask(face_map, backend.latent_shape[1:])
+        if mask.any():
+            masks[i] = mask
+        else:  # the output would be the input, labelled anonymized
             results[i] = InputError(f"{crops[i].label}: its mask marks no face (no pixel of it is white), so "
                                     "nothing would be anonymized")
-        else:
-            masks[i] = mask
     ready = sorted(masks)
     if not ready:
         return results
