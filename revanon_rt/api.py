@@ -21,6 +21,7 @@ import io
 import os
 import re
 import threading
+import warnings
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -29,7 +30,7 @@ import numpy as np
 from . import container
 from .errors import InputError, MetadataError, UsageError
 from .images import MAX_IMAGE_PIXELS, LoadedImage, decode_image, load_image
-from .keys import Secret, read_key_file
+from .keys import Secret, exposure_warning, read_key_file
 from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
 from .pipeline import Crop, Options, Output, anonymize_crops, deanonymize_crops, single
 from .schedule import DEFAULT_STEPS, MAX_STEPS
@@ -116,6 +117,10 @@ def _face_map(mask: MaskInput, name: str) -> np.ndarray:
     raise InputError(f"{name}: a mask is encoded image bytes, a path or an H x W array, not {type(mask).__name__}")
 
 
+class KeyFileWarning(UserWarning):
+    """The key file can be read by other users (the CLI prints the same warning)."""
+
+
 class Anonymizer:
     """One model or engine, one key, and a masker; see the module's docstring.
 
@@ -133,6 +138,8 @@ class Anonymizer:
         if type(steps) is not int or not 1 <= steps <= MAX_STEPS:  # the header would refuse anything else
             raise UsageError(f"steps is an integer from 1 to {MAX_STEPS}, not {steps!r}")
         if key_file is not None:
+            if warning := exposure_warning(Path(key_file)):
+                warnings.warn(warning, KeyFileWarning, stacklevel=2)
             self.secret = Secret.from_key(read_key_file(Path(key_file)))
         elif key is not None:
             if not isinstance(key, BYTES_LIKE) or len(bytes(key)) != 32:

@@ -65,12 +65,11 @@ def _secret(key: Optional[Path], password_file: Optional[Path], confirm: bool):
 
     if key and password_file:
         raise UsageError("give either --key or --password-file, not both")
-    from .keys import readable_by_others
+    from .keys import exposure_warning
 
     for path in (key, password_file):
-        if path is not None and readable_by_others(path):
-            err.print(f"[yellow]warning[/yellow]: {escape(str(path))} can be read by other users; "
-                      f"chmod 600 {escape(str(path))}")
+        if path is not None and (warning := exposure_warning(path)):
+            err.print(f"[yellow]warning[/yellow]: {escape(warning)}")
     if key:
         return Secret.from_key(read_key_file(key))
     if password_file:

@@ -62,6 +62,11 @@ def readable_by_others(path: Path) -> bool:
         return False
 
 
+def exposure_warning(path: Path) -> str | None:
+    """What to tell the user of a key or password file that other users can read; None when it is private."""
+    return f"{path} can be read by other users; chmod 600 {path}" if readable_by_others(path) else None
+
+
 def keygen(path: Path) -> None:
     """Create a new key file with O_EXCL and mode 0600; never overwrite."""
     path = Path(path)

@@ -102,7 +102,7 @@ def test_the_reference_with_bisenet_gives_what_the_cli_gives(models, bisenet_pth
 
 
 def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_keyfile, tmp_path):
-    from revanon_rt.api import Anonymizer
+    from revanon_rt.api import Anonymizer, KeyFileWarning
     from revanon_rt.keys import read_key_file
 
     with pytest.raises(UsageError, match="exactly one of key_file, key or password"):
@@ -127,6 +127,10 @@ def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_
     metadata = container.png_chunk_text(io.BytesIO(anonymized), "x")
     assert np.array_equal(anonymizer.deanonymize(pixels, metadata=metadata).image.rgb, crop)
 
+    keyfile.chmod(0o644)
+    with pytest.warns(KeyFileWarning, match="can be read by other users; chmod 600"):
+        Anonymizer(engine=zero_engines["zero"], key_file=keyfile, masker=None)
+    keyfile.chmod(0o600)
     with pytest.raises(UsageError, match="steps is an integer"):
         Anonymizer(engine=zero_engines["zero"], key_file=keyfile, masker=None, steps=True)
     # a mask that marks nothing would return the face untouched, labelled anonymized
