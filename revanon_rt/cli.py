@@ -603,7 +603,7 @@ def train_autoencoder_cmd(
     except RevanonError as exc:
         _fail(exc)
     say(f"autoencoder ready after {result['steps']} steps: now train the UNet on its latents with "
-              f"revanon-rt train --data {data} --out {out} --resolution {resolution} --architecture latent")
+        f"revanon-rt train --data {data} --out {out} --resolution {resolution} --architecture latent")
 
 
 class EvalStage(str, Enum):
