@@ -12,11 +12,13 @@ CUDA graphs) again. The work is the CLI's own (pipeline.py, photo.py), so the ou
 the other. Errors are the RevanonError subclasses that the CLI reports, with its messages (which may name a
 CLI flag): AuthError for a wrong key or an edited image, InputError for an image it cannot take, and so on.
 Threads may share an Anonymizer: their images are decoded side by side and go through the model one call at
-a time, since a compiled engine replays its CUDA graphs on fixed buffers.
+a time, since a compiled engine replays its CUDA graphs on fixed buffers. `with_key` gives the same loaded
+model under another key, for a service that keeps a key per user.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import re
@@ -133,27 +135,22 @@ class Anonymizer:
                  key_file: str | os.PathLike | None = None, key: bytes | None = None, password: str | None = None,
                  masker: str | None = "bisenet", parser: str | os.PathLike | None = None, landmarks: int = 5,
                  device: str = "auto", steps: int = DEFAULT_STEPS):
-        if sum(v is not None for v in (key_file, key, password)) != 1:
-            raise UsageError("give exactly one of key_file, key or password")
         if type(steps) is not int or not 1 <= steps <= MAX_STEPS:  # the header would refuse anything else
             raise UsageError(f"steps is an integer from 1 to {MAX_STEPS}, not {steps!r}")
-        if key_file is not None:
-            if warning := exposure_warning(Path(key_file)):
-                warnings.warn(warning, KeyFileWarning, stacklevel=2)
-            self.secret = Secret.from_key(read_key_file(Path(key_file)))
-        elif key is not None:
-            if not isinstance(key, BYTES_LIKE) or len(bytes(key)) != 32:
-                raise UsageError("key is 32 raw bytes (a key file holds them; see `revanon-rt keygen`)")
-            self.secret = Secret.from_key(bytes(key))
-        else:
-            if not isinstance(password, str) or not password:
-                raise UsageError("the password is a non-empty str")
-            self.secret = Secret.from_password(password)
+        self.secret = _secret(key_file, key, password)
         self.backend = open_backend(model, engine, device, parser)
         self.masker = None if masker is None else masker_for(self.backend, masker, landmarks)
         self.steps = steps
         self._detectors: dict = {}
         self._model_lock = threading.Lock()
+
+    def with_key(self, *, key_file: str | os.PathLike | None = None, key: bytes | None = None,
+                 password: str | None = None) -> Anonymizer:
+        """This Anonymizer under another secret, sharing its loaded model, masker and lock: a service with a
+        key per user keeps one model in memory, and their calls still take turns on it."""
+        other = copy.copy(self)
+        other.secret = _secret(key_file, key, password)
+        return other
 
     @property
     def image_size(self) -> int:
@@ -253,6 +250,22 @@ class Anonymizer:
             for i, result in zip(ready, done):
                 results[i] = result
         return results
+
+
+def _secret(key_file, key, password) -> Secret:
+    if sum(v is not None for v in (key_file, key, password)) != 1:
+        raise UsageError("give exactly one of key_file, key or password")
+    if key_file is not None:
+        if warning := exposure_warning(Path(key_file)):
+            warnings.warn(warning, KeyFileWarning, stacklevel=3)
+        return Secret.from_key(read_key_file(Path(key_file)))
+    if key is not None:
+        if not isinstance(key, BYTES_LIKE) or len(bytes(key)) != 32:
+            raise UsageError("key is 32 raw bytes (a key file holds them; see `revanon-rt keygen`)")
+        return Secret.from_key(bytes(key))
+    if not isinstance(password, str) or not password:
+        raise UsageError("the password is a non-empty str")
+    return Secret.from_password(password)
 
 
 def _names(images: list) -> list[str]:

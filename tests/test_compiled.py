@@ -159,23 +159,31 @@ def test_update_kernels_ask_for_eager_numerics_and_the_reference_stays_strict_be
         apply_precision("fp32")
 
 
-def test_threads_sharing_an_anonymizer_take_turns_on_the_fused_loops_buffers(compiled_zero, keyfile):
+def test_threads_sharing_an_anonymizer_take_turns_on_the_fused_loops_buffers(compiled_zero, keyfile, other_keyfile):
     """The compiled engine's fused loop runs on fixed buffers: threads of a service that share one
-    Anonymizer must not write their faces into each other's."""
+    Anonymizer, or the same model under another user's key (with_key), must not write their faces into
+    each other's."""
     from concurrent.futures import ThreadPoolExecutor
 
     from revanon_rt.api import Anonymizer
+    from revanon_rt.errors import AuthError
 
     anonymizer = Anonymizer(engine=compiled_zero, key_file=keyfile, masker=None, steps=20)
+    other_user = anonymizer.with_key(key_file=other_keyfile)
+    assert other_user.backend is anonymizer.backend, "one model in memory for both keys"
     crops = [random_image(32, seed=80 + i) for i in range(6)]
+    users = [anonymizer, other_user] * 3
 
-    def round_trip(crop):
-        anonymized = anonymizer.anonymize(crop, mask=box_mask(32))
-        return anonymized.image.rgb, anonymizer.deanonymize(anonymized.png_bytes()).image.rgb
+    def round_trip(crop, user):
+        anonymized = user.anonymize(crop, mask=box_mask(32))
+        return anonymized, user.deanonymize(anonymized.png_bytes()).image.rgb
 
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(round_trip, crops))
+        results = list(pool.map(round_trip, crops, users))
     inside = box_mask(32) > 0
-    for crop, (anonymized, recovered) in zip(crops, results):
-        assert np.array_equal(anonymized[~inside], crop[~inside])
+    for crop, user, (anonymized, recovered) in zip(crops, users, results):
+        assert np.array_equal(anonymized.image.rgb[~inside], crop[~inside])
         assert np.array_equal(recovered, crop)
+        stranger = other_user if user is anonymizer else anonymizer
+        with pytest.raises(AuthError):
+            stranger.deanonymize(anonymized.png_bytes())
