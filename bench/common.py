@@ -101,7 +101,7 @@ def run_cli(*args: object) -> None:
     subprocess.run([sys.executable, "-m", "revanon_rt", *map(str, args)], check=True, capture_output=True)
 
 
-def cli_workspace(name: str, model: Path, count: int) -> tuple[Path, list[Path], Path]:
+def cli_workspace(name: str, size: int, count: int) -> tuple[Path, list[Path], Path]:
     """For the benchmarks of the command line: the work folder WORK/name, the first `count` LFW dev crops
     at the model's size as PNGs in its faces/ (LFW crops stay in the ignored work folder), and a key."""
     import io
@@ -110,9 +110,7 @@ def cli_workspace(name: str, model: Path, count: int) -> tuple[Path, list[Path],
     from PIL import Image
 
     from revanon_rt.keys import keygen
-    from revanon_rt.model_dir import inspect_model_dir
 
-    size = inspect_model_dir(model).image_size
     root = WORK / name
     (root / "faces").mkdir(parents=True, exist_ok=True)
     paths = []

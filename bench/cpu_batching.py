@@ -27,7 +27,7 @@ def main() -> None:
     from revanon_rt.model_dir import inspect_model_dir
 
     size = inspect_model_dir(args.model).image_size
-    root, _, key = cli_workspace("cpu-batching", args.model, args.faces)
+    root, _, key = cli_workspace("cpu-batching", size, args.faces)
     faces = root / "faces"
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):

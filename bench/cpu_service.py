@@ -28,7 +28,7 @@ def main() -> None:
     from revanon_rt.model_dir import inspect_model_dir
 
     size = inspect_model_dir(args.model).image_size
-    root, paths, key = cli_workspace("cpu-service", args.model, args.requests)
+    root, paths, key = cli_workspace("cpu-service", size, args.requests)
     engine = root / "engine-b1"
     if not engine.is_dir():
         run_cli("build", "--model", args.model, "--out", engine, "--batch", 1)

@@ -61,12 +61,10 @@ def _fail(exc: RevanonError) -> None:
 
 
 def _secret(key: Optional[Path], password_file: Optional[Path], confirm: bool):
-    from .keys import Secret, read_key_file, read_password_file
+    from .keys import Secret, exposure_warning, read_key_file, read_password_file
 
     if key and password_file:
         raise UsageError("give either --key or --password-file, not both")
-    from .keys import exposure_warning
-
     for path in (key, password_file):
         if path is not None and (warning := exposure_warning(path)):
             err.print(f"[yellow]warning[/yellow]: {escape(warning)}")
