@@ -22,9 +22,10 @@ def engine_class(backend: str, manifest_data: dict | None = None):
         native = (manifest_data or {}).get("tensorrt", {}).get("runtime") == "native"
         return NativeTensorRTEngine if native else TensorRTEngine
     if backend == "compiled":
-        from .compiled import CompiledEngine
+        from .compiled import CompiledEngine, JitCompiledEngine
 
-        return CompiledEngine
+        jit = (manifest_data or {}).get("compiled", {}).get("compiler") == "jit"
+        return JitCompiledEngine if jit else CompiledEngine
     raise UsageError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -4,14 +4,19 @@ inversion steps, the keyed flip, the denoising steps with re-injection, decode) 
 as a CUDA graph and replayed per batch of faces.
 
 This backend needs torch, and a package is tied to the torch version and device kind it was built
-with: build it on the machine that runs it. The loop's update math is sampler.ddim_update and
-sampler.reinject, compiled; `verify` compares the fused loop with the plain functions.
+with: build it on the machine that runs it. `--compiler jit` stores exported programs instead and
+compiles them with torch.compile when the engine loads (a slower start, the same Inductor settings),
+for a torch whose AOTInductor loader crashes: torch 2.11+cu130 segfaults loading any CUDA package.
+The loop's update math is sampler.ddim_update and sampler.reinject, compiled; `verify` compares the
+fused loop with the plain functions.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -80,6 +85,8 @@ class CastIO(torch.nn.Module):
 class CompiledEngine:
     kind = "compiled"
     precisions = PRECISIONS
+    compiler = "aot"
+    packager = "torch._inductor.aoti_compile_and_package"
 
     @classmethod
     def require_available(cls) -> None:
@@ -108,17 +115,40 @@ class CompiledEngine:
         path = staging_dir / f"{descriptor.name}.pt2"
         with torch.no_grad():
             program = torch.export.export(module, args, strict=False)
-            torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                                     inductor_configs=inductor_configs())
+            cls.package(program, path)
         return [path]
+
+    @staticmethod
+    def package(program, path: Path) -> None:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=inductor_configs())
+
+    def load_runner(self, path: Path):
+        from torch._inductor import aoti_load_package
+
+        return aoti_load_package(str(path), run_single_threaded=self.on_gpu)
 
     @classmethod
     def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict:
-        facts = {"torch": torch.__version__, "device": cls.reference_device(device),
-                 "packager": "torch._inductor.aoti_compile_and_package", "inductor_configs": inductor_configs()}
+        facts = {"torch": torch.__version__, "device": cls.reference_device(device), "compiler": cls.compiler,
+                 "packager": cls.packager, "inductor_configs": inductor_configs()}
         if torch.cuda.is_available():
             facts["gpu"] = torch.cuda.get_device_name()
+        cls.check_loadable(staging_dir / min(graphs.values(), key=lambda g: g["bytes"])["file"])
         return {"compiled": facts}
+
+    @classmethod
+    def check_loadable(cls, package: Path) -> None:
+        """Some torch builds crash loading their own packages; in a child process that shows as a signal
+        and a hint, where in this one it would end the build without a word."""
+        load = "import sys, torch._inductor as i; i.aoti_load_package(sys.argv[1])"
+        result = subprocess.run([sys.executable, "-c", load, str(package)], capture_output=True, text=True)
+        if result.returncode < 0:
+            raise UsageError(f"torch {torch.__version__} crashed (signal {-result.returncode}) loading the "
+                             "AOTInductor package it had just built; give --compiler jit, which stores exported "
+                             "programs and compiles them when the engine loads")
+        if result.returncode != 0:
+            raise UsageError(f"torch {torch.__version__} could not load the AOTInductor package it had just "
+                             f"built:\n{result.stderr.strip()[-2000:]}")
 
     def __init__(self, manifest: EngineManifest, device: str = "auto"):
         facts = manifest.data.get("compiled", {})
@@ -139,10 +169,7 @@ class CompiledEngine:
         apply_precision(self.precision)
         self.device = torch.device(built_on)
         self.on_gpu = built_on == "cuda"
-        from torch._inductor import aoti_load_package
-
-        self.runners = {name: aoti_load_package(str(manifest.graph_path(name)), run_single_threaded=self.on_gpu)
-                        for name in manifest.graphs}
+        self.runners = {name: self.load_runner(manifest.graph_path(name)) for name in manifest.graphs}
         self._loops: dict = {}
 
     def call(self, graph: str, *tensors):
@@ -160,6 +187,25 @@ class CompiledEngine:
         if key not in self._loops:
             self._loops[key] = FusedLoop(self, schedule)
         return self._loops[key].run(x, mask, pattern)
+
+
+class JitCompiledEngine(CompiledEngine):
+    """Exported programs, compiled by torch.compile in each process that loads the engine."""
+
+    compiler = "jit"
+    packager = "torch.export.save"
+
+    @staticmethod
+    def package(program, path: Path) -> None:
+        torch.export.save(program, str(path))
+
+    @classmethod
+    def check_loadable(cls, package: Path) -> None:
+        """Loading is compiling: the build's parity run does it."""
+
+    def load_runner(self, path: Path):
+        module = torch.export.load(str(path)).module()
+        return torch.compile(module, fullgraph=True, dynamic=False, options=inductor_configs())
 
 
 class FusedLoop:

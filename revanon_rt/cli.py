@@ -433,6 +433,11 @@ class EngineBackendName(str, Enum):
     compiled = "compiled"
 
 
+class Compiler(str, Enum):
+    aot = "aot"
+    jit = "jit"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     tf32 = "tf32"
@@ -451,6 +456,10 @@ def build_cmd(
                                "compiled engine will run."),
     precision: Precision = typer.Option(Precision.fp32, "--precision",
                                         help="compiled only: fp32 (strict, default), or the fast tf32, fp16, bf16."),
+    compiler: Compiler = typer.Option(Compiler.aot, "--compiler",
+                                      help="compiled only: aot stores AOTInductor packages; jit stores exported "
+                                           "programs and compiles them whenever the engine loads, for a torch "
+                                           "whose AOTInductor loader crashes."),
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Export the UNet, the autoencoder and BiSeNet to engines, and record their parity with PyTorch."""
@@ -458,7 +467,9 @@ def build_cmd(
         from .engines import engine_class
         from .export.build import build_engine
 
-        path = build_engine(engine_class(backend.value), model, out, parser=parser, batch=batch,
+        if compiler is Compiler.jit and backend is not EngineBackendName.compiled:
+            raise UsageError("--compiler jit is for --backend compiled")
+        path = build_engine(engine_class(backend.value, {"compiled": {"compiler": compiler.value}}), model, out, parser=parser, batch=batch,
                             overwrite=overwrite, device=device, precision=precision.value, log=say)
     except ImportError as exc:
         _fail(UsageError(f"build needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))

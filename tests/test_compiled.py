@@ -41,10 +41,14 @@ def test_compiled_engine_round_trip_is_bit_exact(compiled_zero, keyfile, tmp_pat
 
 def test_verify_proves_the_fused_loop_equal_to_the_plain_functions(models, tmp_path):
     """A random-weight model, so that ε depends on the latent and the timestep: a compiled UNet fed the
-    wrong t, or a fused loop that skips a step, shows up in the ε rows and the final latent."""
+    wrong t, or a fused loop that skips a step, shows up in the ε rows and the final latent. Built with
+    --compiler jit, the engine the GPU machine's torch runs (it crashes loading AOTInductor packages)."""
     engine = tmp_path / "pixel"
-    built = cli("build", "--backend", "compiled", "--model", models["pixel"], "--out", engine, "--device", "cpu")
+    built = cli("build", "--backend", "compiled", "--model", models["pixel"], "--out", engine, "--device", "cpu",
+                "--compiler", "jit")
     assert built.returncode == 0, built.stderr
+    facts = json.loads((engine / "engine.json").read_text())["compiled"]
+    assert facts["compiler"] == "jit" and facts["packager"] == "torch.export.save"
     result = cli("verify", "--engine", engine, "--model", models["pixel"], "--steps", "10", "--replays", "3",
                  "--json", tmp_path / "v.json")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -90,9 +94,24 @@ def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, t
     assert "revanon-rt build" in result.stderr
 
 
-def test_onnxruntime_refuses_fast_precisions(models, tmp_path):
+def test_onnxruntime_refuses_fast_precisions_and_a_compiler(models, tmp_path):
     result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--precision", "fp16")
     assert result.returncode == 2 and "builds fp32, not fp16" in result.stderr
+    result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--compiler", "jit")
+    assert result.returncode == 2 and "--compiler jit is for --backend compiled" in result.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_package_this_torch_cannot_load_fails_the_build_with_its_reason(tmp_path):
+    """The build loads one package in a child process first, so that a loader crash (torch 2.11+cu130's,
+    on CUDA) ends in a message naming --compiler jit rather than a silent segfault of the build."""
+    from revanon_rt.engines.compiled import CompiledEngine
+    from revanon_rt.errors import UsageError
+
+    package = tmp_path / "unet.pt2"
+    package.write_bytes(b"not a zip archive")
+    with pytest.raises(UsageError, match="could not load the AOTInductor package"):
+        CompiledEngine.check_loadable(package)
 
 
 def test_the_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
