@@ -14,9 +14,12 @@ the FLOP floor and a profile of one UNet call, and for batch-1 engines (or all, 
 a verify run (run-to-run over 20 replays, against eager, cross-backend recovery).
 
 A real-size engine takes minutes to build and a 10-minute command holds about one configuration, so
---work keeps what later commands reuse while the machine stays warm: the models, the measured peaks,
-FLOPs and eager latency (facts.json) and the built engines. Results: gpu-results.jsonl and
-gpu-results.md in --out.
+--work keeps what later commands reuse while the machine stays warm: the models, the measured peaks
+and FLOPs (facts.json) and the built engines. Results: gpu-results.jsonl and gpu-results.md in --out;
+--merge makes one table of several commands' results, eager rows included.
+
+torch 2.11+cu130 on the H100 machine segfaults loading any AOTInductor CUDA package; --compiler jit
+builds engines that compile with torch.compile when they load, and runs there.
 """
 
 from __future__ import annotations
@@ -194,8 +197,8 @@ def flop_stage(model, parser, device, steps) -> dict:
     return {"gflop_per_call": gflop, "gflop_per_anonymization": per_anonymization(gflop, steps)}
 
 
-def compiled_stage(name, precision, batch, model, parser, device, work, steps, rec, eager_latency, peak_tflops,
-                   gflop_per_face):
+def compiled_stage(name, precision, batch, model, parser, device, work, steps, rec, peak_tflops, gflop_per_face,
+                   compiler):
     import torch
 
     from revanon_rt.engines import engine_class, open_engine
@@ -204,7 +207,7 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
     from revanon_rt.keys import flip_pattern
     from revanon_rt.pixels import to_model
 
-    engine_dir = work / f"engine-{name}"
+    engine_dir = work / f"engine-{name}-{compiler}"
     backend, build_s = None, None
     if (engine_dir / "engine.json").exists():  # built by an earlier command on this warm machine
         try:
@@ -213,7 +216,7 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
             print(f"rebuilding {engine_dir}: {exc}", flush=True)
     if backend is None:
         start = time.perf_counter()
-        build_engine(engine_class("compiled"), model, engine_dir, parser=parser, batch=batch, overwrite=True,
+        build_engine(engine_class("compiled", {"compiled": {"compiler": compiler}}), model, engine_dir, parser=parser, batch=batch, overwrite=True,
                      device=device, precision=precision, log=lambda m: print(m, flush=True))
         build_s = time.perf_counter() - start
         backend = open_engine(engine_dir, device=device)
@@ -238,13 +241,11 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
         torch.cuda.reset_peak_memory_stats()
     seconds = sync_time(one_batch, 5, warmup=2)
     floor = gflop_per_face * 1e9 / (peak_tflops * 1e12)
-    result = {"config": name, "precision": precision, "batch": batch, "build_seconds": build_s,
+    result = {"config": name, "precision": precision, "batch": batch, "compiler": compiler, "build_seconds": build_s,
               "engine_reused": build_s is None,
               "seconds_per_batch": seconds, "seconds_per_face": seconds / batch, "faces_per_second": batch / seconds,
               "flop_floor_seconds_per_face": floor, "fraction_of_fp32_floor": floor / (seconds / batch),
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
-    if eager_latency and batch == 1:
-        result["speedup_over_eager"] = eager_latency / seconds
     rec("compiled", **result)
     return backend
 
@@ -264,7 +265,6 @@ def verify_stage(name, precision, backend, model, parser, device, steps, replays
 
 def profile_stage(name, backend, device, rec) -> None:
     """Where the time of one UNet call goes, by kernel."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     c, h, w = backend.latent_shape
@@ -291,16 +291,20 @@ def markdown(records: list[dict]) -> str:
             lines += ["", "FLOPs per call (GFLOP, FlopCounterMode): " + ", ".join(
                 f"{k} {v:.1f}" for k, v in r["gflop_per_call"].items())
                 + f"; one anonymization {r['gflop_per_anonymization']:.0f} GFLOP, the floor's numerator."]
-    lines += ["", "| configuration | s/batch | s/face | faces/s | % of fp32 floor | speed-up vs eager | peak GiB |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| configuration | s/batch | s/face | faces/s | % of fp32 floor | per-face speed-up vs eager | "
+                  "peak GiB |", "|---|---:|---:|---:|---:|---:|---:|"]
+    # eager per face at each batch it ran; a compiled row compares with the largest eager batch not above its own
+    eager = {r["batch"]: r["seconds_per_face"] for r in records if r["stage"] == "eager"}
     for r in records:
         if r["stage"] == "eager":
             lines.append(f"| diffusers eager fp32, batch {r['batch']} | {r['seconds_per_call']:.3f} | "
                          f"{r['seconds_per_face']:.3f} | {r['faces_per_second']:.2f} | | 1.00× | |")
         if r["stage"] == "compiled":
-            speed = f"{r['speedup_over_eager']:.2f}×" if "speedup_over_eager" in r else ""
+            below = [b for b in eager if b <= r["batch"]]
+            speed = f"{eager[max(below)] / r['seconds_per_face']:.2f}× (eager b{max(below)})" if below else ""
             mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else ""
-            lines.append(f"| compiled {r['precision']}, batch {r['batch']} | {r['seconds_per_batch']:.3f} | "
+            jit = " jit" if r.get("compiler") == "jit" else ""
+            lines.append(f"| compiled {r['precision']}{jit}, batch {r['batch']} | {r['seconds_per_batch']:.3f} | "
                          f"{r['seconds_per_face']:.3f} | {r['faces_per_second']:.2f} | "
                          f"{100 * r['fraction_of_fp32_floor']:.0f}% | {speed} | {mem} |")
     for r in records:
@@ -317,7 +321,7 @@ def markdown(records: list[dict]) -> str:
 
 
 class Facts:
-    """What later commands on a warm machine reuse: peaks, FLOPs, eager latency."""
+    """What later commands on a warm machine reuse: peaks and FLOPs."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -369,6 +373,8 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--verify-all", action="store_true", help="verify every configuration, not only batch 1")
     parser.add_argument("--no-verify", action="store_true")
+    parser.add_argument("--compiler", choices=("aot", "jit"), default="aot",
+                        help="jit where this torch crashes loading AOTInductor packages (torch 2.11+cu130 does)")
     parser.add_argument("--merge", type=Path, nargs="+", help="gpu-results.jsonl files of several commands: "
                         "write one table of them to --out, and run nothing")
     args = parser.parse_args()
@@ -403,7 +409,7 @@ def main() -> None:
     peak = stage("peaks", lambda: facts.get("peaks", lambda: peaks(args.device)))
     if peak:
         rec("peaks", **peak)
-    flops_key, eager_key = f"flops_{args.steps}_steps", f"eager_b1_seconds_{args.steps}_steps"
+    flops_key = f"flops_{args.steps}_steps"
     if wanted("flops"):
         facts.data.pop(flops_key, None)
     gflop = stage("flops", lambda: facts.get(flops_key, lambda: flop_stage(model, bisenet, args.device, args.steps)))
@@ -414,9 +420,6 @@ def main() -> None:
             result = stage("eager", lambda: diffusers_eager(model, bisenet, args.device, batch, args.steps))
             if result:
                 rec("eager", **result)
-                if batch == 1:
-                    facts.data[eager_key] = result["seconds_per_call"]
-                    facts.path.write_text(json.dumps(facts.data, indent=1))
             free_device_memory()
     for name, precision, batch, _why in CONFIGS:
         if not wanted(name):
@@ -426,7 +429,7 @@ def main() -> None:
             continue
         backend = stage(name, lambda: compiled_stage(
             name, precision, batch, model, bisenet, args.device, args.work, args.steps, rec,
-            facts.data.get(eager_key), peak["fp32_peak_tflops"], gflop["gflop_per_anonymization"]))
+            peak["fp32_peak_tflops"], gflop["gflop_per_anonymization"], args.compiler))
         if backend is None:
             continue
         if precision == "fp32":
