@@ -25,6 +25,7 @@ builds engines that compile with torch.compile when they load, and runs there.
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import os
@@ -198,7 +199,7 @@ def flop_stage(model, parser, device, steps) -> dict:
 
 
 def compiled_stage(name, precision, batch, model, parser, device, work, steps, rec, peak_tflops, gflop_per_face,
-                   compiler):
+                   compiler, inductor_overrides):
     import torch
 
     from revanon_rt.engines import engine_class, open_engine
@@ -241,7 +242,8 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
         torch.cuda.reset_peak_memory_stats()
     seconds = sync_time(one_batch, 5, warmup=2)
     floor = gflop_per_face * 1e9 / (peak_tflops * 1e12)
-    result = {"config": name, "precision": precision, "batch": batch, "compiler": compiler, "build_seconds": build_s,
+    result = {"config": name, "precision": precision, "batch": batch, "compiler": compiler,
+              "inductor_overrides": inductor_overrides, "build_seconds": build_s,
               "engine_reused": build_s is None,
               "seconds_per_batch": seconds, "seconds_per_face": seconds / batch, "faces_per_second": batch / seconds,
               "flop_floor_seconds_per_face": floor, "fraction_of_fp32_floor": floor / (seconds / batch),
@@ -304,6 +306,7 @@ def markdown(records: list[dict]) -> str:
             speed = f"{eager[max(below)] / r['seconds_per_face']:.2f}× (eager b{max(below)})" if below else ""
             mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else ""
             jit = " jit" if r.get("compiler") == "jit" else ""
+            jit += "".join(f" [{k}={v}]" for k, v in r.get("inductor_overrides", {}).items())
             lines.append(f"| compiled {r['precision']}{jit}, batch {r['batch']} | {r['seconds_per_batch']:.3f} | "
                          f"{r['seconds_per_face']:.3f} | {r['faces_per_second']:.2f} | "
                          f"{100 * r['fraction_of_fp32_floor']:.0f}% | {speed} | {mem} |")
@@ -375,12 +378,23 @@ def main() -> None:
     parser.add_argument("--no-verify", action="store_true")
     parser.add_argument("--compiler", choices=("aot", "jit"), default="aot",
                         help="jit where this torch crashes loading AOTInductor packages (torch 2.11+cu130 does)")
+    parser.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="an Inductor setting for what this run compiles (jit engines, and the aot engines it "
+                             "builds), e.g. force_layout_optimization=True: an experiment, labelled in the table")
     parser.add_argument("--merge", type=Path, nargs="+", help="gpu-results.jsonl files of several commands: "
                         "write one table of them to --out, and run nothing")
     args = parser.parse_args()
     if args.merge:
         return merge(args.merge, args.out)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    overrides = {}
+    for setting in args.inductor_config:
+        key, _, value = setting.partition("=")
+        overrides[key] = ast.literal_eval(value)
+    if overrides:
+        import torch._inductor.config
+
+        torch._inductor.config.patch(overrides).__enter__()  # for the whole run: never exited
     only = set(filter(None, args.only.split(",")))
     unknown = only - {"peaks", "flops", "eager"} - {c[0] for c in CONFIGS}
     if unknown:
@@ -429,7 +443,7 @@ def main() -> None:
             continue
         backend = stage(name, lambda: compiled_stage(
             name, precision, batch, model, bisenet, args.device, args.work, args.steps, rec,
-            peak["fp32_peak_tflops"], gflop["gflop_per_anonymization"], args.compiler))
+            peak["fp32_peak_tflops"], gflop["gflop_per_anonymization"], args.compiler, overrides))
         if backend is None:
             continue
         if precision == "fp32":

@@ -143,11 +143,13 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
     # peaks and the FLOP count from --work instead of paying for them again
     again = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--out", str(tmp_path / "out2"),
                             "--work", str(tmp_path / "work"), "--tiny", "--device", "cpu", "--only", "fp32-b1",
-                            "--steps", "2", "--no-verify"], capture_output=True, text=True, timeout=900)
+                            "--steps", "2", "--no-verify", "--inductor-config", "force_layout_optimization=True"],
+                           capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "out2" / "gpu-results.jsonl").read_text().splitlines()]
     compiled = next(r for r in records if r["stage"] == "compiled")
     assert compiled["engine_reused"] and compiled["build_seconds"] is None
+    assert compiled["inductor_overrides"] == {"force_layout_optimization": True}
     assert [r["stage"] for r in records].count("verify") == 0 and "error" not in [r["stage"] for r in records]
     assert next(r for r in records if r["stage"] == "flops")["gflop_per_call"] == flops["gflop_per_call"]
     merged = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--out", str(tmp_path / "merged"),
@@ -155,7 +157,8 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
                              str(tmp_path / "out2" / "gpu-results.jsonl")], capture_output=True, text=True)
     assert merged.returncode == 0, merged.stderr
     table = (tmp_path / "merged" / "gpu-results.md").read_text()
-    assert table.count("| compiled fp32, batch 1 |") == 2 and table.count("Measured peaks") == 1
+    assert table.count("| compiled fp32, batch 1 |") == 1 and table.count("Measured peaks") == 1
+    assert "| compiled fp32 [force_layout_optimization=True], batch 1 |" in table
 
 
 def test_update_kernels_ask_for_eager_numerics_and_the_reference_stays_strict_beside_tf32():
