@@ -217,8 +217,9 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
             print(f"rebuilding {engine_dir}: {exc}", flush=True)
     if backend is None:
         start = time.perf_counter()
-        build_engine(engine_class("compiled", {"compiled": {"compiler": compiler}}), model, engine_dir, parser=parser, batch=batch, overwrite=True,
-                     device=device, precision=precision, log=lambda m: print(m, flush=True))
+        build_engine(engine_class("compiled", {"compiled": {"compiler": compiler}}), model, engine_dir, parser=parser,
+                     batch=batch, overwrite=True, device=device, precision=precision,
+                     log=lambda m: print(m, flush=True))
         build_s = time.perf_counter() - start
         backend = open_engine(engine_dir, device=device)
     schedule = backend.schedule(steps)
@@ -305,9 +306,9 @@ def markdown(records: list[dict]) -> str:
             below = [b for b in eager if b <= r["batch"]]
             speed = f"{eager[max(below)] / r['seconds_per_face']:.2f}× (eager b{max(below)})" if below else ""
             mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else ""
-            jit = " jit" if r.get("compiler") == "jit" else ""
-            jit += "".join(f" [{k}={v}]" for k, v in r.get("inductor_overrides", {}).items())
-            lines.append(f"| compiled {r['precision']}{jit}, batch {r['batch']} | {r['seconds_per_batch']:.3f} | "
+            variant = " jit" if r.get("compiler") == "jit" else ""
+            variant += "".join(f" [{k}={v}]" for k, v in r.get("inductor_overrides", {}).items())
+            lines.append(f"| compiled {r['precision']}{variant}, batch {r['batch']} | {r['seconds_per_batch']:.3f} | "
                          f"{r['seconds_per_face']:.3f} | {r['faces_per_second']:.2f} | "
                          f"{100 * r['fraction_of_fp32_floor']:.0f}% | {speed} | {mem} |")
     for r in records:

@@ -59,6 +59,18 @@ def test_verify_proves_the_fused_loop_equal_to_the_plain_functions(models, tmp_p
     for row in ("eps first step", "eps middle step", "eps last step", "final latent"):
         assert report["stages"][row]["rel_l2"] < 1e-5, row
 
+    # from another torch, the hint rebuilds it as jit again
+    from revanon_rt.engines import open_engine
+    from revanon_rt.engines.manifest import manifest_digest
+    from revanon_rt.errors import UsageError
+
+    manifest = json.loads((engine / "engine.json").read_text())
+    manifest["compiled"]["torch"] = "1.0.0"
+    manifest["digest"] = manifest_digest(manifest)
+    (engine / "engine.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match="tied to their torch version.* --backend compiled --compiler jit"):
+        open_engine(engine)
+
 
 def test_a_fast_precision_builds_runs_and_verify_reports_its_cost(models, tmp_path):
     """bf16 on the CPU: the opt-in fast mode builds and runs, and verify prints what it costs against the
