@@ -29,7 +29,7 @@ try:
 except ImportError:
     raise UsageError("the compiled backend needs torch: pip install 'revanon-rt[torch]'") from None
 
-from ..reference import set_tf32, use_strict_fp32
+from ..reference import set_tf32, tf32_mode, use_strict_fp32
 from ..sampler import ddim_coefficients, ddim_update, keyed_flip, reinject
 from .manifest import EngineManifest, rebuild_hint
 
@@ -173,7 +173,10 @@ class CompiledEngine:
         self._loops: dict = {}
 
     def call(self, graph: str, *tensors):
-        return _call(self.runners, graph, *tensors)
+        # TF32 is one switch for the whole process, and a reference built beside this engine turns it off.
+        # The parser is fp32 in every precision: the mask it draws is stored.
+        with tf32_mode(self.precision == "tf32" and graph != "parser"):
+            return _call(self.runners, graph, *tensors)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
         names = [spec["name"] for spec in self.manifest.graphs[graph]["inputs"]]
@@ -186,7 +189,8 @@ class CompiledEngine:
         key = schedule.timesteps
         if key not in self._loops:
             self._loops[key] = FusedLoop(self, schedule)
-        return self._loops[key].run(x, mask, pattern)
+        with tf32_mode(self.precision == "tf32"):  # kernels are chosen at capture, and replayed as captured
+            return self._loops[key].run(x, mask, pattern)
 
 
 class JitCompiledEngine(CompiledEngine):

@@ -39,13 +39,18 @@ def use_strict_fp32() -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-@contextmanager
 def tf32_off():
     """TF32 off for the reference's own calls. A tf32 compiled engine in the same process turns it on
     globally, and the reference must stay strict fp32 beside it."""
+    return tf32_mode(False)
+
+
+@contextmanager
+def tf32_mode(allowed: bool):
+    """TF32 as one caller needs it, whatever the process-wide switch says, restored afterwards."""
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.get_float32_matmul_precision())
-    set_tf32(False)
+    set_tf32(allowed)
     try:
         yield
     finally:
