@@ -469,8 +469,9 @@ def build_cmd(
 
         if compiler is Compiler.jit and backend is not EngineBackendName.compiled:
             raise UsageError("--compiler jit is for --backend compiled")
-        path = build_engine(engine_class(backend.value, {"compiled": {"compiler": compiler.value}}), model, out, parser=parser, batch=batch,
-                            overwrite=overwrite, device=device, precision=precision.value, log=say)
+        chosen = engine_class(backend.value, {"compiled": {"compiler": compiler.value}})
+        path = build_engine(chosen, model, out, parser=parser, batch=batch, overwrite=overwrite, device=device,
+                            precision=precision.value, log=say)
     except ImportError as exc:
         _fail(UsageError(f"build needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
     except RevanonError as exc:
