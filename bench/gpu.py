@@ -19,7 +19,8 @@ and FLOPs (facts.json) and the built engines. Results: gpu-results.jsonl and gpu
 --merge makes one table of several commands' results, eager rows included.
 
 torch 2.11+cu130 on the H100 machine segfaults loading any AOTInductor CUDA package; --compiler jit
-builds engines that compile with torch.compile when they load, and runs there.
+builds engines that compile with torch.compile when they load, and runs there. --compiler eager builds
+engines that run PyTorch's own kernels in the same CUDA graphs: what exactness against eager costs.
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ def markdown(records: list[dict]) -> str:
             below = [b for b in eager if b <= r["batch"]]
             speed = f"{eager[max(below)] / r['seconds_per_face']:.2f}× (eager b{max(below)})" if below else ""
             mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else ""
-            variant = " jit" if r.get("compiler") == "jit" else ""
+            variant = f" {r['compiler']}" if r.get("compiler", "aot") != "aot" else ""
             variant += "".join(f" [{k}={v}]" for k, v in r.get("inductor_overrides", {}).items())
             lines.append(f"| compiled {r['precision']}{variant}, batch {r['batch']} | {r['seconds_per_batch']:.3f} | "
                          f"{r['seconds_per_face']:.3f} | {r['faces_per_second']:.2f} | "
@@ -377,8 +378,9 @@ def main() -> None:
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--verify-all", action="store_true", help="verify every configuration, not only batch 1")
     parser.add_argument("--no-verify", action="store_true")
-    parser.add_argument("--compiler", choices=("aot", "jit"), default="aot",
-                        help="jit where this torch crashes loading AOTInductor packages (torch 2.11+cu130 does)")
+    parser.add_argument("--compiler", choices=("aot", "jit", "eager"), default="aot",
+                        help="jit where this torch crashes loading AOTInductor packages (torch 2.11+cu130 does); "
+                             "eager for PyTorch's own kernels in the CUDA graphs, bit for bit eager's numbers")
     parser.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
                         help="an Inductor setting for what this run compiles (jit engines, and the aot engines it "
                              "builds), e.g. force_layout_optimization=True: an experiment, labelled in the table")

@@ -22,10 +22,10 @@ def engine_class(backend: str, manifest_data: dict | None = None):
         native = (manifest_data or {}).get("tensorrt", {}).get("runtime") == "native"
         return NativeTensorRTEngine if native else TensorRTEngine
     if backend == "compiled":
-        from .compiled import CompiledEngine, JitCompiledEngine
+        from .compiled import CompiledEngine, EagerKernelEngine, JitCompiledEngine
 
-        jit = (manifest_data or {}).get("compiled", {}).get("compiler") == "jit"
-        return JitCompiledEngine if jit else CompiledEngine
+        compiler = (manifest_data or {}).get("compiled", {}).get("compiler", "aot")
+        return {"jit": JitCompiledEngine, "eager": EagerKernelEngine}.get(compiler, CompiledEngine)
     raise UsageError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

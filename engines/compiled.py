@@ -7,6 +7,8 @@ This backend needs torch, and a package is tied to the torch version and device 
 with: build it on the machine that runs it. `--compiler jit` stores exported programs instead and
 compiles them with torch.compile when the engine loads (a slower start, the same Inductor settings),
 for a torch whose AOTInductor loader crashes: torch 2.11+cu130 segfaults loading any CUDA package.
+`--compiler eager` runs the exported programs on PyTorch's own kernels inside the same fused loop and
+CUDA graph: the numbers of eager PyTorch, without its launch overhead.
 The loop's update math is sampler.ddim_update and sampler.reinject, compiled; `verify` compares the
 fused loop with the plain functions.
 """
@@ -119,6 +121,11 @@ class CompiledEngine:
         return [path]
 
     @staticmethod
+    def model_inductor_configs() -> dict:
+        """The Inductor settings the model graphs are compiled with (the update kernels have their own)."""
+        return inductor_configs()
+
+    @staticmethod
     def package(program, path: Path) -> None:
         torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=inductor_configs())
 
@@ -130,7 +137,7 @@ class CompiledEngine:
     @classmethod
     def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict:
         facts = {"torch": torch.__version__, "device": cls.reference_device(device), "compiler": cls.compiler,
-                 "packager": cls.packager, "inductor_configs": inductor_configs()}
+                 "packager": cls.packager, "inductor_configs": cls.model_inductor_configs()}
         if torch.cuda.is_available():
             facts["gpu"] = torch.cuda.get_device_name()
         if facts["device"] == "cuda":  # where a loader crash was seen; on a CPU the check costs a torch start
@@ -211,6 +218,22 @@ class JitCompiledEngine(CompiledEngine):
     def load_runner(self, path: Path):
         module = torch.export.load(str(path)).module()
         return torch.compile(module, fullgraph=True, dynamic=False, options=inductor_configs())
+
+
+class EagerKernelEngine(JitCompiledEngine):
+    """Exported programs run uncompiled, on the kernels eager PyTorch dispatches to (cuDNN convolutions,
+    ATen's group norm, its attention), inside the same fused loop and CUDA graph. Inductor's fused kernels
+    round differently, and over 100 chained UNet calls of a random-weight model that grew to 8e-5 of the
+    final latent on an H100; these kernels give eager PyTorch's numbers, for users who need them exactly."""
+
+    compiler = "eager"
+
+    @staticmethod
+    def model_inductor_configs() -> dict:
+        return {}
+
+    def load_runner(self, path: Path):
+        return torch.export.load(str(path)).module()
 
 
 class FusedLoop:

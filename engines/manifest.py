@@ -44,8 +44,9 @@ def rebuild_hint(engine_dir: Path, manifest: dict | None = None) -> str:
         words += ["--batch", str(manifest["batch"])]
     if manifest.get("precision", "fp32") != "fp32":
         words += ["--precision", manifest["precision"]]
-    if manifest.get("compiled", {}).get("compiler") == "jit":
-        words += ["--compiler", "jit"]
+    compiler = manifest.get("compiled", {}).get("compiler", "aot")
+    if compiler != "aot":
+        words += ["--compiler", compiler]
     device = manifest.get("parity", {}).get("device")
     if device and device != "cpu":
         words += ["--device", device]

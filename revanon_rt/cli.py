@@ -436,6 +436,7 @@ class EngineBackendName(str, Enum):
 class Compiler(str, Enum):
     aot = "aot"
     jit = "jit"
+    eager = "eager"
 
 
 class Precision(str, Enum):
@@ -459,7 +460,9 @@ def build_cmd(
     compiler: Compiler = typer.Option(Compiler.aot, "--compiler",
                                       help="compiled only: aot stores AOTInductor packages; jit stores exported "
                                            "programs and compiles them whenever the engine loads, for a torch "
-                                           "whose AOTInductor loader crashes."),
+                                           "whose AOTInductor loader crashes; eager runs the exported programs "
+                                           "on PyTorch's own kernels (eager PyTorch's numbers, bit for bit, "
+                                           "in the same fused loop and CUDA graph; slower than Inductor)."),
     overwrite: bool = OVERWRITE,
 ) -> None:
     """Export the UNet, the autoencoder and BiSeNet to engines, and record their parity with PyTorch."""
@@ -467,8 +470,8 @@ def build_cmd(
         from .engines import engine_class
         from .export.build import build_engine
 
-        if compiler is Compiler.jit and backend is not EngineBackendName.compiled:
-            raise UsageError("--compiler jit is for --backend compiled")
+        if compiler is not Compiler.aot and backend is not EngineBackendName.compiled:
+            raise UsageError(f"--compiler {compiler.value} is for --backend compiled")
         chosen = engine_class(backend.value, {"compiled": {"compiler": compiler.value}})
         path = build_engine(chosen, model, out, parser=parser, batch=batch, overwrite=overwrite, device=device,
                             precision=precision.value, log=say)

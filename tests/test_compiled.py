@@ -72,6 +72,36 @@ def test_verify_proves_the_fused_loop_equal_to_the_plain_functions(models, tmp_p
         open_engine(engine)
 
 
+def test_eager_kernel_engine_gives_pytorchs_numbers_bit_for_bit(models, bisenet_pth, tmp_path):
+    """--compiler eager: the exported programs on PyTorch's own kernels inside the fused loop, for users who
+    need the reference's numbers exactly. Every stage, the final latent after the whole loop included, must
+    equal the eager reference with zero difference, which Inductor's fused kernels do not give."""
+    engine = tmp_path / "eager"
+    built = cli("build", "--backend", "compiled", "--compiler", "eager", "--model", models["ldm"],
+                "--parser", bisenet_pth, "--out", engine, "--device", "cpu")
+    assert built.returncode == 0, built.stderr
+    manifest = json.loads((engine / "engine.json").read_text())
+    assert manifest["compiled"]["compiler"] == "eager" and manifest["compiled"]["inductor_configs"] == {}
+    assert all(p == {"max_abs": 0.0, "rel_l2": 0.0} for name, p in manifest["parity"].items()
+               if name not in ("parser", "device")), manifest["parity"]
+    result = cli("verify", "--engine", engine, "--model", models["ldm"], "--parser", bisenet_pth, "--steps", "6",
+                 "--replays", "2", "--json", tmp_path / "v.json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    stages = json.loads((tmp_path / "v.json").read_text())["stages"]
+    for row in ("encode", "eps first step", "eps middle step", "eps last step", "final latent", "decoded image",
+                "fused loop vs plain functions"):
+        assert stages[row]["max_abs"] == 0.0, (row, stages[row])
+    assert stages["anonymized 8-bit"] == {"identical_fraction": 1.0, "max_level_difference": 0}
+    assert stages["parse mask"]["differing_cells"] == 0
+    assert len({round(stages[f"recovery {r}"]["psnr_db"], 9) for r in
+                ("pytorch -> pytorch", "engine -> engine", "engine -> pytorch", "pytorch -> engine")}) == 1
+
+    from revanon_rt.engines.manifest import rebuild_hint
+
+    hint = rebuild_hint(engine, manifest)
+    assert "--backend compiled" in hint and "--compiler eager" in hint
+
+
 def test_a_fast_precision_builds_runs_and_verify_reports_its_cost(models, tmp_path):
     """bf16 on the CPU: the opt-in fast mode builds and runs, and verify prints what it costs against the
     strict reference (recovery across backends included) instead of passing it off as exact."""
@@ -109,8 +139,9 @@ def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, t
 def test_onnxruntime_refuses_fast_precisions_and_a_compiler(models, tmp_path):
     result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--precision", "fp16")
     assert result.returncode == 2 and "builds fp32, not fp16" in result.stderr
-    result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--compiler", "jit")
-    assert result.returncode == 2 and "--compiler jit is for --backend compiled" in result.stderr
+    for compiler in ("jit", "eager"):
+        result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--compiler", compiler)
+        assert result.returncode == 2 and f"--compiler {compiler} is for --backend compiled" in result.stderr
     assert not (tmp_path / "e").exists()
 
 
