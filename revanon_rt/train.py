@@ -138,8 +138,11 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
     loss_log = out / "checkpoint" / "loss.csv"
     new_log = not loss_log.exists()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    # on a GPU the crops live there, and the loss is read back every 100 steps, not at every step: a
+    # read-back waits for the step to finish, and the next step's launches could not overlap it
+    samples_on_device = torch.from_numpy(samples).to(dev)
     started = last_ckpt = time.monotonic()
-    window: list[float] = []
+    window: list = []
     with open(loss_log, "a", newline="") as fh:
         writer = csv.writer(fh)
         if new_log:
@@ -148,7 +151,7 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
         while time.monotonic() - started < minutes * 60 and (max_steps is None or step < max_steps):
             idx = rng.integers(0, len(images), cfg.batch)
             flip = rng.random(cfg.batch) < 0.5
-            x0 = torch.from_numpy(samples[idx, flip.astype(np.int64)]).to(dev)
+            x0 = samples_on_device[torch.from_numpy(idx).to(dev), torch.from_numpy(flip.astype(np.int64)).to(dev)]
             if x0.dtype == torch.uint8:
                 x0 = x0.float() / 127.5 - 1
             t = torch.from_numpy(rng.integers(0, 1000, cfg.batch)).to(dev)
@@ -168,12 +171,12 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, unet_params, 1 - decay)  # one launch, not one per tensor
             step += 1
-            window.append(float(loss.detach()))
+            window.append(loss.detach())
             if step % 100 == 0 or step == max_steps:
-                writer.writerow([step, round(float(np.mean(window)), 5), _lr_at(step, cfg),
-                                 round(time.monotonic() - started, 1)])
+                mean_loss = torch.stack(window).double().mean().item()
+                writer.writerow([step, round(mean_loss, 5), _lr_at(step, cfg), round(time.monotonic() - started, 1)])
                 fh.flush()
-                log(f"step {step}: loss {np.mean(window):.4f}")
+                log(f"step {step}: loss {mean_loss:.4f}")
                 window = []
             if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
                 _checkpoint(state_path, unet, ema, optimizer, step, rng, dev)

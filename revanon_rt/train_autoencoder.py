@@ -101,7 +101,7 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
     (ckpt / CONFIG).write_text(json.dumps(asdict(cfg)))
     new_log = not (ckpt / LOSS_LOG).exists()
     started = last_save = time.monotonic()
-    window: list[list[float]] = []
+    window: list = []
     with open(ckpt / LOSS_LOG, "a", newline="") as fh:
         writer = csv.writer(fh)
         if new_log:
@@ -128,9 +128,9 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             optimizer.step()
             step += 1
-            window.append([float(rec_loss.detach()), float(cons_loss.detach()), float(kl.detach())])
-            if step % 50 == 0 or step == max_steps:
-                rec, cons, kl_mean = np.mean(window, axis=0)
+            window.append(torch.stack([rec_loss.detach(), cons_loss.detach(), kl.detach()]))
+            if step % 50 == 0 or step == max_steps:  # one read-back per log line, not three per step
+                rec, cons, kl_mean = torch.stack(window).double().mean(dim=0).tolist()
                 writer.writerow([step, round(rec, 6), round(cons, 6), round(kl_mean, 4), _lr_at(step, cfg),
                                  round(time.monotonic() - started, 1)])
                 fh.flush()
