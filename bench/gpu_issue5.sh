@@ -1,89 +1,171 @@
 #!/usr/bin/env bash
 # The GPU work of the demo-model and photo issues, one stage per device call (each under 10 min).
 # Prepare with bench/gpu_prepare.sh; the order of calls and what each carries is in bench/GPU.md.
-#   bash bench/gpu_issue5.sh install            # every call starts with it (a fresh machine has nothing)
+#   bash bench/gpu_issue5.sh install            # the first call on a fresh machine (quick when it is warm)
 #   bash bench/gpu_issue5.sh train 8 [--resume] # 8 minutes of training; the model goes to $OUT/demo-lfw128
-#   bash bench/gpu_issue5.sh eval               # 1,200 dev pairs: genuine pairs transformed on the GPU, dlib on 16 cores
-#   bash bench/gpu_issue5.sh photos             # photo-mode and crop-mode recovery figures, the README example
+#   bash bench/gpu_issue5.sh eval-transform     # the dev split's genuine pairs through the model, in chunks
+#   bash bench/gpu_issue5.sh eval-score         # dlib on 16 cores for the transformed chunks, then the summary
+#   bash bench/gpu_issue5.sh eval               # both, where everything fits in one call (a CPU smoke run)
+#   bash bench/gpu_issue5.sh photos             # the README's photo example, crop-mode recovery budget and drift
+#   bash bench/gpu_issue5.sh photo-recovery     # photo-mode recovery figures (needs the recognizer)
+# A call carries at most 64 MiB with the checkout, so the data comes in pieces over consecutive calls
+# (bench/gpu_prepare.sh checks the sizes): what a call carried stays on the machine while it is warm, and
+# each stage gathers the pieces it needs from .data/ and says which is missing. At most 8 files come back
+# from $OUT: each stage writes a few, logs included.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=/tmp/site:$PWD/.data/face-models
 export OUT=${OUT:-/tmp/out}
-# overridable for a CPU smoke run of this script: PYTHON, DEVICE, WORK, MODEL, EVAL_PAIRS, EVAL_CHUNK, PHOTOS
+# overridable for a CPU smoke run of this script: PYTHON, DEVICE, WORK, SITE, MODEL, EVAL_PAIRS, EVAL_CHUNK,
+# EVAL_BATCH, EVAL_ARGS, TRAIN_ARGS, PHOTOS, WHEELS, DATA
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/rt}
+SITE=${SITE:-/tmp/site}
 MODEL=${MODEL:-$WORK/models/demo-lfw128}
 EVAL_PAIRS=${EVAL_PAIRS:-1200}
 EVAL_CHUNK=${EVAL_CHUNK:-200}
+EVAL_BATCH=${EVAL_BATCH:-64}
+EVAL_ARGS=${EVAL_ARGS:-}
+TRAIN_ARGS=${TRAIN_ARGS:-}
 PHOTOS=${PHOTOS:-12}
-# the checkout's revanon_rt/ (without the engines/ and export/ it installs with) must not shadow /tmp/site,
+WHEELS=${WHEELS-.whl .whl-dlib}
+DATA=${DATA:-.data}
+FACE_MODELS=$WORK/face-models
+export PYTHONPATH=$SITE:$FACE_MODELS${PYTHONPATH:+:$PYTHONPATH}
+# the checkout's revanon_rt/ (without the engines/ and export/ it installs with) must not shadow $SITE,
 # in this script's commands or in the processes they start; logs must reach $OUT as they are written
 export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
 RT="$PYTHON -m revanon_rt"
 name=$(basename "$MODEL")
+dev=$DATA/lfw-dev
 stage=$1; shift
+
+need() {  # need FILE WHAT: stop with the call that carries it
+  [ -e "$1" ] || { echo "missing $1: carry $2 in this call or an earlier one on this warm machine (bench/GPU.md)" >&2; exit 2; }
+}
+
+# dlib finds its models inside a face_recognition_models package; the 5-point model and the recognizer
+# travel in different calls, so the package is put together here from whatever has arrived
+gather_face_models() {
+  mkdir -p $FACE_MODELS/face_recognition_models/models
+  : > $FACE_MODELS/face_recognition_models/__init__.py
+  for folder in $DATA/dlib-5pt $DATA/dlib-recognizer; do
+    [ -d $folder ] && cp -n $folder/*.dat $FACE_MODELS/face_recognition_models/models/
+  done
+  for model in "$@"; do
+    case $model in dlib_face_recognition*) carried=.data/dlib-recognizer ;; *) carried=.data/dlib-5pt ;; esac
+    need $FACE_MODELS/face_recognition_models/models/$model $carried
+  done
+}
+
+train_zip() {  # the two halves of train-128.zip, joined and checked once per machine
+  local zip=$WORK/data/train-128.zip
+  if [ ! -f $zip ]; then
+    need $DATA/lfw-train-1/train-128.zip.part1 .data/lfw-train-1
+    need $DATA/lfw-train-2/train-128.zip.part2 .data/lfw-train-2
+    mkdir -p $WORK/data
+    cat $DATA/lfw-train-1/train-128.zip.part1 $DATA/lfw-train-2/train-128.zip.part2 > $zip.tmp
+    [ "$(sha256sum < $zip.tmp | cut -d' ' -f1)" = "$(cut -d' ' -f1 $DATA/lfw-train-1/train-128.zip.sha256)" ] \
+      || { echo "the joined train-128.zip does not match its sha256" >&2; exit 2; }
+    mv $zip.tmp $zip
+  fi
+  echo $zip
+}
+
+chunk_starts() { seq 0 $EVAL_CHUNK $((EVAL_PAIRS - 1)); }
+
+chunk_dir() {
+  local start=$1 end=$(($1 + EVAL_CHUNK < EVAL_PAIRS ? $1 + EVAL_CHUNK : EVAL_PAIRS))
+  echo $WORK/eval/chunk-$(printf %05d $start)-$(printf %05d $end)
+}
+
+eval_args() { echo --pairs $dev/dev_pairs.txt --images $dev/dev-128.zip --start $1 --limit $EVAL_CHUNK --out $WORK/eval; }
+
+eval_transform() {
+  need $dev/dev-128.zip .data/lfw-dev
+  gather_face_models shape_predictor_5_face_landmarks.dat
+  mkdir -p $WORK/eval $OUT/eval
+  # a chunk is done once its transform.json is written (last): a call cut short keeps the chunks it finished
+  for start in $(chunk_starts); do
+    [ -f $(chunk_dir $start)/transform.json ] && continue
+    $RT eval $(eval_args $start) --model $MODEL --masker landmarks --stage transform --batch $EVAL_BATCH \
+      --device $DEVICE --genuine-only $EVAL_ARGS 2>&1 | tee -a $OUT/eval/transform.log
+  done
+}
+
+eval_score() {
+  need $dev/dev-128.zip .data/lfw-dev
+  gather_face_models shape_predictor_5_face_landmarks.dat dlib_face_recognition_resnet_model_v1.dat
+  mkdir -p $OUT/eval
+  local pids=() scored=()
+  for start in $(chunk_starts); do
+    local chunk=$(chunk_dir $start)
+    [ -f $chunk/transform.json ] || continue
+    scored+=($(basename $chunk))
+    [ -f $chunk/features.npz ] && continue
+    $RT eval $(eval_args $start) --stage score > $chunk.score.log 2>&1 &
+    pids+=($!)
+  done
+  [ ${#scored[@]} -gt 0 ] || { echo "no transformed chunk to score: run eval-transform first" >&2; exit 2; }
+  local failed=0
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  cat $WORK/eval/chunk-*.score.log > $OUT/eval/score.log 2>/dev/null || true
+  [ $failed = 0 ] || { tail -n 40 $OUT/eval/score.log; exit 1; }
+  $RT eval-merge $WORK/eval
+  cp $WORK/eval/metrics.json $WORK/eval/metrics.md $OUT/eval/
+  # what a later window's eval-merge --extend needs of these chunks: no image leaves the machine
+  (cd $WORK/eval && tar czf $OUT/eval/chunks.tgz $(for c in "${scored[@]}"; do echo $c/transform.json $c/features.npz; done))
+  echo "scored: ${scored[*]}"
+}
 
 case $stage in
 install)
   # the project is copied, not built: a bare machine needs no setuptools, and the copy is never stale
-  mkdir -p /tmp/site
-  for wheels in .whl .whl-dlib; do
-    if [ -d $wheels ] && [ ! -f /tmp/site/.installed$wheels ]; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels/*.whl
-      touch /tmp/site/.installed$wheels
+  mkdir -p $SITE
+  for wheels in $WHEELS; do
+    if [ -d $wheels ] && [ ! -f $SITE/.installed$wheels ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --target $SITE $wheels/*.whl
+      touch $SITE/.installed$wheels
     fi
   done
-  rm -rf /tmp/site/revanon_rt && cp -r revanon_rt /tmp/site/ && cp -r engines export /tmp/site/revanon_rt/
-  python3 -c "import revanon_rt.engines, diffusers, torch; print('ready:', torch.cuda.get_device_name())"
-  python3 -c "import dlib" 2>/dev/null || echo "no dlib yet: carry .whl-dlib in the first train, eval or photos call"
+  rm -rf $SITE/revanon_rt && cp -r revanon_rt $SITE/ && cp -r engines export $SITE/revanon_rt/
+  $PYTHON -c "import revanon_rt.engines, diffusers, torch; print('ready on', torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU')"
+  $PYTHON -c "import dlib" 2>/dev/null || echo "no dlib: carry .whl-dlib in an install call before eval or photos"
   ;;
 train)
   minutes=$1; shift
-  $RT train --data .data/lfw-train/train-128.zip --out $MODEL --minutes "$minutes" --device $DEVICE "$@"
+  zip=$(train_zip)
+  $RT train --data $zip --out $MODEL --minutes "$minutes" --device $DEVICE $TRAIN_ARGS "$@"
   mkdir -p $OUT/demo-lfw128
   cp -r $MODEL/unet $MODEL/scheduler $MODEL/README.md $MODEL/loss.png $MODEL/samples.png $OUT/demo-lfw128/
-  cp $MODEL/checkpoint/loss.csv $MODEL/checkpoint/pieces.jsonl $OUT/demo-lfw128/
+  tar czf $OUT/demo-lfw128/training-log.tgz -C $MODEL/checkpoint loss.csv pieces.jsonl
   ;;
-eval)
-  # Each chunk's dlib scoring runs on the CPU cores while the GPU transforms the next chunk. A retry on a
-  # warm machine keeps the chunks already done: transform.json and features.npz are written last.
-  dev=.data/lfw-dev
-  mkdir -p $WORK/eval $OUT/eval
-  pids=()
-  for start in $(seq 0 $EVAL_CHUNK $((EVAL_PAIRS - 1))); do
-    end=$((start + EVAL_CHUNK < EVAL_PAIRS ? start + EVAL_CHUNK : EVAL_PAIRS))
-    chunk=$WORK/eval/chunk-$(printf %05d $start)-$(printf %05d $end)
-    args=(--pairs $dev/dev_pairs.txt --images $dev/dev-128.zip --masker landmarks --start $start
-          --limit $EVAL_CHUNK --out $WORK/eval)
-    if [ ! -f $chunk/transform.json ]; then
-      $RT eval "${args[@]}" --model $MODEL --stage transform --batch 64 --device $DEVICE --genuine-only \
-        2>&1 | tee $OUT/eval/transform-$start.log
-    fi
-    if [ ! -f $chunk/features.npz ]; then
-      $RT eval "${args[@]}" --stage score > $OUT/eval/score-$start.log 2>&1 &
-      pids+=($!)
-    fi
-  done
-  for pid in "${pids[@]}"; do wait "$pid" || { tail -n 20 $OUT/eval/score-*.log; exit 1; }; done
-  $RT eval-merge $WORK/eval
-  cp $WORK/eval/metrics.json $WORK/eval/metrics.md $OUT/eval/
-  ;;
+eval-transform) eval_transform ;;
+eval-score) eval_score ;;
+eval) eval_transform; eval_score ;;
 photos)
+  need $dev/dev-128.zip .data/lfw-dev
+  gather_face_models shape_predictor_5_face_landmarks.dat
   mkdir -p $OUT/results
   # the README's figure first: what a timeout cuts is the tail
   $PYTHON docs/draw_photo_example.py --model $MODEL --device $DEVICE --out $OUT/photo-example.png
-  $PYTHON bench/photo_recovery.py --model $MODEL --device $DEVICE --photos $PHOTOS \
-    --originals .data/lfw-dev/dev-250-originals.zip
-  cp bench/results/photo-recovery-$name.* $OUT/results/
-  $PYTHON bench/recovery_budget.py --model $MODEL --device $DEVICE --images .data/lfw-dev/dev-128.zip --count 32 \
+  $PYTHON bench/recovery_budget.py --model $MODEL --device $DEVICE --images $dev/dev-128.zip --count 32 \
     --steps 50 200
   cp bench/results/recovery-budget-$name.* $OUT/results/
   for steps in 50 200; do
-    $PYTHON bench/inversion_drift.py --model $MODEL --device $DEVICE --images .data/lfw-dev/dev-128.zip --count 16 \
+    $PYTHON bench/inversion_drift.py --model $MODEL --device $DEVICE --images $dev/dev-128.zip --count 16 \
       --steps $steps
   done
   cp bench/results/inversion-drift-$name-*.* $OUT/results/
   ;;
+photo-recovery)  # identities too: the recognizer, which travels in a call of its own
+  need $DATA/lfw-photos/dev-250-originals.zip .data/lfw-photos
+  gather_face_models shape_predictor_5_face_landmarks.dat dlib_face_recognition_resnet_model_v1.dat
+  mkdir -p $OUT/results
+  $PYTHON bench/photo_recovery.py --model $MODEL --device $DEVICE --photos $PHOTOS \
+    --originals $DATA/lfw-photos/dev-250-originals.zip
+  cp bench/results/photo-recovery-$name.* $OUT/results/
+  ;;
+train-zip) train_zip ;;  # for the latent model's commands (bench/GPU.md)
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
