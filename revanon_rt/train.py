@@ -138,8 +138,8 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
     loss_log = out / "checkpoint" / "loss.csv"
     new_log = not loss_log.exists()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    # on a GPU the crops live there, and the loss is read back every 100 steps, not at every step: a
-    # read-back waits for the step to finish, and the next step's launches could not overlap it
+    # on a GPU the crops live there, the step's random draws go in one copy that does not wait, and the
+    # loss is read back every 100 steps: anything that waits for a step keeps the next one from being queued
     samples_on_device = torch.from_numpy(samples).to(dev)
     started = last_ckpt = time.monotonic()
     window: list = []
@@ -151,10 +151,13 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
         while time.monotonic() - started < minutes * 60 and (max_steps is None or step < max_steps):
             idx = rng.integers(0, len(images), cfg.batch)
             flip = rng.random(cfg.batch) < 0.5
-            x0 = samples_on_device[torch.from_numpy(idx).to(dev), torch.from_numpy(flip.astype(np.int64)).to(dev)]
+            draws = torch.from_numpy(np.concatenate([idx, flip.astype(np.int64), rng.integers(0, 1000, cfg.batch)]))
+            if dev.type == "cuda":  # a copy from pageable memory would wait for the steps still queued
+                draws = draws.pin_memory().to(dev, non_blocking=True)
+            idx_on_device, flip_on_device, t = draws.split(cfg.batch)
+            x0 = samples_on_device[idx_on_device, flip_on_device]
             if x0.dtype == torch.uint8:
                 x0 = x0.float() / 127.5 - 1
-            t = torch.from_numpy(rng.integers(0, 1000, cfg.batch)).to(dev)
             noise = torch.randn_like(x0)
             a = abar[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
