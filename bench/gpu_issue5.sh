@@ -50,7 +50,7 @@ gather_face_models() {
   mkdir -p $FACE_MODELS/face_recognition_models/models
   : > $FACE_MODELS/face_recognition_models/__init__.py
   for folder in $DATA/dlib-5pt $DATA/dlib-recognizer; do
-    [ -d $folder ] && cp -n $folder/*.dat $FACE_MODELS/face_recognition_models/models/
+    if [ -d $folder ]; then cp $folder/*.dat $FACE_MODELS/face_recognition_models/models/; fi
   done
   for model in "$@"; do
     case $model in dlib_face_recognition*) carried=.data/dlib-recognizer ;; *) carried=.data/dlib-5pt ;; esac
