@@ -138,8 +138,8 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
     loss_log = out / "checkpoint" / "loss.csv"
     new_log = not loss_log.exists()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    # on a GPU the crops live there, the step's random draws go in one copy that does not wait, and the
-    # loss is read back every 100 steps: anything that waits for a step keeps the next one from being queued
+    # on a GPU the crops live there and the loss is read back every 100 steps: anything that waits for a
+    # step keeps the next one from being queued
     samples_on_device = torch.from_numpy(samples).to(dev)
     started = last_ckpt = time.monotonic()
     window: list = []
@@ -151,10 +151,8 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
         while time.monotonic() - started < minutes * 60 and (max_steps is None or step < max_steps):
             idx = rng.integers(0, len(images), cfg.batch)
             flip = rng.random(cfg.batch) < 0.5
-            draws = torch.from_numpy(np.concatenate([idx, flip.astype(np.int64), rng.integers(0, 1000, cfg.batch)]))
-            if dev.type == "cuda":  # a copy from pageable memory would wait for the steps still queued
-                draws = draws.pin_memory().to(dev, non_blocking=True)
-            idx_on_device, flip_on_device, t = draws.split(cfg.batch)
+            draws = np.concatenate([idx, flip.astype(np.int64), rng.integers(0, 1000, cfg.batch)])
+            idx_on_device, flip_on_device, t = to_device_without_waiting(draws, dev).split(cfg.batch)
             x0 = samples_on_device[idx_on_device, flip_on_device]
             if x0.dtype == torch.uint8:
                 x0 = x0.float() / 127.5 - 1
@@ -194,6 +192,15 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
                              "torch": torch.__version__}) + "\n")
     log(f"{step} steps; weights in {out / 'unet'}")
     return {"steps": step, "seconds": seconds}
+
+
+def to_device_without_waiting(array: np.ndarray, dev):
+    """A step's host data on the device. A copy from pageable memory synchronizes the stream, so it would
+    wait for the steps still queued; one from pinned memory does not."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else tensor
 
 
 def training_samples(images: np.ndarray, out: Path, dev, log=print) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .train import MAX_WEIGHTS_BYTES, _cpu_name, _lr_at, load_crops
+from .train import MAX_WEIGHTS_BYTES, _cpu_name, _lr_at, load_crops, to_device_without_waiting
 
 STATE = "autoencoder-state.pt"
 CONFIG = "autoencoder-config.json"
@@ -111,7 +111,7 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
             idx = rng.integers(0, len(images), cfg.batch)
             flip = rng.random(cfg.batch) < 0.5
             batch = np.where(flip[:, None, None, None], images[idx][:, :, ::-1], images[idx])
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(dev).permute(0, 3, 1, 2).float() / 127.5 - 1
+            x = to_device_without_waiting(batch, dev).permute(0, 3, 1, 2).float() / 127.5 - 1
             posterior = vae.encode(x).latent_dist
             reconstruction = vae.decode(posterior.sample()).sample
             mean = posterior.mean
