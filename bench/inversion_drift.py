@@ -21,7 +21,6 @@ The distance at a level is RMS(walk back − walk forth) / RMS(walk forth), insi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, dev_crop_arguments, dev_crop_setup, machine  # noqa: E402
+from common import dev_crop_arguments, dev_crop_setup, machine, write_results  # noqa: E402
 
 SHOWN_FRACTIONS = (0, 0.02, 0.04, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9, 0.98, 1)
 
@@ -166,11 +165,9 @@ def main() -> None:
               "", "Spread of local energy (std / mean of 8 x 8 patch RMS), which sign flips keep: "
               + "; ".join(f"{k}: {v:.3f}" for k, v in energy_spread.items()) + "."]
     name = args.name or f"inversion-drift-{args.model.name}-{S}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(
-        {"model": str(args.model), "machine": machine(), "images": n, "steps": S, "seconds": seconds,
-         "timesteps": list(sched.timesteps), "rows": rows,
-         "out_of_range": out_of_range, "local_energy_spread": energy_spread}, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(name, {"model": str(args.model), "machine": machine(), "images": n, "steps": S, "seconds": seconds,
+                         "timesteps": list(sched.timesteps), "rows": rows,
+                         "out_of_range": out_of_range, "local_energy_spread": energy_spread}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

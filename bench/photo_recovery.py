@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import secrets
 import statistics
 import sys
@@ -26,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine  # noqa: E402
+from common import machine, write_results  # noqa: E402
 
 ORIGINALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw" / "dev-250-originals.zip"
 BACKGROUND = (90, 110, 95)
@@ -171,9 +170,7 @@ def main() -> None:
               "faces_found": f"{total_faces}/{len(SCALES) * len(photos)}",
               "background_identical": all(p["background_identical"] for p in photos)}
     name = args.name or f"photo-recovery-{Path(args.model).name}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown(result))
+    write_results(name, result, markdown(result))
     print(markdown(result))
 
 
@@ -226,9 +223,8 @@ def floor_only(args) -> None:
               "250 px; sharper photos lose more at large scales."]
     text = "\n".join(lines) + "\n"
     name = args.name or "photo-resampling-floor"
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), "faces_placed": args.photos * len(SCALES),
-                                                      "faces_found": detected, "rows": rows}, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text(text)
+    write_results(name, {"machine": machine(), "faces_placed": args.photos * len(SCALES), "faces_found": detected,
+                         "rows": rows}, text)
     print(text)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, dev_crop_arguments, dev_crop_setup, machine  # noqa: E402
+from common import RESULTS, dev_crop_arguments, dev_crop_setup, machine, write_results  # noqa: E402
 
 
 def budget_psnrs(backend, rgb: np.ndarray, masks: np.ndarray, flips: np.ndarray, schedule, region_psnr):
@@ -137,9 +137,8 @@ def main() -> None:
                   "| the same, whole-image mask |", "|---|---|---|---|"]
         lines += [f"| {r['steps']} | {r['psnr_autoencoder']:.2f} | {r['psnr_recovered_latent']:.2f} | "
                   f"{r['psnr_recovered_latent_whole_mask']:.2f} |" for r in rows if "psnr_autoencoder" in r]
-    (RESULTS / f"{name}.json").write_text(json.dumps({"model": str(args.model), "fingerprint": backend.fingerprint,
-                                                      "machine": machine(), "images": len(rgb), "rows": rows}, indent=1) + "\n")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_results(name, {"model": str(args.model), "fingerprint": backend.fingerprint, "machine": machine(),
+                         "images": len(rgb), "rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

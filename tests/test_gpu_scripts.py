@@ -93,3 +93,50 @@ def test_eval_transforms_then_scores_when_the_recognizer_arrives(script_env, mod
     with tarfile.open(out / "chunks.tgz") as chunks:
         assert sorted(chunks.getnames()) == sorted(f"{c}/{f}" for c in metrics["chunks"]
                                                    for f in ("transform.json", "features.npz"))
+
+
+def test_photos_stage_measures_the_rest_when_its_example_fails(script_env, models, tmp_path):
+    """The photos call's parts are independent: a model whose samples dlib cannot find (the random one here,
+    as an undertrained one might be) still has its recovery budget and drift measured and sent back, and the
+    stage ends with an error that names the part. Then the photo-recovery call runs. Both run from a copy
+    of the checkout, as on the device, since the benchmarks write into its bench/results."""
+    checkout = tmp_path / "checkout"
+    for folder in ("revanon_rt", "engines", "export", "bench", "docs"):
+        shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    data = tmp_path / "data"
+    for folder, source in (("lfw-dev", SHARED / "data" / "lfw" / "dev-128.zip"),
+                           ("lfw-photos", SHARED / "data" / "lfw" / "dev-250-originals.zip")):
+        (data / folder).mkdir(parents=True)
+        os.symlink(source, data / folder / source.name)
+    from revanon_rt.faces import model_path
+
+    for folder, model in (("dlib-5pt", "shape_predictor_5_face_landmarks.dat"),
+                          ("dlib-5pt", "mmod_human_face_detector.dat"),
+                          ("dlib-recognizer", "dlib_face_recognition_resnet_model_v1.dat")):
+        (data / folder).mkdir(exist_ok=True)
+        os.symlink(model_path(model), data / folder / model)
+    out = tmp_path / "out"
+    env = dict(script_env, MODEL=str(models["pixel"]), EXAMPLE_ARGS="--tries 2",
+               BUDGET_ARGS="--count 2 --steps 2",
+               DRIFT_ARGS="--count 2", DRIFT_STEPS="2 3", PHOTOS="1")
+
+    def checkout_stage(*args, out=out):
+        """Each call gets an empty $OUT, as on the device."""
+        return subprocess.run(["bash", str(checkout / "bench" / "gpu_issue5.sh"), *args], capture_output=True,
+                              text=True, env=dict(env, OUT=str(out)), timeout=900)
+
+    assert checkout_stage("install").returncode == 0
+    photos = checkout_stage("photos")
+    assert photos.returncode == 1 and "failed: draw_photo_example.py (photos.log)" in photos.stderr, photos.stderr
+    results = sorted(p.name for p in (out / "results").iterdir())
+    assert results == ["inversion-drift-pixel-2.json", "inversion-drift-pixel-2.md", "inversion-drift-pixel-3.json",
+                       "inversion-drift-pixel-3.md", "recovery-budget-pixel.json", "recovery-budget-pixel.md"]
+    budget = json.loads((out / "results" / "recovery-budget-pixel.json").read_text())
+    assert budget["fingerprint"] and "dlib did not find all 3 sampled faces for seeds 3..4" in (out / "photos.log").read_text()
+
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8
+
+    recovered = checkout_stage("photo-recovery", out=tmp_path / "out-recovery")
+    assert recovered.returncode == 0, recovered.stderr[-3000:]
+    sent = sorted(p.name for p in (tmp_path / "out-recovery").rglob("*") if p.is_file())
+    assert sent == ["photo-recovery-pixel.json", "photo-recovery-pixel.md"]
