@@ -349,16 +349,23 @@ def free_device_memory() -> None:
 
 
 def merge(paths: list[Path], out: Path) -> None:
-    """One table from the JSONL of several commands (a window runs one configuration per command)."""
-    records, seen = [], set()
+    """One table from the JSONL of several commands (a window runs one configuration per command), all from one
+    kind of GPU: the table keeps one machine line and one set of peaks, and compares each row with its eager rows."""
+    records, seen, cards = [], set(), {}
     for path in paths:
         for line in path.read_text().splitlines():
             record = json.loads(line)
+            if record["stage"] == "machine":
+                cards[str(path)] = record.get("gpu", record["device"])
             if record["stage"] in ("machine", "models", "peaks", "flops"):
                 if record["stage"] in seen:
                     continue
                 seen.add(record["stage"])
             records.append(record)
+    if len(set(cards.values())) > 1:
+        raise SystemExit("these results come from different GPUs (" + "; ".join(f"{p}: {c}" for p, c in cards.items())
+                         + "): merge each GPU's into a folder of its own, such as bench/results/gpu-h200, with its "
+                           "own eager rows and peaks")
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "gpu-results.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)

@@ -140,3 +140,23 @@ def test_photos_stage_measures_the_rest_when_its_example_fails(script_env, model
     assert recovered.returncode == 0, recovered.stderr[-3000:]
     sent = sorted(p.name for p in (tmp_path / "out-recovery").rglob("*") if p.is_file())
     assert sent == ["photo-recovery-pixel.json", "photo-recovery-pixel.md"]
+
+
+def test_gpu_results_of_another_card_are_not_merged_into_a_table(tmp_path):
+    """The next window may be an H200's: merged into the H100 table it would sit under the H100's machine line
+    and peaks, its speed-ups taken against the H100's eager rows."""
+    h100 = REPO / "bench" / "results" / "gpu-h100" / "gpu-results.jsonl"
+    h200 = tmp_path / "call1.jsonl"
+    h200.write_text("\n".join(json.dumps(r) for r in (
+        {"stage": "machine", "torch": "2.11.0+cu130", "cuda": "13.0", "device": "cuda", "gpu": "NVIDIA H200"},
+        {"stage": "eager", "batch": 1, "seconds_per_call": 3.1, "seconds_per_face": 3.1, "faces_per_second": 0.32},
+    )) + "\n")
+    merge = [sys.executable, str(REPO / "bench" / "gpu.py"), "--merge"]
+    mixed = subprocess.run([*merge, str(h100), str(h200), "--out", str(tmp_path / "mixed")], capture_output=True,
+                           text=True)
+    assert mixed.returncode != 0 and "different GPUs" in mixed.stderr and "NVIDIA H200" in mixed.stderr
+    assert not (tmp_path / "mixed").exists()
+    alone = subprocess.run([*merge, str(h200), "--out", str(tmp_path / "gpu-h200")], capture_output=True, text=True)
+    assert alone.returncode == 0, alone.stderr
+    table = (tmp_path / "gpu-h200" / "gpu-results.md").read_text()
+    assert "NVIDIA H200" in table and "| diffusers eager fp32, batch 1 | 3.100 |" in table
