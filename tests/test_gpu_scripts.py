@@ -17,8 +17,19 @@ from conftest import REPO, SHARED, crops_zip, random_image
 SCRIPT = REPO / "bench" / "gpu_issue5.sh"
 
 
-def stage(*args, env):
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=900)
+def stage(*args, env, script=SCRIPT):
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+def carry_dlib_models(data):
+    """dlib's CC0 models in the folders bench/gpu_prepare.sh makes for the calls that carry them."""
+    from revanon_rt.faces import model_path
+
+    for folder, model in (("dlib-5pt", "shape_predictor_5_face_landmarks.dat"),
+                          ("dlib-5pt", "mmod_human_face_detector.dat"),
+                          ("dlib-recognizer", "dlib_face_recognition_resnet_model_v1.dat")):
+        (data / folder).mkdir(parents=True, exist_ok=True)
+        os.symlink(model_path(model), data / folder / model)
 
 
 @pytest.fixture
@@ -67,12 +78,7 @@ def test_eval_transforms_then_scores_when_the_recognizer_arrives(script_env, mod
     (data / "lfw-dev").mkdir(parents=True)
     for name in ("dev-128.zip", "dev_pairs.txt"):
         os.symlink(SHARED / "data" / "lfw" / name, data / "lfw-dev" / name)
-    from revanon_rt.faces import model_path
-
-    for folder, model in (("dlib-5pt", "shape_predictor_5_face_landmarks.dat"),
-                          ("dlib-recognizer", "dlib_face_recognition_resnet_model_v1.dat")):
-        (data / folder).mkdir()
-        os.symlink(model_path(model), data / folder / model)
+    carry_dlib_models(data)
     (data / "dlib-recognizer").rename(tmp_path / "recognizer-not-yet")
     env = dict(script_env, OUT=str(tmp_path / "out"), MODEL=str(models["pixel"]), EVAL_PAIRS="6", EVAL_CHUNK="3",
                EVAL_BATCH="4", EVAL_ARGS="--steps 5 --candidates 5")
@@ -108,13 +114,7 @@ def test_photos_stage_measures_the_rest_when_its_example_fails(script_env, model
                            ("lfw-photos", SHARED / "data" / "lfw" / "dev-250-originals.zip")):
         (data / folder).mkdir(parents=True)
         os.symlink(source, data / folder / source.name)
-    from revanon_rt.faces import model_path
-
-    for folder, model in (("dlib-5pt", "shape_predictor_5_face_landmarks.dat"),
-                          ("dlib-5pt", "mmod_human_face_detector.dat"),
-                          ("dlib-recognizer", "dlib_face_recognition_resnet_model_v1.dat")):
-        (data / folder).mkdir(exist_ok=True)
-        os.symlink(model_path(model), data / folder / model)
+    carry_dlib_models(data)
     out = tmp_path / "out"
     env = dict(script_env, MODEL=str(models["pixel"]), EXAMPLE_ARGS="--tries 2",
                BUDGET_ARGS="--count 2 --steps 2",
@@ -122,8 +122,7 @@ def test_photos_stage_measures_the_rest_when_its_example_fails(script_env, model
 
     def checkout_stage(*args, out=out):
         """Each call gets an empty $OUT, as on the device."""
-        return subprocess.run(["bash", str(checkout / "bench" / "gpu_issue5.sh"), *args], capture_output=True,
-                              text=True, env=dict(env, OUT=str(out)), timeout=900)
+        return stage(*args, env=dict(env, OUT=str(out)), script=checkout / "bench" / "gpu_issue5.sh")
 
     assert checkout_stage("install").returncode == 0
     photos = checkout_stage("photos")
