@@ -547,13 +547,15 @@ def _fmt(value) -> str:
 def train_cmd(
     data: Path = typer.Option(..., "--data", help="A zip of aligned face crops (for example train-128.zip)."),
     out: Path = typer.Option(..., "--out", help="The model folder to create (or to continue with --resume)."),
-    resolution: int = typer.Option(128, "--resolution", min=16, max=512),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=16, max=512,
+                                             help="Crop size in pixels (default 128)."),
     minutes: float = typer.Option(9.0, "--minutes", min=0.01, help="Train for this long, then checkpoint and save."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
-    architecture: str = typer.Option("small", "--architecture",
-                                     help="small (6.9 M parameters, GPU), compact (3.7 M, CPU at 64 px), latent "
-                                          "(6.7 M, for an 8 x 16 x 16 latent) or tiny."),
-    batch: int = typer.Option(64, "--batch", min=1),
+    resume: bool = typer.Option(False, "--resume",
+                                help="Continue from OUT/checkpoint, with its settings (--lr and --ema-decay may change)."),
+    architecture: Optional[str] = typer.Option(None, "--architecture",
+                                               help="small (6.9 M parameters, GPU; the default), compact (3.7 M, CPU "
+                                                    "at 64 px), latent (6.7 M, for an 8 x 16 x 16 latent) or tiny."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Crops per step (default 64)."),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0,
                                        help="Peak AdamW learning rate (default 2e-4); with --resume, the rate from here on."),
     ema_decay: Optional[float] = typer.Option(None, "--ema-decay", min=0.0, max=1.0,
@@ -570,12 +572,12 @@ def train_cmd(
     except ImportError as exc:
         _fail(UsageError(f"train needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
     try:
-        if architecture not in ARCHITECTURES:
+        if architecture is not None and architecture not in ARCHITECTURES:
             raise UsageError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
-        changes = {k: v for k, v in (("lr", lr), ("ema_decay", ema_decay)) if v is not None}
-        result = train(data, out, minutes, resume, TrainConfig(resolution=resolution, architecture=architecture,
-                                                                batch=batch, **changes), device=device,
-                       max_steps=max_steps, log=say, resume_changes=changes)
+        given = {k: v for k, v in (("resolution", resolution), ("architecture", architecture), ("batch", batch),
+                                   ("lr", lr), ("ema_decay", ema_decay)) if v is not None}
+        result = train(data, out, minutes, resume, TrainConfig(**given), device=device, max_steps=max_steps,
+                       log=say, given=given)
         write_model_card(out, data, result, samples, resolve_device(device))
     except RevanonError as exc:
         _fail(exc)
@@ -586,15 +588,17 @@ def train_cmd(
 def train_autoencoder_cmd(
     data: Path = typer.Option(..., "--data", help="A zip of aligned face crops (for example train-128.zip)."),
     out: Path = typer.Option(..., "--out", help="The model folder to create (vae/ goes inside); then run train on it."),
-    resolution: int = typer.Option(64, "--resolution", min=16, max=512),
-    latent_channels: int = typer.Option(8, "--latent-channels", min=1, max=64),
-    channels: str = typer.Option("32,64,128", "--channels",
-                                 help="Width of each block, comma-separated, each a multiple of 16; "
-                                      "the latent is 2^(blocks-1) times smaller than the crop."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=16, max=512,
+                                             help="Crop size in pixels (default 64)."),
+    latent_channels: Optional[int] = typer.Option(None, "--latent-channels", min=1, max=64, help="Default 8."),
+    channels: Optional[str] = typer.Option(None, "--channels",
+                                           help="Width of each block, comma-separated, each a multiple of 16 "
+                                                "(default 32,64,128); the latent is 2^(blocks-1) times smaller "
+                                                "than the crop."),
     minutes: float = typer.Option(9.0, "--minutes", min=0.01, help="Train for this long, then checkpoint and save."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
-    batch: int = typer.Option(16, "--batch", min=1),
-    lr: float = typer.Option(5e-4, "--lr", min=0.0, help="Peak AdamW learning rate."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint, with its settings."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Crops per step (default 16)."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Peak AdamW learning rate (default 5e-4)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in total."),
     device: str = DEVICE,
 ) -> None:
@@ -606,17 +610,17 @@ def train_autoencoder_cmd(
                          "pip install 'revanon-rt[torch]'"))
     try:
         try:
-            widths = tuple(int(w) for w in channels.split(","))
+            widths = None if channels is None else tuple(int(w) for w in channels.split(","))
         except ValueError:
             raise UsageError(f"--channels {channels!r}: give positive multiples of 16, comma-separated (e.g. 32,64,128)") from None
-        result = train_autoencoder(data, out, minutes, resume,
-                                   AutoencoderConfig(resolution=resolution, latent_channels=latent_channels,
-                                                     block_out_channels=widths, batch=batch, lr=lr),
-                                   device=device, max_steps=max_steps, log=say)
+        given = {k: v for k, v in (("resolution", resolution), ("latent_channels", latent_channels),
+                                   ("block_out_channels", widths), ("batch", batch), ("lr", lr)) if v is not None}
+        result = train_autoencoder(data, out, minutes, resume, AutoencoderConfig(**given), device=device,
+                                   max_steps=max_steps, log=say, given=given)
     except RevanonError as exc:
         _fail(exc)
     say(f"autoencoder ready after {result['steps']} steps: now train the UNet on its latents with "
-        f"revanon-rt train --data {data} --out {out} --resolution {resolution} --architecture latent")
+        f"revanon-rt train --data {data} --out {out} --resolution {result['resolution']} --architecture latent")
 
 
 class EvalStage(str, Enum):

@@ -86,9 +86,29 @@ def _lr_at(step: int, cfg) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
 
+def resumed_config(saved: dict, given: dict, flags: dict, changeable: tuple = ()) -> dict:
+    """A resumed run's settings: the checkpoint's, with those in `changeable` replaced where the user gave
+    them. Any other setting the user gave must be the checkpoint's, since the weights were made with it and
+    the card reports one value for the whole run; a different one is refused, not silently dropped."""
+    def shown(value):
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    for key, value in given.items():
+        if key not in changeable and shown(saved.get(key)) != shown(value):
+            can = f"; only {' and '.join(flags[k] for k in changeable)} can change" if changeable else ""
+            raise UsageError(f"{flags[key]} {shown(value)}: the checkpoint was trained with {flags[key]} "
+                             f"{shown(saved.get(key))}, which a resumed run keeps{can}")
+    return {**saved, **{k: v for k, v in given.items() if k in changeable}}
+
+
+TRAIN_FLAGS = {"resolution": "--resolution", "architecture": "--architecture", "batch": "--batch", "lr": "--lr",
+               "ema_decay": "--ema-decay"}
+
+
 def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig, device: str = "auto",
-          max_steps: int | None = None, log=print, resume_changes: dict | None = None) -> dict:
-    """`resume_changes` (lr, ema_decay) replace the saved configuration from the resumed step on."""
+          max_steps: int | None = None, log=print, given: dict | None = None) -> dict:
+    """`given`: the settings the user chose. On --resume, lr and ema_decay among them replace the saved ones
+    from the resumed step on; the others must match the checkpoint."""
     import torch
     from diffusers import DDIMScheduler, UNet2DModel
 
@@ -100,9 +120,10 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
         raise UsageError(f"{out}: already holds a model; --resume continues it, or choose another --out")
     if resume:
         saved_cfg = json.loads((out / "checkpoint" / "config.json").read_text())
-        cfg = TrainConfig(**{**saved_cfg, **(resume_changes or {})})
-        if resume_changes:
-            log(f"from here on: {resume_changes}")
+        cfg = TrainConfig(**resumed_config(saved_cfg, given or {}, TRAIN_FLAGS, ("lr", "ema_decay")))
+        changes = {k: v for k, v in (given or {}).items() if k in ("lr", "ema_decay")}
+        if changes:
+            log(f"from here on: {changes}")
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     images = load_crops(data, cfg.resolution)

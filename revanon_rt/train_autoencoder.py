@@ -20,12 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .train import MAX_WEIGHTS_BYTES, _cpu_name, _lr_at, load_crops, to_device_without_waiting
+from .train import MAX_WEIGHTS_BYTES, _cpu_name, _lr_at, load_crops, resumed_config, to_device_without_waiting
 
 STATE = "autoencoder-state.pt"
 CONFIG = "autoencoder-config.json"
 LOSS_LOG = "autoencoder-loss.csv"
 PIECES = "autoencoder-pieces.jsonl"
+
+
+AUTOENCODER_FLAGS = {"resolution": "--resolution", "latent_channels": "--latent-channels",
+                     "block_out_channels": "--channels", "batch": "--batch", "lr": "--lr"}
 
 
 @dataclass
@@ -65,7 +69,8 @@ def build_autoencoder(cfg: AutoencoderConfig):
 
 
 def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: AutoencoderConfig,
-                      device: str = "auto", max_steps: int | None = None, log=print) -> dict:
+                      device: str = "auto", max_steps: int | None = None, log=print, given: dict | None = None) -> dict:
+    """`given`: the settings the user chose; on --resume they must match the checkpoint."""
     import torch
 
     out = Path(out)
@@ -78,7 +83,7 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
         raise UsageError(f"{out}: already holds a UNet trained on the current autoencoder; "
                          "changing the autoencoder would invalidate it")
     if resume:
-        cfg = AutoencoderConfig(**json.loads((ckpt / CONFIG).read_text()))
+        cfg = AutoencoderConfig(**resumed_config(json.loads((ckpt / CONFIG).read_text()), given or {}, AUTOENCODER_FLAGS))
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     images = load_crops(data, cfg.resolution)
@@ -150,7 +155,7 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
         fh.write(json.dumps({"device": dev.type, "hardware": hardware, "steps_to": step, "seconds": round(seconds, 1),
                              "lr": cfg.lr, "scaling_factor": scaling_factor, "torch": torch.__version__}) + "\n")
     log(f"{step} steps; autoencoder in {out / 'vae'} (scaling factor {scaling_factor:.4f})")
-    return {"steps": step, "seconds": seconds, "scaling_factor": scaling_factor}
+    return {"steps": step, "seconds": seconds, "scaling_factor": scaling_factor, "resolution": cfg.resolution}
 
 
 def latent_scaling_factor(vae, images: np.ndarray, dev, count: int = 2048) -> float:

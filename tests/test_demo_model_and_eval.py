@@ -32,7 +32,11 @@ def test_train_resume_and_load(tmp_path):
     assert first.returncode == 0, first.stderr
     again = cli(*args, "--max-steps", "30")
     assert again.returncode == 2 and "--resume" in again.stderr, "never overwrite a trained model"
-    second = cli(*args, "--max-steps", "60", "--resume", "--lr", "1.5e-4", "--ema-decay", "0.999")
+    changed = cli("train", "--data", data, "--out", out, "--batch", "8", "--resume", "--device", "cpu")
+    assert changed.returncode == 2 and "--batch 8: the checkpoint was trained with --batch 4" in changed.stderr
+    # no shape flags at all: the checkpoint's, not the command's defaults (128 px, small, batch 64)
+    second = cli("train", "--data", data, "--out", out, "--samples", "4", "--device", "cpu",
+                 "--max-steps", "60", "--resume", "--lr", "1.5e-4", "--ema-decay", "0.999")
     assert second.returncode == 0 and "resumed at step 30" in second.stderr
     rows = (out / "checkpoint" / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,seconds" and rows[-1].startswith("60,")
@@ -71,6 +75,8 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert cli(*ae_args, "--max-steps", "20").returncode == 2, "never overwrite a trained autoencoder"
     bad = cli(*ae_args[:-2], "--channels", "16,30", "--device", "cpu")
     assert bad.returncode == 2 and "multiples of 16" in bad.stderr
+    wider = cli(*ae_args, "--channels", "16,32,64", "--resume")
+    assert wider.returncode == 2 and "--channels 16,32,64: the checkpoint was trained with --channels 16,32" in wider.stderr
 
     unet_args = ("train", "--data", data, "--out", out, "--architecture", "tiny", "--batch", "4", "--samples", "2",
                  "--device", "cpu", "--max-steps", "20")
