@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .errors import UsageError
 from .images import LoadedImage, encode_png, write_atomic
 from .keys import Secret, keygen, read_key_file
 from .masks import FileMasker
@@ -71,14 +72,32 @@ def _side_by_side(panels: list[np.ndarray], scale: int) -> np.ndarray:
                                                   Image.Resampling.NEAREST))
 
 
+# The demo rewrites its files on every run; this mark tells its own folder from one that holds a user's
+# face.png or recovered.png.
+DEMO_MARK = ".revanon-demo"
+
+
+def demo_folder(out: Path) -> Path:
+    """OUT, made or reused only when it is empty or the demo's own."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out}: a file, not a folder")
+        if not (out / DEMO_MARK).exists() and any(out.iterdir()):
+            raise UsageError(f"--out {out}: holds files the demo did not write, which it would overwrite; "
+                             "choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).touch()
+    return out
+
+
 def run_demo(out: Path, model: Path | None = None, device: str = "cpu", steps: int = 50, seed: int = 0,
              face: str | None = None, log=print) -> dict:
     """`face` is "sampled" or "drawn"; None picks sampled for a trained model, drawn for the tiny one."""
     from .reference import TorchReference
     from .tiny import save_tiny_pixel
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = demo_folder(out)
     drawn = face == "drawn"
     if model is None:
         model = demo_model()

@@ -68,6 +68,16 @@ def test_drawn_face_on_the_zero_eps_model_is_bit_exact(models, tmp_path):
     assert report["psnr_anonymized_db"] < 20
 
 
+def test_demo_never_writes_over_a_folder_it_did_not_make(models, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "face.png").write_bytes(b"the user's own photo")
+    run = cli("demo", "--out", photos, "--model", models["zero"], "--face", "drawn", "--steps", "2")
+    assert run.returncode == 2 and "did not write" in run.stderr
+    assert sorted(p.name for p in photos.iterdir()) == ["face.png"]
+    assert (photos / "face.png").read_bytes() == b"the user's own photo"
+
+
 COMMITTED = sorted(m for m in REPO_MODELS.iterdir() if (m / "unet").is_dir()) if REPO_MODELS.is_dir() else []
 
 
