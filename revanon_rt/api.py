@@ -208,10 +208,7 @@ class Anonymizer:
                 self._detectors[detector] = DlibFaces(detector=detector)
             output = anonymize_photo(loaded, metadata, self.backend, self.masker, self.secret,
                                      Options(steps=self.steps), name, detector=self._detectors[detector],
-                                     selection=Selection(faces, min_face))
-        if not output.header["faces"] and not allow_no_faces:  # else a caller could store the input as anonymized
-            raise InputError(f"{name}: no faces found, so nothing was anonymized (allow_no_faces=True returns "
-                             "such a photo unchanged, with its record)")
+                                     selection=Selection(faces, min_face), allow_no_faces=allow_no_faces)
         return output
 
     def deanonymize(self, image: ImageInput, *, metadata: str | None = None) -> Output:

@@ -111,6 +111,9 @@ def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
         if same_file(given, out_dir):
             raise UsageError(f"--out {out_dir} is the input folder {given}: its outputs would be inputs of the "
                              "next run; choose another --out")
+        # outputs of earlier runs are not inputs when --out sits inside this folder; when --out holds the
+        # folder instead, every subfolder is "within" it and must still be searched
+        out_inside = is_within(out_dir, given)
         walked: set[tuple[int, int] | None] = set()
         for dirpath, dirnames, filenames in os.walk(given, followlinks=True):
             here = Path(dirpath)
@@ -122,7 +125,7 @@ def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
             kept = []
             for name in sorted(dirnames, key=lambda d: (os.path.islink(here / d), d)):
                 folder = here / name
-                if name.startswith(".") or is_within(folder, out_dir):
+                if name.startswith(".") or (out_inside and is_within(folder, out_dir)):
                     continue
                 if os.path.islink(folder) and is_within(given, folder):
                     jobs.append(Job(folder, folder.relative_to(given), error=f"{folder}: a link to a folder that "
@@ -301,7 +304,7 @@ def assign_neutral_outputs(jobs: list[Job], out_dir: Path, mapping: NameMapping 
 
 def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, sidecar: bool,
              console: Console, group_size: int = 1, alone: Callable[[Job], bool] | None = None,
-             mapping: NameMapping | None = None) -> Summary:
+             mapping: NameMapping | None = None, output_state: str | None = None) -> Summary:
     """process(group, step_callback) -> one pipeline.Output, or the exception that stopped it, per job
     of the group, in order. Jobs go to process in groups of up to group_size (an engine's batch), after
     those whose outputs exist are skipped; a job for which alone(job) is true (a whole photo) goes by
@@ -310,7 +313,11 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
 
     Ctrl-C, SIGTERM and SIGHUP stop the run at the next step or output, never between an output and
     its mapping entry: the summary so far is printed, the mapping saved, and the process then ends as
-    the signal would have ended it."""
+    the signal would have ended it.
+
+    With output_state ("anonymized", "recovered"), a file already at an output's place is skipped or
+    replaced only when its metadata records that state: anything else there (a user's original, say)
+    fails that input instead."""
     summary = Summary()
     show = console.is_terminal
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -343,7 +350,7 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
 
                 group: list[Job] = []
                 for job in jobs:
-                    if not _ready(job, overwrite, sidecar, summary, console):
+                    if not _ready(job, overwrite, sidecar, summary, console, output_state):
                         progress.advance(images)
                     elif alone is not None and alone(job):
                         process_group([job])
@@ -360,11 +367,11 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
         finally:
             if mapping is not None:
                 mapping.save()
+        if len(jobs) > 1:  # before an interruption ends the process: what finished, input by input
+            order = {id(job): n for n, job in enumerate(jobs)}
+            summary.rows.sort(key=lambda row: order[id(row[0])])
+            _print_table(summary, console)
         interrupts.end_as_received()
-    if len(jobs) > 1:
-        order = {id(job): n for n, job in enumerate(jobs)}
-        summary.rows.sort(key=lambda row: order[id(row[0])])
-        _print_table(summary, console)
     return summary
 
 
@@ -471,7 +478,19 @@ def _fail(job: Job, message: str, summary: Summary, console: Console) -> None:
 NAME_MAX = 255
 
 
-def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: Console) -> bool:
+def recorded_state(path: Path) -> str | None:
+    """The state an existing file's revanon metadata records, or None for any other file."""
+    from .container import read_metadata
+
+    try:
+        header = json.loads(read_metadata(path) or "null")
+    except (OSError, ValueError, RecursionError, RevanonError):
+        return None
+    return header.get("state") if isinstance(header, dict) else None
+
+
+def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: Console,
+           output_state: str | None = None) -> bool:
     """Whether the job is to be processed: not failed already, and its outputs free (or --overwrite)."""
     if job.error:
         _fail(job, job.error, summary, console)
@@ -483,6 +502,10 @@ def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: 
                    "rename the input or use --rename", summary, console)
         return False
     present = [os.path.lexists(t) for t in targets]  # a dangling link counts: writes never follow one
+    if present[0] and output_state is not None and recorded_state(job.output) != output_state:
+        _fail(job, f"{job.source}: {job.output} exists and is not an {output_state} image made by revanon-rt, so "
+                   "it is neither skipped nor replaced; choose another --out", summary, console)
+        return False
     if not overwrite and all(present):
         summary.skipped += 1
         summary.rows.append((job, "skipped", f"{job.output} exists"))

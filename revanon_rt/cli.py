@@ -209,12 +209,15 @@ def anonymize_cmd(
     overwrite: bool = OVERWRITE, force: bool = FORCE, landmarks: int = LANDMARKS,
     faces: FacesChoice = typer.Option(FacesChoice.all, "--faces", help="photo mode: every face, or the largest."),
     min_face: int = typer.Option(0, "--min-face", min=0, help="photo mode: ignore faces smaller than this (pixels)."),
-    skip: str = typer.Option("", "--skip", help="photo mode: face numbers to leave alone, as --dry-run draws them (1,3)."),
+    skip: str = typer.Option("", "--skip", help="photo mode: face numbers to leave alone, as --dry-run draws them, from 0 (0,2)."),
     detector: str = typer.Option("hog", "--detector", help="photo mode: dlib's hog (fast) or cnn (better) detector."),
     dry_run: bool = typer.Option(False, "--dry-run", help="photo mode: write <stem>.faces.png with the numbered faces "
                                  "and nothing else."),
     rename: bool = RENAME, mapping: Optional[Path] = MAPPING,
     output_format: OutputFormat = typer.Option(OutputFormat.png, "--output-format", help="png (the only lossless choice)."),
+    allow_no_faces: bool = typer.Option(False, "--allow-no-faces",
+                                        help="photo mode: write a photo with no face found or selected unchanged "
+                                             "(with its record) instead of failing it."),
 ) -> None:
     """Anonymize faces with a secret key: aligned crops, or every face of a photo with --mode photo."""
     from . import container
@@ -226,7 +229,7 @@ def anonymize_cmd(
         if output_format == OutputFormat.jpeg:
             raise UsageError("outputs are always PNG: recovery needs every pixel exactly as written, and JPEG's "
                              "lossy compression would destroy the keyed pattern and fail the auth check")
-        selection = _selection(faces, min_face, skip, mode, dry_run)
+        selection = _selection(faces, min_face, skip, mode, dry_run, allow_no_faces)
         if dry_run:
             _finish(_dry_run(inputs, out, selection, detector, overwrite), "dry run")
         secret = _secret(key, password_file, confirm=True)
@@ -254,7 +257,7 @@ def anonymize_cmd(
         def anonymize_one(job, on_step):
             return anonymize_photo(load_image(job.source), container.read_metadata(job.source), backend, chosen,
                                    secret, opts, job.relative, detector=face_finder, selection=selection,
-                                   callback=on_step)
+                                   callback=on_step, allow_no_faces=allow_no_faces)
 
         process, group_size = one_at_a_time(anonymize_one), 1
     else:
@@ -270,18 +273,19 @@ def anonymize_cmd(
 
     try:
         summary = run_jobs(jobs, process, verb="anonymize", overwrite=overwrite, sidecar=sidecar, console=err,
-                           group_size=group_size, mapping=names)
+                           group_size=group_size, mapping=names, output_state="anonymized")
     except RevanonError as exc:
         _fail(exc)
     _finish(summary, "anonymize")
 
 
-def _selection(faces: "FacesChoice", min_face: int, skip: str, mode: "Mode", dry_run: bool):
+def _selection(faces: "FacesChoice", min_face: int, skip: str, mode: "Mode", dry_run: bool,
+               allow_no_faces: bool = False):
     from .photo import Selection
 
-    photo_flags = faces != FacesChoice.all or min_face or skip or dry_run
+    photo_flags = faces != FacesChoice.all or min_face or skip or dry_run or allow_no_faces
     if photo_flags and mode != Mode.photo:
-        raise UsageError("--faces, --min-face, --skip and --dry-run work in photo mode: add --mode photo")
+        raise UsageError("--faces, --min-face, --skip, --dry-run and --allow-no-faces work in photo mode: add --mode photo")
     try:
         numbers = tuple(int(v) for v in skip.split(",") if v.strip())
     except ValueError:
@@ -379,7 +383,8 @@ def deanonymize_cmd(
 
     try:
         summary = run_jobs(jobs, load_then_process(load, recover_group), verb="deanonymize", overwrite=overwrite,
-                           sidecar=sidecar, console=err, group_size=backend.batch, alone=is_photo, mapping=names)
+                           sidecar=sidecar, console=err, group_size=backend.batch, alone=is_photo, mapping=names,
+                           output_state="recovered")
     except RevanonError as exc:
         _fail(exc)
     _finish(summary, "deanonymize")

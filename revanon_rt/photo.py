@@ -122,23 +122,28 @@ class Selection:
     min_face: int = 0
     skip: tuple[int, ...] = ()
 
-    def apply(self, found) -> tuple[list[int], list[int]]:
+    def apply(self, found, source=None, check: bool = True) -> tuple[list[int], list[int]]:
         """Indices into `found`: the faces --dry-run numbers (those of at least --min-face; face i
-        of the drawing is eligible[i]), and the faces transformed after --skip and --faces."""
+        of the drawing is eligible[i]), and the faces transformed after --skip and --faces. With check,
+        a --skip number the photo does not have is refused: the user meant some other face."""
         eligible = [i for i, f in enumerate(found) if f.size >= self.min_face]
+        beyond = sorted(n for n in self.skip if n >= len(eligible))
+        if beyond and check:
+            raise InputError(f"{source or 'photo'}: --skip {','.join(map(str, beyond))}: it has {len(eligible)} face(s) to number"
+                             + (f", 0 to {len(eligible) - 1}" if eligible else "") + " (see --dry-run)")
         kept = [i for number, i in enumerate(eligible) if number not in self.skip]
         if self.faces == "largest" and kept:
             kept = [max(kept, key=lambda i: found[i].size)]
         return eligible, kept
 
 
-def plan_faces(found, crop_size: int, selection: Selection) -> list[PlannedFace]:
+def plan_faces(found, crop_size: int, selection: Selection, source=None) -> list[PlannedFace]:
     """Detected faces in record order (top to bottom, left to right), numbered as --dry-run draws
     them, filtered by --min-face, --skip and --faces."""
     from .faces import similarity_to_template
 
     planned = []
-    for f in (found[i] for i in selection.apply(found)[1]):
+    for f in (found[i] for i in selection.apply(found, source)[1]):
         # the stored affine is what recovery reads: use exactly its JSON float values from here on
         affine = np.array(similarity_to_template(f.landmarks, crop_size).tolist(), dtype=np.float64)
         planned.append(PlannedFace([round(v, 2) for v in f.box], affine, f.landmarks))
@@ -189,18 +194,28 @@ def face_masks_for_crops(masker, crops: np.ndarray, landmarks: list, relative, l
 def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, masker, secret: Secret,
                     opts: Options, relative, *, detector=None, selection: Selection | None = None,
                     planned: list[PlannedFace] | None = None, nonces: list[bytes] | None = None,
-                    salt: bytes | None = None, callback=None) -> Output:
+                    salt: bytes | None = None, callback=None, allow_no_faces: bool = False) -> Output:
     """Anonymize every selected face of a photo. `planned` replaces detection (tests, tools);
-    `nonces` and `salt` may be fixed for bit-for-bit comparisons."""
+    `nonces` and `salt` may be fixed for bit-for-bit comparisons. A photo with no face to anonymize is
+    refused unless allow_no_faces, so that an unchanged photo is never taken for an anonymized one."""
     refuse_double_anonymization(image, existing_metadata, opts)
     key, kdf = secret.for_anonymize(salt)
     size = backend.image_size
+    found = None
     if planned is None:
-        planned = plan_faces(detector.detect(image.rgb), size, selection or Selection())
+        found = detector.detect(image.rgb)
+        planned = plan_faces(found, size, selection or Selection(), image.path)
     if len(planned) > container.MAX_FACES:  # readers refuse more: its faces could never be recovered
         raise InputError(f"{image.path}: {len(planned)} faces selected, and a revanon v1 image records at most "
                          f"{container.MAX_FACES}; select fewer (--min-face, --skip) or split the photo")
-    notes = [] if planned else [f"{image.path}: no faces found; the pixels pass through unchanged"]
+    notes = []
+    if not planned:
+        why = (f"{len(found)} face(s) found and none selected (--min-face, --skip, --faces)" if found else
+               "no faces found")
+        if not allow_no_faces:
+            raise InputError(f"{image.path}: {why}, so nothing was anonymized (--allow-no-faces, or "
+                             "allow_no_faces=True, writes such a photo unchanged, with its record)")
+        notes.append(f"{image.path}: {why}; the pixels pass through unchanged")
     affines = [p.affine for p in planned]
     crops = np.stack([sample_crop(image.rgb, a, size) for a in affines]) if planned else None
     masks = (face_masks_for_crops(masker, crops, [crop_landmarks(p.landmarks, p.affine) if p.landmarks is not None
@@ -245,7 +260,7 @@ def draw_faces(rgb: np.ndarray, found, selection: Selection) -> np.ndarray:
 
     im = Image.fromarray(rgb).convert("RGB")
     draw = ImageDraw.Draw(im)
-    eligible, kept = selection.apply(found)
+    eligible, kept = selection.apply(found, check=False)  # the drawing is how the user finds the numbers
     width = max(2, rgb.shape[1] // 300)
     for i, face in enumerate(found):
         if i not in eligible:

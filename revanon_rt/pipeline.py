@@ -9,6 +9,8 @@ outputs is the caller's business (see batch.py), so the same code serves the CLI
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,8 +98,12 @@ def check_crop(image: LoadedImage, image_size: int) -> None:
 
 def refuse_double_anonymization(image: LoadedImage, existing_metadata: str | None, opts: Options) -> None:
     if existing_metadata is not None and not opts.force:
-        raise StateError(f"{image.path}: already carries revanon metadata (in the PNG or a sidecar beside it); "
-                         "anonymizing it twice needs --force")
+        try:
+            state = json.loads(existing_metadata).get("state")
+        except (ValueError, AttributeError, RecursionError):
+            state = None
+        what = f"is a revanon {state} image" if state in ("anonymized", "recovered") else "carries revanon metadata"
+        raise StateError(f"{image.path}: {what} (in the PNG or a sidecar beside it); anonymizing it again needs --force")
 
 
 def face_nonces(opts: Options, count: int, given: list[bytes] | None = None) -> tuple[list[bytes], list[bytes | None]]:

@@ -117,7 +117,7 @@ def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_
         anonymizer.anonymize(png_bytes(random_image(48)), mask=box_mask(48))
 
     anonymized = anonymizer.anonymize(crop, mask=box_mask(32)).png_bytes()
-    with pytest.raises(StateError, match="already carries revanon metadata"):
+    with pytest.raises(StateError, match="is a revanon anonymized image"):
         anonymizer.anonymize(anonymized, mask=box_mask(32))
     with pytest.raises(AuthError, match="wrong key"):
         Anonymizer(engine=zero_engines["zero"], key_file=other_keyfile, masker=None).deanonymize(anonymized)

@@ -214,7 +214,7 @@ def test_double_runs_are_refused_unless_forced(models, zero_engines, keyfile, tm
     common = ("--engine", zero_engines["zero"], "--mask", mask, "--key", keyfile)
     assert cli("run", "anonymize", src, "--out", tmp_path / "a1", *common).returncode == 0
     again = cli("run", "anonymize", tmp_path / "a1" / "face.png", "--out", tmp_path / "a2", *common)
-    assert again.returncode == 1 and "already carries revanon metadata" in again.stderr and "--force" in again.stderr
+    assert again.returncode == 1 and "is a revanon anonymized image" in again.stderr and "--force" in again.stderr
     assert not (tmp_path / "a2" / "face.png").exists()
     forced = cli("run", "anonymize", tmp_path / "a1" / "face.png", "--out", tmp_path / "a2", *common, "--force")
     assert forced.returncode == 0 and (tmp_path / "a2" / "face.png").exists()
@@ -246,6 +246,26 @@ def test_existing_outputs_are_skipped_unless_overwrite(models, zero_engines, key
     into_input = cli("run", "anonymize", tmp_path / "out" / "face.png", "--out", tmp_path / "out", "--engine",
                      zero_engines["zero"], "--mask", mask, "--key", keyfile, "--overwrite", "--force")
     assert into_input.returncode == 1 and "would replace the input" in into_input.stderr
+
+
+def test_a_file_revanon_did_not_make_is_never_skipped_or_replaced_and_out_may_hold_the_inputs(zero_engines, keyfile,
+                                                                                           tmp_path):
+    folder = tmp_path / "photos"
+    original = save_png(folder / "a.png", random_image(32, seed=10))
+    Image.fromarray(random_image(32, seed=11)).save(folder / "a.jpg", quality=95)
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    common = ("--engine", zero_engines["zero"], "--mask", mask, "--key", keyfile)
+    before = original.read_bytes()
+    for extra in ((), ("--overwrite",)):  # a.jpg's output would be a.png: the user's own, not an output
+        run = cli("run", "anonymize", folder / "a.jpg", "--out", folder, *common, *extra)
+        assert run.returncode == 1 and "is not an anonymized image made by revanon-rt" in run.stderr, run.stderr
+    assert original.read_bytes() == before
+
+    # --out holding the input folder: every subfolder is still searched
+    save_png(folder / "sub" / "b.png", random_image(32, seed=12))
+    held = cli("run", "anonymize", folder, "--out", tmp_path, *common)
+    assert held.returncode == 0 and "3 done" in held.stderr, held.stderr
+    assert (tmp_path / "sub" / "b.png").exists() and (tmp_path / "a.jpg.png").exists()
 
 
 def test_no_output_lands_on_any_input_and_renamed_runs_add_to_their_mapping(zero_engines, keyfile, tmp_path):

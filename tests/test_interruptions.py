@@ -48,6 +48,8 @@ def test_a_terminated_rename_run_keeps_its_mapping_and_a_rerun_finishes_it(zero_
         first.kill()
     assert first.returncode == -signal.SIGTERM, stderr
     assert "interrupted after" in stderr and "Traceback" not in stderr, stderr
+    after = stderr.split("interrupted after")[1]
+    assert "result" in after and "face000.png" in after, "what finished is listed before the process ends"
 
     written = json.loads(names.read_text())
     assert 4 <= len(written) < len(sources)

@@ -169,8 +169,11 @@ def test_no_faces_tampering_and_wrong_key(zero_engines, group, keyfile, other_ke
     landscape = tmp_path / "in" / "landscape.png"
     landscape.parent.mkdir()
     Image.fromarray(random_image(300, seed=73)).save(landscape)
-    result = cli("run", "anonymize", landscape, "--mode", "photo", "--out", tmp_path / "a", "--engine",
-                 zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
+    photo_args = ("--mode", "photo", "--engine", zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
+    refused = cli("run", "anonymize", landscape, "--out", tmp_path / "a", *photo_args)
+    assert refused.returncode == 1 and "no faces found, so nothing was anonymized" in refused.stderr
+    assert not (tmp_path / "a" / "landscape.png").exists(), "an unchanged photo is never written as anonymized"
+    result = cli("run", "anonymize", landscape, "--out", tmp_path / "a", *photo_args, "--allow-no-faces")
     assert result.returncode == 0 and "no faces found" in result.stderr
     assert np.array_equal(read_rgb(tmp_path / "a" / "landscape.png"), read_rgb(landscape))
     assert json.loads(container.read_png_chunk(tmp_path / "a" / "landscape.png"))["faces"] == []
@@ -180,7 +183,7 @@ def test_no_faces_tampering_and_wrong_key(zero_engines, group, keyfile, other_ke
     assert anon.returncode == 0, anon.stderr
     twice = cli("run", "anonymize", tmp_path / "g" / "group.png", "--mode", "photo", "--out", tmp_path / "g2",
                 "--engine", zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
-    assert twice.returncode == 1 and "anonymizing it twice needs --force" in twice.stderr
+    assert twice.returncode == 1 and "is a revanon anonymized image" in twice.stderr and "again needs --force" in twice.stderr
     header = json.loads(container.read_png_chunk(tmp_path / "g" / "group.png"))
     header["faces"][1]["affine"][0][2] += 3.0
     from PIL import PngImagePlugin
@@ -208,6 +211,11 @@ def test_photo_options(zero_engines, group, keyfile, tmp_path, no_torch_env):
     skipped = cli("run", "anonymize", group, "--out", tmp_path / "s", "--skip", "0", "--min-face", "60", *common)
     assert skipped.returncode == 0
     assert len(json.loads(container.read_png_chunk(tmp_path / "s" / "group.png"))["faces"]) == 2
+    for flags, message in ((("--skip", "9"), "--skip 9: it has 3 face(s) to number, 0 to 2"),
+                           (("--min-face", "100000"), "3 face(s) found and none selected")):
+        unselected = cli("run", "anonymize", group, "--out", tmp_path / "u", *flags, *common)
+        assert unselected.returncode == 1 and message in unselected.stderr, unselected.stderr
+    assert not (tmp_path / "u" / "group.png").exists()
     renamed = cli("run", "anonymize", group, "--out", tmp_path / "n", "--rename", "--mapping",
                   tmp_path / "map.json", *common)
     assert renamed.returncode == 0 and (tmp_path / "n" / "000001.png").exists()
