@@ -7,6 +7,7 @@ A failed or interrupted build leaves nothing at the destination.
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import shutil
 import tempfile
@@ -123,6 +124,31 @@ def _refuse_to_replace_anything_but_an_engine(out_dir: Path, sources: list[Path]
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
         raise UsageError(f"{out_dir}: not an engine folder (no {MANIFEST}); --overwrite replaces only an earlier "
                          "engine, so give another --out")
+    if (out_dir / MANIFEST).is_file():
+        owned = _engine_files(out_dir)
+        if owned is None:
+            raise UsageError(f"{out_dir}: its {MANIFEST} cannot be read, so nothing shows which files are the "
+                             "engine's; give another --out")
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in owned)
+        if foreign:
+            raise UsageError(f"{out_dir}: holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''} "
+                             "besides the engine, which --overwrite would delete; move them out or give another --out")
+
+
+def _engine_files(engine_dir: Path) -> set[str] | None:
+    """The names an engine folder's manifest accounts for (graphs, their extra files and plans, the TensorRT
+    cache), or None where the manifest cannot be read."""
+    try:
+        manifest = json.loads((engine_dir / MANIFEST).read_text())
+        names = {MANIFEST, "trt_cache"}
+        for entry in manifest["graphs"].values():
+            names.add(entry["file"])
+            names.update(extra["file"] for extra in entry.get("extra_files", []))
+            if "plan" in entry:
+                names.add(entry["plan"])
+        return {n for n in names if isinstance(n, str)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:

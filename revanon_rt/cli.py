@@ -468,7 +468,8 @@ def build_cmd(
                                            "whose AOTInductor loader crashes; eager runs the exported programs "
                                            "on PyTorch's own kernels (eager PyTorch's numbers, bit for bit, "
                                            "in the same fused loop and CUDA graph; slower than Inductor)."),
-    overwrite: bool = OVERWRITE,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier engine in --out (never a "
+                                   "folder that holds anything else)."),
 ) -> None:
     """Export the UNet, the autoencoder and BiSeNet to engines, and record their parity with PyTorch."""
     try:

@@ -320,6 +320,11 @@ def test_overwrite_replaces_only_an_engine_and_a_tampered_engine_says_how_to_reb
     assert onto_folder.returncode == 2 and "not an engine folder" in onto_folder.stderr
     assert sorted(p.relative_to(model_copy) for p in model_copy.rglob("*")) == before
     assert (notes / "todo.txt").read_text() == "keep me"
+    crowded = shutil.copytree(engines["zero"], tmp_path / "crowded")
+    (crowded / "my.key").write_bytes(b"a key kept beside the engine")
+    onto_crowded = cli("build", "--model", model_copy, "--out", crowded, "--overwrite")
+    assert onto_crowded.returncode == 2 and "holds my.key besides the engine" in onto_crowded.stderr
+    assert (crowded / "my.key").exists() and (crowded / "unet.onnx").exists()
 
     tampered = shutil.copytree(engines["zero"], tmp_path / "tampered")
     with open(tampered / "unet.onnx", "ab") as fh:
@@ -330,6 +335,10 @@ def test_overwrite_replaces_only_an_engine_and_a_tampered_engine_says_how_to_reb
     # the hint repeats every setting the engine was built with, here --batch 2
     assert refused.returncode == 2 and "rebuild it: revanon-rt build" in refused.stderr, refused.stderr
     assert "--batch 2" in " ".join(refused.stderr.split()), refused.stderr
+    rebuilt = cli("build", "--model", models["zero"], "--out", tampered, "--batch", "2", "--overwrite")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert json.loads((tampered / "engine.json").read_text())["graphs"]["unet"]["sha256"] == \
+        json.loads((engines["zero"] / "engine.json").read_text())["graphs"]["unet"]["sha256"]
 
 
 def _password(tmp_path):
