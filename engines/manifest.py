@@ -105,7 +105,8 @@ def read_manifest(engine_dir: Path, verify_files: bool = True) -> EngineManifest
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"{engine_dir}: no {MANIFEST}, so not an engine folder; {rebuild_hint(engine_dir)}") from None
+        raise UsageError(f"{engine_dir}: no {MANIFEST}, so not an engine folder; make one with "
+                         "`revanon-rt build --model MODEL_DIR --out NEW_FOLDER`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"{path}: unreadable ({exc}); {rebuild_hint(engine_dir)}") from None
     if not isinstance(data, dict):

@@ -30,7 +30,8 @@ from typing import Sequence, Union
 import numpy as np
 
 from . import container
-from .errors import InputError, MetadataError, UsageError
+from .errors import (AuthError, InputError, MetadataError, ModelMismatchError, RevanonError, StateError,
+                     UsageError)
 from .images import MAX_IMAGE_PIXELS, LoadedImage, decode_image, load_image
 from .keys import Secret, exposure_warning, read_key_file
 from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
@@ -39,6 +40,11 @@ from .schedule import DEFAULT_STEPS, MAX_STEPS
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, np.ndarray]
 MaskInput = ImageInput
+
+
+# what a caller catches comes from here too, with the Anonymizer
+__all__ = ["Anonymizer", "KeyFileWarning", "Output", "RevanonError", "UsageError", "InputError", "MetadataError",
+           "AuthError", "StateError", "ModelMismatchError"]
 
 
 def resolve_device(name: str) -> str:
@@ -55,14 +61,23 @@ def resolve_device(name: str) -> str:
 
 def open_backend(model: Path | None, engine: Path | None, device: str = "auto", parser: Path | None = None):
     """The PyTorch reference on a diffusers folder, or a built engine (which needs no torch)."""
-    if (model is None) == (engine is None):
+    if model is not None and engine is not None:
+        raise UsageError("give --model DIR (PyTorch reference) or --engine DIR (a built engine), not both")
+    if model is None and engine is None:
         raise UsageError("give --model DIR (PyTorch reference) or --engine DIR (a built engine)")
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
     if engine is not None:
         from .engines import open_engine
 
-        return open_engine(Path(engine), device=device)
+        backend = open_engine(Path(engine), device=device)
+        if parser is not None:
+            # an engine runs the parser it was built with; a .pth given here would be silently ignored
+            raise UsageError(f"--parser goes with --model; --engine {engine} "
+                             + ("runs the parser it was built with, so leave --parser out" if backend.can_parse else
+                                "was built without one: rebuild it with `build --parser`, or use --masker "
+                                "landmarks or --mask"))
+        return backend
     try:
         from .reference import TorchReference
     except ImportError as exc:

@@ -60,7 +60,9 @@ def _fail(exc: RevanonError) -> None:
     raise typer.Exit(exc.exit_code)
 
 
-def _secret(key: Optional[Path], password_file: Optional[Path], confirm: bool):
+def _secret(key: Optional[Path], password_file: Optional[Path]):
+    """The secret of --key or --password-file, or None where it is to be typed: _typed_secret asks for it
+    once every other flag, the inputs and the model have been checked, so that a mistake there costs no typing."""
     from .keys import Secret, exposure_warning, read_key_file, read_password_file
 
     if key and password_file:
@@ -74,6 +76,14 @@ def _secret(key: Optional[Path], password_file: Optional[Path], confirm: bool):
         return Secret.from_password(read_password_file(password_file))
     if not sys.stdin.isatty():
         raise UsageError("no key: give --key KEYFILE (make one with `revanon-rt keygen`) or --password-file FILE")
+    return None
+
+
+def _typed_secret(secret, confirm: bool):
+    from .keys import Secret
+
+    if secret is not None:
+        return secret
     password = typer.prompt("Password", hide_input=True, confirmation_prompt=confirm)
     if not password:
         raise UsageError("the password is empty")
@@ -232,7 +242,7 @@ def anonymize_cmd(
         selection = _selection(faces, min_face, skip, mode, dry_run, allow_no_faces)
         if dry_run:
             _finish(_dry_run(inputs, out, selection, detector, overwrite), "dry run")
-        secret = _secret(key, password_file, confirm=True)
+        secret = _secret(key, password_file)
         jobs, names = _prepare(inputs, out, rename, mapping)
         masker_name = _masker_name(masker, mask, parser, engine, mode)
         if mode == Mode.photo and masker_name == MaskerName.landmarks and landmarks != 5:
@@ -242,6 +252,7 @@ def anonymize_cmd(
         backend = open_backend(model, engine, device, parser)
         chosen = _choose_masker(backend, masker_name, mask, landmarks)
         face_finder = _detector(detector) if mode == Mode.photo else None
+        secret = _typed_secret(secret, confirm=True)
         secret.for_anonymize()  # one salt for the whole run; pays for scrypt once, up front
     except RevanonError as exc:
         _fail(exc)
@@ -324,10 +335,13 @@ def deanonymize_cmd(
     key: Optional[Path] = KEY, password_file: Optional[Path] = PASSWORD_FILE,
     meta: Optional[Path] = typer.Option(None, "--meta", help="Metadata JSON for an image whose PNG chunk was stripped."),
     recompute_mask: bool = typer.Option(False, "--recompute-mask", help="Re-run the masker named in the metadata."),
-    masker: Optional[MaskerName] = MASKER, parser: Optional[Path] = PARSER, mask: Optional[Path] = MASK,
+    masker: Optional[MaskerName] = typer.Option(None, "--masker", help="With --recompute-mask: the masker you "
+                                                "expect the metadata to name (it decides; this only checks)."),
+    parser: Optional[Path] = PARSER, mask: Optional[Path] = MASK,
     skip_auth: bool = typer.Option(False, "--skip-auth", help="Run even when the auth check fails. Output is marked unverified."),
     ignore_model_mismatch: bool = typer.Option(False, "--ignore-model-mismatch", help="Run with a model other than the one recorded."),
-    device: str = DEVICE, sidecar: bool = typer.Option(False, "--sidecar"),
+    device: str = DEVICE,
+    sidecar: bool = typer.Option(False, "--sidecar", help="Also write <output>.revanon.json."),
     overwrite: bool = OVERWRITE, force: bool = FORCE, landmarks: int = LANDMARKS,
     rename: bool = RENAME, mapping: Optional[Path] = MAPPING,
 ) -> None:
@@ -339,10 +353,12 @@ def deanonymize_cmd(
     from .pipeline import Crop, Options, deanonymize_crops
 
     try:
-        secret = _secret(key, password_file, confirm=False)
+        secret = _secret(key, password_file)
         jobs, names = _prepare(inputs, out, rename, mapping)
         if meta is not None and len(jobs) != 1:
             raise UsageError("--meta goes with exactly one input image")
+        if meta is not None and not meta.is_file():
+            raise UsageError(f"--meta {meta}: no such file")
         if (masker is not None or mask is not None or parser is not None) and not recompute_mask:
             raise UsageError("--masker, --mask and --parser only matter with --recompute-mask; the stored mask is "
                              "used otherwise")
@@ -351,6 +367,7 @@ def deanonymize_cmd(
         if masker is not None:
             # the metadata names the masker; --masker only says which one the user expects
             maskers = {name: m for name, m in maskers.items() if name == masker.value}
+        secret = _typed_secret(secret, confirm=False)
     except RevanonError as exc:
         _fail(exc)
     if skip_auth:
@@ -510,10 +527,19 @@ def verify_cmd(
         from .verify import Thresholds, run_verify
 
         dev = resolve_device(device)
-        reference = TorchReference(model, device=dev, parser=parser)
+        if json_out is not None:
+            _check_report_path(json_out)
         from .engines import open_engine
 
         backend = open_engine(engine, device=dev)
+        if backend.can_parse and parser is None:
+            built_from = backend.engine.manifest.data["model"].get("parser")
+            if not built_from or not Path(built_from).is_file():
+                raise UsageError(f"--engine {engine} holds a parser; give the .pth it was built from with --parser, "
+                                 "so that verify checks its face maps too")
+            parser = Path(built_from)
+            say(f"parser: {parser}, the file the engine was built from")
+        reference = TorchReference(model, device=dev, parser=parser)
         report = run_verify(reference, backend, image, steps,
                             Thresholds(max_latent_rel_err, min_identical_pixels, max_mask_differences), log=say,
                             replays=replays)
@@ -541,6 +567,20 @@ def verify_cmd(
 
         write_atomic(json_out, (json.dumps(report, indent=1) + "\n").encode(), overwrite=True)
     raise typer.Exit(0 if report["passed"] else 1)
+
+
+def _check_report_path(path: Path) -> None:
+    """--json may replace an earlier report, never any other file."""
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        is_report = isinstance(earlier, dict) and {"stages", "checks"} <= earlier.keys()
+    except (OSError, UnicodeDecodeError, ValueError):
+        is_report = False
+    if not is_report:
+        raise UsageError(f"--json {path}: exists and is not a verify report, which it would replace; "
+                         "give another file")
 
 
 def _fmt(value) -> str:

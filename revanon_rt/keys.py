@@ -57,9 +57,11 @@ def read_key_file(path: Path) -> bytes:
 def readable_by_others(path: Path) -> bool:
     """True when a key or password file grants any access to its group or to other users."""
     try:
-        return bool(os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO))
+        mode = os.stat(path).st_mode
     except OSError:
         return False
+    # a folder or a device given by mistake gets the read error, not advice to chmod it
+    return stat.S_ISREG(mode) and bool(mode & (stat.S_IRWXG | stat.S_IRWXO))
 
 
 def exposure_warning(path: Path) -> str | None:

@@ -83,7 +83,8 @@ class BiSeNetMasker:
 
 
 class FileMasker:
-    """Masks from an image, or from a folder mirroring the inputs (`a/b.jpg` -> `MASKS/a/b.<ext>`)."""
+    """Masks from an image, or from a folder mirroring the inputs (`a/b.jpg` -> `MASKS/a/b.jpg`, or else
+    `MASKS/a/b.<ext>`)."""
 
     name = "file"
 
@@ -95,6 +96,10 @@ class FileMasker:
     def path_for(self, relative: Path) -> Path:
         if self.mask_path.is_file():
             return self.mask_path
+        # the input's own name first: a.png and a.jpg side by side each have their own mask
+        exact = self.mask_path / relative
+        if exact.suffix.lower() in MASK_EXTENSIONS and exact.is_file():
+            return exact
         stem = self.mask_path / relative.parent / relative.stem
         for ext in MASK_EXTENSIONS:
             for candidate in (stem.with_name(stem.name + ext), stem.with_name(stem.name + ext.upper())):

@@ -257,8 +257,11 @@ def _recovery_mask(crop: Crop, checked: Authentic, backend, maskers: dict | None
         return container.stored_mask(header["faces"][0], latent_hw, source)
     masker = maskers.get(header["masker"])
     if masker is None:
-        raise InputError(f"{source}: --recompute-mask re-runs the {header['masker']!r} masker "
-                         "named in its metadata; give that masker's flags (--parser or --mask)")
+        needs = {"bisenet": "a parser (--parser with --model, or an engine built with one)",
+                 "file": "the mask file (--mask)",
+                 "landmarks": "dlib (pip install dlib-bin face_recognition_models)"}.get(header["masker"], "its flags")
+        raise InputError(f"{source}: --recompute-mask re-runs the {header['masker']!r} masker named in its "
+                         f"metadata, which needs {needs}; --masker, if given, must name that masker")
     return latent_mask(masker.face_maps(crop.image.rgb[None], [crop.relative])[0], latent_hw)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -144,7 +145,13 @@ def load_bisenet(path: Path) -> torch.nn.Module:
     except FileNotFoundError:
         raise UsageError(f"{path}: no such BiSeNet weights file") from None
     except Exception as exc:
-        raise UsageError(f"{path}: not facexlib BiSeNet weights ({type(exc).__name__}: {exc})") from None
+        text = str(exc).strip()
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "Weights only" in text:
+            # torch's own message goes on to suggest weights_only=False, which would run code from the file
+            detail = "not a PyTorch file of tensors"
+        else:
+            detail = f"{type(exc).__name__}: {(text.splitlines() or [''])[0][:200]}"
+        raise UsageError(f"{path}: not facexlib BiSeNet weights ({detail})") from None
     return net.to(torch.float32).eval().requires_grad_(False)
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import box_mask, cli, random_image, read_rgb, save_png
 from revanon_rt import container
-from revanon_rt.errors import AuthError, InputError, MetadataError, StateError, UsageError
+from revanon_rt.api import AuthError, InputError, MetadataError, StateError, UsageError  # as a caller imports them
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

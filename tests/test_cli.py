@@ -7,6 +7,10 @@ import zlib
 import re
 import shutil
 import stat
+import subprocess
+import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -617,6 +621,9 @@ def test_a_mask_folder_mirrors_the_inputs(zero_engines, keyfile, tmp_path):
     for relative, seed in (("a.png", 14), ("sub/b.png", 15), ("c.png", 16), ("d.png", 17)):
         save_png(inputs / relative, random_image(32, seed=seed))
     save_png(masks / "a.png", box_mask(32, 0.25, 0.5))
+    # a.jpg beside a.png: each has a mask of its own name
+    Image.fromarray(random_image(32, seed=18)).save(inputs / "a.jpg", quality=95)
+    Image.fromarray(box_mask(32, 0.1, 0.3)).save(masks / "a.jpg", quality=100)
     (masks / "sub").mkdir(parents=True)
     Image.fromarray(box_mask(32, 0.5, 0.9)).save(masks / "sub" / "b.PNG")  # any listed extension, either case
     def chunk(kind: bytes, body: bytes) -> bytes:
@@ -626,11 +633,79 @@ def test_a_mask_folder_mirrors_the_inputs(zero_engines, keyfile, tmp_path):
     (masks / "d.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bomb + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     result = cli("run", "anonymize", inputs, "--out", tmp_path / "anon", "--engine", zero_engines["zero"],
                  "--mask", masks, "--key", keyfile)
-    assert result.returncode == 1 and "2 done, 0 skipped, 2 failed" in result.stderr, result.stderr
+    assert result.returncode == 1 and "3 done, 0 skipped, 2 failed" in result.stderr, result.stderr
     assert "c.png: no mask for it under" in result.stderr and "d.png: the mask's pixel count is over" in result.stderr
     table = [line.split()[0] for line in result.stderr.splitlines() if line.strip().endswith(("done", "failed"))
              or " failed " in line or " done " in line]
     assert [name for name in table if name.endswith(".png")] == ["a.png", "c.png", "d.png", "sub/b.png"], table
-    for relative, mask_file in (("a.png", masks / "a.png"), ("sub/b.png", masks / "sub" / "b.PNG")):
+    for relative, mask_file in (("a.png", masks / "a.png"), ("a.jpg.png", masks / "a.jpg"),
+                                ("sub/b.png", masks / "sub" / "b.PNG")):
         face = json.loads(container.read_png_chunk(tmp_path / "anon" / relative))["faces"][0]
         assert np.array_equal(unpack_mask(face["mask"], relative), latent_mask(face_map_from_file(mask_file), (32, 32)))
+
+
+def _on_a_terminal(*args, answers: tuple = ()) -> tuple[int, str]:
+    """The CLI with a terminal for its standard input, as a user at a shell has. Each answer is typed once the
+    prompt before it shows: getpass flushes what was typed ahead."""
+    terminal, its_side = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "revanon_rt", *map(str, args)], stdin=its_side,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200"))
+    seen = bytearray()
+
+    def read():
+        for byte in iter(lambda: proc.stdout.read(1), b""):
+            seen.extend(byte)
+
+    def prompts() -> int:
+        return seen.count(b"Password") + seen.count(b"Repeat for confirmation")
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        for number, answer in enumerate(answers, 1):
+            deadline = time.monotonic() + 120
+            while prompts() < number and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.write(terminal, answer.encode() + b"\n")
+        proc.wait(timeout=300)
+        reader.join(timeout=30)
+    finally:
+        proc.kill()
+        os.close(terminal)
+        os.close(its_side)
+    return proc.returncode, seen.decode(errors="replace")
+
+
+def test_the_password_is_asked_for_after_every_other_check(zero_engines, tmp_path):
+    face = save_png(tmp_path / "face.png", random_image(32, seed=13))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    code, output = _on_a_terminal("run", "anonymize", face, "--out", tmp_path / "a", "--engine", tmp_path / "nope",
+                                  "--mask", mask)
+    assert code == 2 and "Password" not in output and "nope" in output, output
+    code, output = _on_a_terminal("run", "anonymize", face, "--out", tmp_path / "a", "--engine", zero_engines["zero"],
+                                  "--mask", mask, answers=("correct horse", "correct horse"))
+    assert code == 0 and "Password" in output and "1 done" in output, output
+    code, output = _on_a_terminal("run", "deanonymize", tmp_path / "a" / "face.png", "--out", tmp_path / "r",
+                                  "--engine", zero_engines["zero"], answers=("correct horse",))
+    assert code == 0 and "1 done" in output, output
+    assert np.array_equal(read_rgb(tmp_path / "r" / "face.png"), read_rgb(face))
+
+
+def test_flag_mistakes_get_messages_that_say_what_to_do(models, zero_engines, keyfile, tmp_path):
+    face = save_png(tmp_path / "in" / "face.png", random_image(32, seed=19))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    run = ("run", "anonymize", face, "--out", tmp_path / "out", "--mask", mask)
+    parser_ignored = cli(*run, "--engine", zero_engines["zero"], "--key", keyfile, "--parser", tmp_path / "p.pth")
+    assert parser_ignored.returncode == 2 and "--parser goes with --model" in parser_ignored.stderr
+    both = cli(*run, "--engine", zero_engines["zero"], "--model", models["zero"], "--key", keyfile)
+    assert both.returncode == 2 and "not both" in both.stderr
+    images_as_engine = cli(*run, "--engine", tmp_path / "in", "--key", keyfile)
+    assert images_as_engine.returncode == 2 and "not an engine folder" in images_as_engine.stderr
+    assert "--overwrite" not in images_as_engine.stderr, "never advise overwriting a folder of images"
+    folder_as_key = cli(*run, "--engine", zero_engines["zero"], "--key", tmp_path / "in")
+    assert folder_as_key.returncode == 2 and "chmod" not in folder_as_key.stderr, folder_as_key.stderr
+    no_meta = cli("run", "deanonymize", face, "--out", tmp_path / "r", "--engine", zero_engines["zero"],
+                  "--key", keyfile, "--meta", tmp_path / "nope.json")
+    assert no_meta.returncode == 2 and "--meta" in no_meta.stderr and "no such file" in no_meta.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r").exists()

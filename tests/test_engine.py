@@ -248,6 +248,16 @@ def test_verify_passes_on_a_good_engine_and_fails_on_a_perturbed_one(engines, mo
     assert report["passed"] and report["stages"]["final latent"]["rel_l2"] < 1e-4
     assert report["stages"]["parse mask"]["differing_cells"] == 0
     assert "eps middle step" in good.stdout and "recovery engine -> pytorch" in good.stdout
+    precious = tmp_path / "face.png"
+    precious.write_bytes(b"not a report")
+    kept = cli("verify", "--engine", engines["ldm"], "--model", models["ldm"], "--steps", "2", "--json", precious)
+    assert kept.returncode == 2 and "not a verify report" in kept.stderr and precious.read_bytes() == b"not a report"
+    # without --parser: the .pth the engine was built from, so that its face maps are still checked; and
+    # --json replaces the earlier report
+    again = cli("verify", "--engine", engines["ldm"], "--model", models["ldm"], "--steps", "2",
+                "--json", tmp_path / "good.json")
+    assert again.returncode == 0 and "the file the engine was built from" in again.stderr, again.stderr
+    assert json.loads((tmp_path / "good.json").read_text())["stages"]["parse mask"]["differing_cells"] == 0
 
     def broken(graph: str, layer: str, factor: float):
         """A copy of the engine with one layer's weights scaled, its hashes made consistent again."""

@@ -134,3 +134,9 @@ def test_bad_parser_weights_are_refused(models, tmp_path):
     torch.save({"weight": torch.zeros(3)}, wrong)
     with pytest.raises(UsageError, match="wrong.pth: not facexlib BiSeNet"):
         TorchReference(models["zero"], parser=wrong)
+    key = tmp_path / "my.key"
+    key.write_text("00" * 32 + "\n")
+    with pytest.raises(UsageError) as refused:
+        TorchReference(models["zero"], parser=key)
+    message = str(refused.value)
+    assert "not a PyTorch file of tensors" in message and "weights_only" not in message and "\n" not in message
