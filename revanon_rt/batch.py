@@ -503,8 +503,9 @@ def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: 
         return False
     present = [os.path.lexists(t) for t in targets]  # a dangling link counts: writes never follow one
     if present[0] and output_state is not None and recorded_state(job.output) != output_state:
-        _fail(job, f"{job.source}: {job.output} exists and is not an {output_state} image made by revanon-rt, so "
-                   "it is neither skipped nor replaced; choose another --out", summary, console)
+        article = "an" if output_state[0] in "aeiou" else "a"
+        _fail(job, f"{job.source}: {job.output} exists and is not {article} {output_state} image made by revanon-rt, "
+                   "so it is neither skipped nor replaced; choose another --out", summary, console)
         return False
     if not overwrite and all(present):
         summary.skipped += 1

@@ -129,8 +129,9 @@ class Selection:
         eligible = [i for i, f in enumerate(found) if f.size >= self.min_face]
         beyond = sorted(n for n in self.skip if n >= len(eligible))
         if beyond and check:
-            raise InputError(f"{source or 'photo'}: --skip {','.join(map(str, beyond))}: it has {len(eligible)} face(s) to number"
-                             + (f", 0 to {len(eligible) - 1}" if eligible else "") + " (see --dry-run)")
+            numbered = f", 0 to {len(eligible) - 1}" if eligible else ""
+            raise InputError(f"{source or 'photo'}: --skip {','.join(map(str, beyond))}: it has {len(eligible)} "
+                             f"face(s) to number{numbered} (see --dry-run)")
         kept = [i for number, i in enumerate(eligible) if number not in self.skip]
         if self.faces == "largest" and kept:
             kept = [max(kept, key=lambda i: found[i].size)]
