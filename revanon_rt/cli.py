@@ -740,7 +740,7 @@ def eval_cmd(
             if stage != EvalStage.score:
                 run_transform(backend, chosen, zip_images, chunk, masker=chosen_masker, mask_dir=mask, steps=steps,
                               batch=batch, candidates=candidates, progress=tick, pool_cache=out / "linkage-pool.npz",
-                              genuine_only=genuine_only)
+                              genuine_only=genuine_only, pairs_total=len(all_pairs))
             if stage != EvalStage.transform:
                 run_score(chunk, zip_images, recognizer, progress=tick)
             if log_lines:
@@ -764,15 +764,20 @@ def eval_merge_cmd(
                                           "chunks at its threshold and add them to it."),
 ) -> None:
     """Combine the chunks of an evaluation into one summary (metrics.json, metrics.md)."""
-    from .evaluate import markdown, merge_chunks, pair_ranges
+    from .evaluate import markdown, merge_chunks, pair_ranges, uncovered_pairs
 
     try:
         summary = merge_chunks(folder, title, extend)
     except RevanonError as exc:
         _fail(exc)
-    covered = pair_ranges(summary["chunks"])
-    if "," in covered or not covered.startswith("0-"):
-        err.print(f"[yellow]note[/yellow]: the chunks cover pairs {escape(covered)} only")
+    uncovered = uncovered_pairs(folder, summary["chunks"]) if extend is None else None
+    if uncovered is not None:
+        if uncovered[0]:
+            err.print(f"[yellow]note[/yellow]: no chunk covers pairs {escape(uncovered[0])} of the {uncovered[1]}")
+    else:
+        covered = pair_ranges(summary["chunks"])
+        if "," in covered or not covered.startswith("0-"):
+            err.print(f"[yellow]note[/yellow]: the chunks cover pairs {escape(covered)} only")
     say(markdown(summary, title))
     typer.echo(json.dumps(summary))
 

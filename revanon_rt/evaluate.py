@@ -55,9 +55,11 @@ def identity(name: str) -> str:
 def read_pairs(path: Path) -> list[Pair]:
     """LFW pairs.txt: a header line, then `name i j` (same person) or `name1 i name2 j`."""
     try:
-        lines = [line.split() for line in Path(path).read_text().splitlines() if line.strip()]
+        lines = [line.split() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the pairs file ({exc})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a text pairs file (is it the --images zip?)") from None
     pairs = []
     for fields in lines[1:]:
         if len(fields) == 3:
@@ -180,12 +182,15 @@ def transform_conditions(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: l
 
 def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, masker=None, mask_dir: Path | None = None,
                   steps: int = 50, batch: int = 16, candidates: int = 100, seed: int = 0, progress=None,
-                  pool_cache: Path | None = None, genuine_only: bool = False) -> dict:
+                  pool_cache: Path | None = None, genuine_only: bool = False, pairs_total: int | None = None) -> dict:
     """Write masks and every transformed second image; return the run's facts (no secrets).
 
     pool_cache: a file that keeps the linkage pool's inversions for the other chunks of the run.
     genuine_only: transform only the second images of genuine pairs. TAR counts nothing else, and
-    impostor pairs still give their clean images to the threshold."""
+    impostor pairs still give their clean images to the threshold.
+    pairs_total: how many pairs the whole pairs file holds, so that a merge can say which no chunk covers."""
+    for stale in ("features.npz", "transform.json"):  # a chunk done again: its old scores describe other images
+        (out / stale).unlink(missing_ok=True)
     rng = np.random.default_rng(seed)
     # throwaway keys drawn from the seed, so that an evaluation can be repeated exactly
     keys = {"key": bytes(rng.integers(0, 256, 32, dtype=np.uint8)),
@@ -208,7 +213,7 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
              "linkage_pool": pool, "genuine_only": genuine_only,
              "transform_seconds": time.perf_counter() - started, "mask_fallbacks": len(fallbacks),
              "mask_fallback_names": fallbacks,
-             "pairs": [[p.first, p.second, p.same] for p in pairs]}
+             "pairs": [[p.first, p.second, p.same] for p in pairs], "pairs_total": pairs_total}
     out.mkdir(parents=True, exist_ok=True)
     (out / "transform.json").write_text(json.dumps(facts, indent=1))
     return facts
@@ -412,6 +417,28 @@ def pair_ranges(chunk_names: list[str]) -> str:
         else:
             spans.append([r.start, r.stop])
     return ", ".join(f"{start}-{stop - 1}" for start, stop in spans)
+
+
+def uncovered_pairs(folder: Path, chunk_names: list[str]) -> tuple[str, int] | None:
+    """The pairs of the pairs file that no chunk covers, as '4-7', and the file's pair count; None where
+    the chunks do not record that count (chunks made before it was recorded)."""
+    totals = set()
+    for name in chunk_names:
+        try:
+            totals.add(json.loads((Path(folder) / name / "transform.json").read_text()).get("pairs_total"))
+        except (OSError, ValueError):
+            totals.add(None)
+    if None in totals or not totals:
+        return None
+    total = max(totals)
+    covered = set().union(*(_pair_range(name) for name in chunk_names))
+    spans: list[list[int]] = []
+    for index in (i for i in range(total) if i not in covered):
+        if spans and spans[-1][1] == index:
+            spans[-1][1] = index + 1
+        else:
+            spans.append([index, index + 1])
+    return ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in spans), total
 
 
 def _refuse_overlaps(chunk_names: list[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,10 +61,13 @@ def tf32_mode(allowed: bool):
 
 
 def torch_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible to torch")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UsageError(f"--device must be cpu or cuda, not {name!r}")
+    if name not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
+    if name != "cpu":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA GPU is visible to torch")
+        if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
     return torch.device(name)
 
 

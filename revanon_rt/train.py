@@ -49,6 +49,7 @@ ARCHITECTURES = {
              "attention_head_dim": 8, "norm_num_groups": 8},
 }
 MAX_WEIGHTS_BYTES = 15 * 1000 * 1000
+LFW_TRAIN_ZIP = "train-128.zip"  # ../shared/data/lfw's identity-disjoint training split, which the card describes
 
 
 @dataclass
@@ -69,12 +70,17 @@ def load_crops(zip_path: Path, resolution: int) -> np.ndarray:
         archive = zipfile.ZipFile(zip_path)
     except (OSError, zipfile.BadZipFile) as exc:
         raise UsageError(f"{zip_path}: not a readable zip of face crops ({exc})") from None
-    names = sorted(n for n in archive.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png")))
+    # a zip made on a Mac carries __MACOSX/._name.jpg resource forks, which are not images
+    names = sorted(n for n in archive.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png"))
+                   and not n.startswith("__MACOSX/") and not Path(n).name.startswith("._"))
     if not names:
         raise UsageError(f"{zip_path}: holds no .jpg or .png images")
     out = np.empty((len(names), resolution, resolution, 3), np.uint8)
     for i, name in enumerate(names):
-        im = Image.open(io.BytesIO(archive.read(name))).convert("RGB")
+        try:
+            im = Image.open(io.BytesIO(archive.read(name))).convert("RGB")
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # PIL's UnidentifiedImageError is an OSError
+            raise UsageError(f"{zip_path}: {name} is not a readable image ({exc}); remove it from the zip") from None
         if im.size != (resolution, resolution):
             im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
         out[i] = np.asarray(im)
@@ -101,6 +107,29 @@ def resumed_config(saved: dict, given: dict, flags: dict, changeable: tuple = ()
     return {**saved, **{k: v for k, v in given.items() if k in changeable}}
 
 
+def training_device(device: str):
+    """The torch device `--device` names; a GPU asked for and not there stops the run before it trains."""
+    from .api import resolve_device
+    from .reference import torch_device
+
+    return torch_device(resolve_device(device))
+
+
+def check_new_run(out: Path, state: Path, allowed: set[str]) -> None:
+    """A run without --resume starts only in a folder that is new, empty or holds just `allowed` (what an
+    earlier stage left): never over an unfinished run's checkpoint or over files it did not write."""
+    if state.exists():
+        raise UsageError(f"{out}: holds the checkpoint of an unfinished run; --resume continues it, or choose "
+                         "another --out")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: a file, not a folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed) if out.is_dir() else []
+    if foreign:
+        more = ", ..." if len(foreign) > 3 else ""
+        raise UsageError(f"--out {out}: holds {', '.join(foreign[:3])}{more}, which training would overwrite or mix "
+                         "with; choose a new or empty folder")
+
+
 TRAIN_FLAGS = {"resolution": "--resolution", "architecture": "--architecture", "batch": "--batch", "lr": "--lr",
                "ema_decay": "--ema-decay"}
 
@@ -118,13 +147,15 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
         raise UsageError(f"{state_path}: no checkpoint to resume from")
     if not resume and (out / "unet").exists():
         raise UsageError(f"{out}: already holds a model; --resume continues it, or choose another --out")
+    if not resume:
+        check_new_run(out, state_path, {"vae", "checkpoint"})  # vae/: train-autoencoder's, for a latent model
     if resume:
         saved_cfg = json.loads((out / "checkpoint" / "config.json").read_text())
         cfg = TrainConfig(**resumed_config(saved_cfg, given or {}, TRAIN_FLAGS, ("lr", "ema_decay")))
         changes = {k: v for k, v in (given or {}).items() if k in ("lr", "ema_decay")}
         if changes:
             log(f"from here on: {changes}")
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dev = training_device(device)
     torch.manual_seed(cfg.seed)
     images = load_crops(data, cfg.resolution)
     log(f"{len(images)} crops at {cfg.resolution}px from {data}; training on {dev}")
@@ -212,7 +243,7 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
                              "seconds": round(seconds, 1), "lr": cfg.lr, "ema_decay": cfg.ema_decay,
                              "torch": torch.__version__}) + "\n")
     log(f"{step} steps; weights in {out / 'unet'}")
-    return {"steps": step, "seconds": seconds}
+    return {"steps": step, "seconds": seconds, "crops": len(images)}
 
 
 def to_device_without_waiting(array: np.ndarray, dev):
@@ -389,27 +420,41 @@ def write_model_card(out: Path, data: Path, result: dict, samples: int, device: 
         from .train_autoencoder import PIECES
 
         ae = json.loads((out / "vae" / "config.json").read_text())
-        ae_cfg = json.loads((out / "checkpoint" / "autoencoder-config.json").read_text())
-        ae_pieces = training_pieces(out, PIECES)
-        ae_rows = list(csv.DictReader(open(out / "checkpoint" / "autoencoder-loss.csv")))
+        ae_record = out / "checkpoint" / "autoencoder-config.json", out / "checkpoint" / "autoencoder-loss.csv"
         ae_mb = (out / "vae" / "diffusion_pytorch_model.safetensors").stat().st_size / 1e6
         side = cfg["resolution"] // 2 ** (len(ae["block_out_channels"]) - 1)
         space = (f"in the {ae['latent_channels']}×{side}×{side} latent of its own autoencoder,\nfor "
                  f"{cfg['resolution']}×{cfg['resolution']} crops")
         loads = (f"a revanon v1 latent model (spec §1):\n`vae/` (diffusers AutoencoderKL, fp16 safetensors, "
                  f"{ae_mb:.1f} MB, scaling factor {ae['scaling_factor']:.4f}),")
-        ae_line = (f"- **Autoencoder:** `revanon-rt train-autoencoder`, {ae_pieces[-1]['steps_to'] if ae_pieces else '?'} "
-                   f"steps, batch {ae_cfg['batch']}, AdamW lr {_rate(ae_cfg['lr'])},\n"
-                   f"  blocks {ae_cfg['block_out_channels']}; loss = pixel MSE + {ae_cfg['consistency_weight']} × "
-                   f"E(D(z)) consistency + {_rate(ae_cfg['kl_weight'])} × KL.\n"
-                   f"  Last logged reconstruction {10 * math.log10(4 / float(ae_rows[-1]['reconstruction_mse'])):.1f} dB "
-                   f"(training crops), {len(ae_pieces)} piece(s), {sum(p['seconds'] for p in ae_pieces) / 60:.0f} minutes.\n")
+        if all(path.is_file() for path in ae_record):
+            ae_cfg = json.loads(ae_record[0].read_text())
+            ae_pieces = training_pieces(out, PIECES)
+            ae_rows = list(csv.DictReader(open(ae_record[1])))
+            ae_line = (f"- **Autoencoder:** `revanon-rt train-autoencoder`, "
+                       f"{ae_pieces[-1]['steps_to'] if ae_pieces else '?'} "
+                       f"steps, batch {ae_cfg['batch']}, AdamW lr {_rate(ae_cfg['lr'])},\n"
+                       f"  blocks {ae_cfg['block_out_channels']}; loss = pixel MSE + {ae_cfg['consistency_weight']} × "
+                       f"E(D(z)) consistency + {_rate(ae_cfg['kl_weight'])} × KL.\n"
+                       f"  Last logged reconstruction {10 * math.log10(4 / float(ae_rows[-1]['reconstruction_mse'])):.1f} dB "
+                       f"(training crops), {len(ae_pieces)} piece(s), {sum(p['seconds'] for p in ae_pieces) / 60:.0f} "
+                       "minutes.\n")
+        else:  # a vae/ copied in: its training record stayed where it was trained
+            ae_line = "- **Autoencoder:** `vae/` was trained elsewhere; its training record is not in this folder.\n"
         bounded = "decoded, latents never bounded"
     else:
         space = f"in pixel space\n({cfg['resolution']}×{cfg['resolution']})"
         loads = "a revanon v1 pixel-space model (spec §1):"
         ae_line = ""
         bounded = "each predicted x0 bounded to the pixel range as diffusers' `clip_sample` does"
+    if Path(data).name == LFW_TRAIN_ZIP:
+        data_text = ("LFW crops (centre 196 of 250 px, resized), 4,085 people who appear in\n  none of the evaluation "
+                     "folds")
+        license_text = ("the weights derive from Labeled Faces in the Wild, a research data set: use this model for\n"
+                        "  research and testing only.")
+    else:
+        data_text = f"{result['crops']} face crops" if result.get("crops") else "face crops"
+        license_text = f"the weights derive from `{Path(data).name}`, whose terms govern their use."
     lr_history = _setting_history(pieces, "lr", cfg["lr"], _rate)
     ema_history = _setting_history(pieces, "ema_decay", cfg["ema_decay"])
     card = f"""# revanon-rt demo face model
@@ -419,16 +464,14 @@ for the project's demo, tests and evaluation.
 It loads as {loads} `unet/` (diffusers UNet2DModel, EMA weights,
 fp16 safetensors, {weights.stat().st_size / 1e6:.1f} MB) and `scheduler/` (DDIM, linear betas 1e-4..0.02, 1000 steps).
 
-- **Data:** `{Path(data).name}`: LFW crops (centre 196 of 250 px, resized), 4,085 people who appear in
-  none of the evaluation folds, with horizontal flips.
-{ae_line}- **Training:** {steps} steps, batch {cfg['batch']}, AdamW lr {lr_history} with
-  {cfg['warmup']} warm-up steps, EMA {ema_history}, bf16 autocast on GPU (fp32 on CPU), seed {cfg['seed']},
+- **Data:** `{Path(data).name}`: {data_text}, with horizontal flips.
+{ae_line}- **Training:** {steps} steps, batch {cfg['batch']}, AdamW lr {lr_history} (a linear warm-up over the
+  first {cfg['warmup']} steps), EMA {ema_history}, bf16 autocast on GPU (fp32 on CPU), seed {cfg['seed']},
   architecture `{cfg['architecture']}`. Final loss {rows[-1]['loss'] if rows else 'n/a'}.
   Trained on {hardware}: {len(pieces)} piece(s), {wall / 60:.0f} minutes of wall time.
 - **Loss curve:** `loss.png`. **Samples:** `samples.png` shows faces *sampled from the model* (DDIM, 50 steps,
   {bounded}), not training images.
   The transform itself never bounds anything: it follows spec §3 and §6 exactly.
-- **License:** the weights derive from Labeled Faces in the Wild, a research data set: use this model for
-  research and testing only. It is small and blurry by design; it is not a product model.
+- **License:** {license_text} It is small and blurry by design; it is not a product model.
 """
     (out / "README.md").write_text(card)

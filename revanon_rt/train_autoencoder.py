@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .train import MAX_WEIGHTS_BYTES, _cpu_name, _lr_at, load_crops, resumed_config, to_device_without_waiting
+from .train import (MAX_WEIGHTS_BYTES, _cpu_name, _lr_at, check_new_run, load_crops, resumed_config,
+                    to_device_without_waiting, training_device)
 
 STATE = "autoencoder-state.pt"
 CONFIG = "autoencoder-config.json"
@@ -82,9 +83,11 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
     if (out / "unet").exists():
         raise UsageError(f"{out}: already holds a UNet trained on the current autoencoder; "
                          "changing the autoencoder would invalidate it")
+    if not resume:
+        check_new_run(out, ckpt / STATE, set())
     if resume:
         cfg = AutoencoderConfig(**resumed_config(json.loads((ckpt / CONFIG).read_text()), given or {}, AUTOENCODER_FLAGS))
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    dev = training_device(device)
     torch.manual_seed(cfg.seed)
     images = load_crops(data, cfg.resolution)
     log(f"{len(images)} crops at {cfg.resolution}px from {data}; training the autoencoder on {dev}")

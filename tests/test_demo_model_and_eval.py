@@ -48,7 +48,7 @@ def test_train_resume_and_load(tmp_path):
     for name in ("README.md", "loss.png", "samples.png"):
         assert (out / name).exists(), name
     card = (out / "README.md").read_text()
-    assert "research" in card
+    assert "derive from `crops.zip`, whose terms govern their use" in card, "the license of the data it was given"
     assert "lr 2e-04 to step 30, then 1.5e-04" in card and "EMA 0.9995 to step 30, then 0.999," in card
 
     from revanon_rt.reference import TorchReference
@@ -56,6 +56,40 @@ def test_train_resume_and_load(tmp_path):
     backend = TorchReference(out)
     assert backend.image_size == 32 and backend.latent_shape == (3, 32, 32)
     assert np.isfinite(backend.eps(np.zeros((1, 3, 32, 32), np.float32), 500)).all()
+
+
+def test_train_starts_only_where_nothing_would_be_lost(tmp_path):
+    crops = {f"P{i}/P{i}_0001.jpg": random_image(32, seed=60 + i) for i in range(6)}
+    data = crops_zip(tmp_path / "crops.zip", crops, fmt="JPEG")
+    with zipfile.ZipFile(data, "a") as archive:  # as a zip made on a Mac carries them
+        archive.writestr("__MACOSX/P0/._P0_0001.jpg", b"\x00\x05\x16\x07 resource fork")
+    args = ("train", "--data", data, "--resolution", "32", "--architecture", "tiny", "--batch", "2", "--samples", "0",
+            "--max-steps", "3")
+    done = cli(*args, "--out", tmp_path / "m", "--device", "cpu")
+    assert done.returncode == 0 and "6 crops at 32px" in done.stderr, done.stderr
+    assert "6 face crops" in (tmp_path / "m" / "README.md").read_text(), "the card describes the data it was given"
+
+    half = shutil.copytree(tmp_path / "m", tmp_path / "half")
+    shutil.rmtree(half / "unet")  # a run stopped before it saved: only its checkpoint is there
+    restarted = cli(*args, "--out", half, "--device", "cpu")
+    assert restarted.returncode == 2 and "checkpoint of an unfinished run; --resume" in restarted.stderr
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("my project notes")
+    into_notes = cli(*args, "--out", notes, "--device", "cpu")
+    assert into_notes.returncode == 2 and "holds README.md" in into_notes.stderr
+    assert (notes / "README.md").read_text() == "my project notes"
+    for device in ("gpu", "cuda:7"):
+        wrong = cli(*args, "--out", tmp_path / f"d-{device}", "--device", device)
+        assert wrong.returncode == 2 and "--device" in wrong.stderr and "steps" not in wrong.stderr, wrong.stderr
+
+    with zipfile.ZipFile(data, "a") as archive:
+        archive.writestr("P9/P9_0001.jpg", b"not a jpeg")
+    broken = cli(*args, "--out", tmp_path / "b", "--device", "cpu")
+    assert broken.returncode == 2 and "P9/P9_0001.jpg is not a readable image" in broken.stderr
+    swapped = cli("eval", "--pairs", data, "--images", SHARED / "data" / "lfw" / "dev_pairs.txt", "--engine",
+                  tmp_path / "m", "--out", tmp_path / "e")
+    assert swapped.returncode == 2 and "not a text pairs file" in swapped.stderr and "Traceback" not in swapped.stderr
 
 
 def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
@@ -86,6 +120,12 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert trained.returncode == 0, trained.stderr
     assert "latent space: 4 x 16 x 16" in trained.stderr
     assert "latent of its own autoencoder" in (out / "README.md").read_text()
+    copied = tmp_path / "copied"
+    shutil.copytree(out / "vae", copied / "vae")  # an autoencoder trained elsewhere, without its record
+    on_copy = cli("train", "--data", data, "--out", copied, "--architecture", "tiny", "--batch", "4", "--samples", "0",
+                  "--device", "cpu", "--max-steps", "2", "--resolution", "32")
+    assert on_copy.returncode == 0, on_copy.stderr
+    assert "trained elsewhere" in (copied / "README.md").read_text()
     late = cli(*ae_args, "--max-steps", "40", "--resume")
     assert late.returncode == 2 and "UNet" in late.stderr, "retraining the autoencoder would orphan the UNet"
 
@@ -261,9 +301,13 @@ def test_an_image_two_chunks_share_gets_one_nonce_and_counts_once(zero_engines, 
     assert summary["genuine_pairs"] == 4 and summary["counts"]["cosine"] == summary["counts"]["recovery"] == 3
     assert summary["counts"]["linkage"] == summary["counts"]["region_inside"] == 3
     assert summary["mask_fallbacks"] == 0, "--engine on crops: dlib found every face"
-    assert "cover pairs 5-8 only" in merged.stderr
+    assert "no chunk covers pairs 0-4, 9-1199 of the 1200" in merged.stderr
 
     unscored = cli("eval", *common, "--start", "9", "--limit", "2", "--stage", "transform")
     assert unscored.returncode == 0, unscored.stderr
+    # a chunk transformed again loses its old scores, which describe the images it replaced
+    again = cli("eval", *common, "--start", "5", "--limit", "2", "--stage", "transform")
+    assert again.returncode == 0 and not (out / "chunk-00005-00007" / "features.npz").exists()
     refused = cli("eval-merge", out)
-    assert refused.returncode == 2 and "chunk-00009-00011 have transforms but no scores" in refused.stderr
+    assert refused.returncode == 2, refused.stderr
+    assert "chunk-00005-00007, chunk-00009-00011 have transforms but no scores" in refused.stderr
