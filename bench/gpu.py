@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import gc
+import hashlib
 import json
 import os
 import statistics
@@ -209,7 +210,11 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
     from revanon_rt.keys import flip_pattern
     from revanon_rt.pixels import to_model
 
-    engine_dir = work / f"engine-{name}-{compiler}"
+    # an AOT engine holds what Inductor compiled, so one built under other --inductor-config settings is another
+    # engine; a jit or eager engine compiles when it loads, under this run's settings, and may be reused
+    settings = ",".join(f"{k}={v}" for k, v in sorted(inductor_overrides.items())) if compiler == "aot" else ""
+    suffix = f"-{hashlib.sha256(settings.encode()).hexdigest()[:8]}" if settings else ""
+    engine_dir = work / f"engine-{name}-{compiler}{suffix}"
     backend, build_s = None, None
     if (engine_dir / "engine.json").exists():  # built by an earlier command on this warm machine
         try:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, dev_crop_arguments, dev_crop_setup, machine, write_results  # noqa: E402
+from common import LFW_DEV_CROPS, RESULTS, dev_crop_arguments, dev_crop_setup, machine, write_results  # noqa: E402
 
 
 def budget_psnrs(backend, rgb: np.ndarray, masks: np.ndarray, flips: np.ndarray, schedule, region_psnr):
@@ -114,12 +114,14 @@ def main() -> None:
     previous = RESULTS / f"{name}.json"
     if previous.exists():
         earlier = json.loads(previous.read_text())
-        # Rows measured on other weights (the model trained on since) must not sit beside these.
-        if earlier.get("fingerprint") == backend.fingerprint:
+        # Rows measured on other weights (the model trained on since) or other crops must not sit beside these.
+        same_crops = (earlier.get("images") == len(rgb)
+                      and earlier.get("images_from", LFW_DEV_CROPS.name) == Path(args.images).name)
+        if earlier.get("fingerprint") == backend.fingerprint and same_crops:
             kept = [r for r in earlier["rows"] if r["steps"] not in args.steps]
             rows = sorted(kept + rows, key=lambda r: r["steps"])
         else:
-            print(f"{previous} was measured on other weights; replacing it", flush=True)
+            print(f"{previous} was measured on other weights or crops; replacing it", flush=True)
     lines = [f"# Crop-mode recovery budget: {args.model} ({size} px)", "",
              f"{len(rgb)} LFW dev crops, face-region PSNR (dB) against the originals; mask: the template face region.",
              f"Model fingerprint {backend.fingerprint[:16]}….", "",
@@ -138,7 +140,8 @@ def main() -> None:
         lines += [f"| {r['steps']} | {r['psnr_autoencoder']:.2f} | {r['psnr_recovered_latent']:.2f} | "
                   f"{r['psnr_recovered_latent_whole_mask']:.2f} |" for r in rows if "psnr_autoencoder" in r]
     write_results(name, {"model": str(args.model), "fingerprint": backend.fingerprint, "machine": machine(),
-                         "images": len(rgb), "rows": rows}, "\n".join(lines) + "\n")
+                         "images": len(rgb), "images_from": Path(args.images).name, "rows": rows},
+                  "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
