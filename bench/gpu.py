@@ -200,6 +200,15 @@ def flop_stage(model, parser, device, steps) -> dict:
     return {"gflop_per_call": gflop, "gflop_per_anonymization": per_anonymization(gflop, steps)}
 
 
+def engine_folder(work: Path, name: str, compiler: str, inductor_overrides: dict) -> Path:
+    """Where a configuration's engine is kept between calls. An AOT engine holds what Inductor compiled, so one
+    built under other --inductor-config settings is another engine; a jit or eager engine compiles when it
+    loads, under the settings of the run that loads it, and is the same engine whatever they are."""
+    settings = ",".join(f"{k}={v}" for k, v in sorted(inductor_overrides.items())) if compiler == "aot" else ""
+    suffix = f"-{hashlib.sha256(settings.encode()).hexdigest()[:8]}" if settings else ""
+    return Path(work) / f"engine-{name}-{compiler}{suffix}"
+
+
 def compiled_stage(name, precision, batch, model, parser, device, work, steps, rec, peak_tflops, gflop_per_face,
                    compiler, inductor_overrides):
     import torch
@@ -210,11 +219,7 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
     from revanon_rt.keys import flip_pattern
     from revanon_rt.pixels import to_model
 
-    # an AOT engine holds what Inductor compiled, so one built under other --inductor-config settings is another
-    # engine; a jit or eager engine compiles when it loads, under this run's settings, and may be reused
-    settings = ",".join(f"{k}={v}" for k, v in sorted(inductor_overrides.items())) if compiler == "aot" else ""
-    suffix = f"-{hashlib.sha256(settings.encode()).hexdigest()[:8]}" if settings else ""
-    engine_dir = work / f"engine-{name}-{compiler}{suffix}"
+    engine_dir = engine_folder(work, name, compiler, inductor_overrides)
     backend, build_s = None, None
     if (engine_dir / "engine.json").exists():  # built by an earlier command on this warm machine
         try:

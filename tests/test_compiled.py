@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import box_mask, cli, random_image, read_rgb, save_png
+from conftest import REPO, box_mask, cli, random_image, read_rgb, save_png
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +164,6 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
-
     result = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--out", str(tmp_path / "out"),
                              "--work", str(tmp_path / "work"), "--tiny", "--device", "cpu", "--only", "eager,fp32-b1",
                              "--steps", "2", "--replays", "2"], capture_output=True, text=True, timeout=900)
@@ -183,26 +181,30 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
     table = (tmp_path / "out" / "gpu-results.md").read_text()
     assert "| compiled fp32, batch 1 |" in table and "| diffusers eager fp32, batch 1 |" in table
 
-    # a window runs one configuration per 10-minute command: the next command reuses the engine, the
-    # peaks and the FLOP count from --work instead of paying for them again
-    again = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--out", str(tmp_path / "out2"),
-                            "--work", str(tmp_path / "work"), "--tiny", "--device", "cpu", "--only", "fp32-b1",
-                            "--steps", "2", "--no-verify", "--inductor-config", "force_layout_optimization=True"],
-                           capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "out2" / "gpu-results.jsonl").read_text().splitlines()]
-    compiled = next(r for r in records if r["stage"] == "compiled")
-    assert compiled["engine_reused"] and compiled["build_seconds"] is None
-    assert compiled["inductor_overrides"] == {"force_layout_optimization": True}
-    assert [r["stage"] for r in records].count("verify") == 0 and "error" not in [r["stage"] for r in records]
-    assert next(r for r in records if r["stage"] == "flops")["gflop_per_call"] == flops["gflop_per_call"]
+    # a window runs one configuration per 10-minute command: the next commands reuse the peaks, the FLOP count
+    # and an engine of the same settings from --work instead of paying for them again
+    def next_call(out, *flags):
+        run = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--out", str(tmp_path / out),
+                              "--work", str(tmp_path / "work"), "--tiny", "--device", "cpu", "--only", "fp32-b1",
+                              "--steps", "2", "--no-verify", "--compiler", "eager", *flags],
+                             capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+        records = [json.loads(line) for line in (tmp_path / out / "gpu-results.jsonl").read_text().splitlines()]
+        assert [r["stage"] for r in records].count("verify") == 0 and "error" not in [r["stage"] for r in records]
+        assert next(r for r in records if r["stage"] == "flops")["gflop_per_call"] == flops["gflop_per_call"]
+        return next(r for r in records if r["stage"] == "compiled")
+
+    tuned = next_call("out2", "--inductor-config", "force_layout_optimization=True")
+    assert not tuned["engine_reused"] and tuned["inductor_overrides"] == {"force_layout_optimization": True}
+    # an eager (or jit) engine compiles nothing ahead, so any settings find it again
+    assert next_call("out3")["engine_reused"]
     merged = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--out", str(tmp_path / "merged"),
                              "--merge", str(tmp_path / "out" / "gpu-results.jsonl"),
                              str(tmp_path / "out2" / "gpu-results.jsonl")], capture_output=True, text=True)
     assert merged.returncode == 0, merged.stderr
     table = (tmp_path / "merged" / "gpu-results.md").read_text()
     assert table.count("| compiled fp32, batch 1 |") == 1 and table.count("Measured peaks") == 1
-    assert "| compiled fp32 [force_layout_optimization=True], batch 1 |" in table
+    assert "| compiled fp32 eager [force_layout_optimization=True], batch 1 |" in table
 
 
 def test_update_kernels_ask_for_eager_numerics_and_the_reference_stays_strict_beside_tf32():
@@ -253,3 +255,20 @@ def test_threads_sharing_an_anonymizer_take_turns_on_the_fused_loops_buffers(com
         stranger = other_user if user is anonymizer else anonymizer
         with pytest.raises(AuthError):
             stranger.deanonymize(anonymized.png_bytes())
+
+
+def test_an_aot_engine_built_under_other_inductor_settings_is_another_engine(tmp_path):
+    """A GPU window's experiments reuse engines between calls; an AOT engine holds Inductor's output, so
+    --inductor-config must not find one compiled without it (and then label its row with the setting)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", REPO / "bench" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    plain = gpu.engine_folder(tmp_path, "fp32-b8", "aot", {})
+    tuned = gpu.engine_folder(tmp_path, "fp32-b8", "aot", {"force_layout_optimization": True})
+    assert plain.name == "engine-fp32-b8-aot" and tuned.name.startswith("engine-fp32-b8-aot-") and tuned != plain
+    assert tuned == gpu.engine_folder(tmp_path, "fp32-b8", "aot", {"force_layout_optimization": True})
+    # a jit engine compiles when it loads, under the loading run's settings: the same folder serves
+    assert gpu.engine_folder(tmp_path, "fp32-b8", "jit", {"force_layout_optimization": True}) == \
+        gpu.engine_folder(tmp_path, "fp32-b8", "jit", {})
