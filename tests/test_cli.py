@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -645,8 +646,9 @@ def test_a_mask_folder_mirrors_the_inputs(zero_engines, keyfile, tmp_path):
 
 
 def _on_a_terminal(*args, answers: tuple = ()) -> tuple[int, str]:
-    """The CLI with a terminal for its standard input, as a user at a shell has. Each answer is typed once the
-    prompt before it shows: getpass flushes what was typed ahead."""
+    """The CLI with a terminal for its standard input, as a user at a shell has. Each answer is typed once its
+    prompt shows and the terminal's echo is off: click prints the prompt before getpass turns echo off, and
+    getpass discards whatever was typed before that."""
     terminal, its_side = os.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "revanon_rt", *map(str, args)], stdin=its_side,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -665,7 +667,8 @@ def _on_a_terminal(*args, answers: tuple = ()) -> tuple[int, str]:
     try:
         for number, answer in enumerate(answers, 1):
             deadline = time.monotonic() + 120
-            while prompts() < number and proc.poll() is None and time.monotonic() < deadline:
+            while ((prompts() < number or termios.tcgetattr(its_side)[3] & termios.ECHO)
+                   and proc.poll() is None and time.monotonic() < deadline):
                 time.sleep(0.05)
             os.write(terminal, answer.encode() + b"\n")
         proc.wait(timeout=300)
