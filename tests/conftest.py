@@ -17,6 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 
 
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist each worker, and every CLI it starts, gets its share of the cores: torch's and
+    ONNX Runtime's default of one thread per core in every worker leaves them spinning against each other."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "REVANON_ORT_THREADS"):
+            os.environ.setdefault(variable, threads)
+
+
+_share_the_cores_between_workers()
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
     """Built once per session: tiny latent model, zero-ε and random pixel models, a second latent model."""
