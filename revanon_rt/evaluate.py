@@ -408,15 +408,20 @@ def _pair_range(chunk_name: str) -> range:
         raise UsageError(f"{chunk_name}: not a chunk folder name (chunk-START-END)") from None
 
 
-def pair_ranges(chunk_names: list[str]) -> str:
-    """'0-319, 600-799' for the chunks that cover those pairs."""
+def _joined(ranges) -> list[list[int]]:
+    """Ranges that touch joined into one: [0, 320), [320, 400), [600, 800) -> [0, 400], [600, 800]."""
     spans: list[list[int]] = []
-    for r in sorted((_pair_range(name) for name in chunk_names), key=lambda r: r.start):
+    for r in sorted(ranges, key=lambda r: r.start):
         if spans and spans[-1][1] == r.start:
             spans[-1][1] = r.stop
         else:
             spans.append([r.start, r.stop])
-    return ", ".join(f"{start}-{stop - 1}" for start, stop in spans)
+    return spans
+
+
+def pair_ranges(chunk_names: list[str]) -> str:
+    """'0-319, 600-799' for the chunks that cover those pairs."""
+    return ", ".join(f"{start}-{stop - 1}" for start, stop in _joined(_pair_range(name) for name in chunk_names))
 
 
 def uncovered_pairs(folder: Path, chunk_names: list[str]) -> tuple[str, int] | None:
@@ -432,12 +437,7 @@ def uncovered_pairs(folder: Path, chunk_names: list[str]) -> tuple[str, int] | N
         return None
     total = max(totals)
     covered = set().union(*(_pair_range(name) for name in chunk_names))
-    spans: list[list[int]] = []
-    for index in (i for i in range(total) if i not in covered):
-        if spans and spans[-1][1] == index:
-            spans[-1][1] = index + 1
-        else:
-            spans.append([index, index + 1])
+    spans = _joined(range(i, i + 1) for i in range(total) if i not in covered)
     return ", ".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in spans), total
 
 

@@ -143,18 +143,18 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
 
     out = Path(out)
     state_path = out / "checkpoint" / "state.pt"
-    if resume and not state_path.exists():
-        raise UsageError(f"{state_path}: no checkpoint to resume from")
-    if not resume and (out / "unet").exists():
-        raise UsageError(f"{out}: already holds a model; --resume continues it, or choose another --out")
-    if not resume:
-        check_new_run(out, state_path, {"vae", "checkpoint"})  # vae/: train-autoencoder's, for a latent model
     if resume:
+        if not state_path.exists():
+            raise UsageError(f"{state_path}: no checkpoint to resume from")
         saved_cfg = json.loads((out / "checkpoint" / "config.json").read_text())
         cfg = TrainConfig(**resumed_config(saved_cfg, given or {}, TRAIN_FLAGS, ("lr", "ema_decay")))
         changes = {k: v for k, v in (given or {}).items() if k in ("lr", "ema_decay")}
         if changes:
             log(f"from here on: {changes}")
+    else:
+        if (out / "unet").exists():
+            raise UsageError(f"{out}: already holds a model; --resume continues it, or choose another --out")
+        check_new_run(out, state_path, {"vae", "checkpoint"})  # vae/: train-autoencoder's, for a latent model
     dev = training_device(device)
     torch.manual_seed(cfg.seed)
     images = load_crops(data, cfg.resolution)

@@ -83,10 +83,10 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
     if (out / "unet").exists():
         raise UsageError(f"{out}: already holds a UNet trained on the current autoencoder; "
                          "changing the autoencoder would invalidate it")
-    if not resume:
-        check_new_run(out, ckpt / STATE, set())
     if resume:
         cfg = AutoencoderConfig(**resumed_config(json.loads((ckpt / CONFIG).read_text()), given or {}, AUTOENCODER_FLAGS))
+    else:
+        check_new_run(out, ckpt / STATE, set())
     dev = training_device(device)
     torch.manual_seed(cfg.seed)
     images = load_crops(data, cfg.resolution)
