@@ -173,6 +173,8 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
     assert "error" not in stages, [r for r in records if r["stage"] == "error"]
     for stage in ("machine", "peaks", "flops", "eager", "compiled", "profile", "verify"):
         assert stage in stages, (stage, stages)
+    peaks = next(r for r in records if r["stage"] == "peaks")
+    assert peaks["conv3x3_as_gemm_fp32_tflops"] > 0 and peaks["conv3x3_as_gemm_rel_error"] < 1e-5
     flops = next(r for r in records if r["stage"] == "flops")
     assert set(flops["gflop_per_call"]) == {"unet", "encoder", "decoder", "parser"}
     assert flops["gflop_per_anonymization"] == pytest.approx(
