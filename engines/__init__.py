@@ -24,8 +24,9 @@ def engine_class(backend: str, manifest_data: dict | None = None):
     if backend == "compiled":
         from .compiled import CompiledEngine, EagerKernelEngine, JitCompiledEngine
 
-        compiler = (manifest_data or {}).get("compiled", {}).get("compiler", "aot")
-        return {"jit": JitCompiledEngine, "eager": EagerKernelEngine}.get(compiler, CompiledEngine)
+        facts = (manifest_data or {}).get("compiled", {})
+        compiler = {"jit": JitCompiledEngine, "eager": EagerKernelEngine}.get(facts.get("compiler"), CompiledEngine)
+        return compiler.with_conv_lowering(facts.get("conv_lowering", "native"))
     raise UsageError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

@@ -461,6 +461,11 @@ class Compiler(str, Enum):
     eager = "eager"
 
 
+class ConvLowering(str, Enum):
+    native = "native"
+    gemm = "gemm"
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     tf32 = "tf32"
@@ -485,6 +490,12 @@ def build_cmd(
                                            "whose AOTInductor loader crashes; eager runs the exported programs "
                                            "on PyTorch's own kernels (eager PyTorch's numbers, bit for bit, "
                                            "in the same fused loop and CUDA graph; slower than Inductor)."),
+    conv_lowering: ConvLowering = typer.Option(
+        ConvLowering.native, "--conv-lowering",
+        help="compiled only: native convolutions (cuDNN on a GPU), or gemm: the UNet's and the autoencoder's "
+             "convolutions as im2col and one matrix product (cuBLAS), for strict fp32 on cards whose fp32 conv "
+             "kernels run well below their matmul rate. It needs memory for the im2col buffers and is slower on "
+             "a CPU; the parser keeps native convolutions."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier engine in --out (never a "
                                    "folder that holds anything else)."),
 ) -> None:
@@ -493,9 +504,13 @@ def build_cmd(
         from .engines import engine_class
         from .export.build import build_engine
 
-        if compiler is not Compiler.aot and backend is not EngineBackendName.compiled:
-            raise UsageError(f"--compiler {compiler.value} is for --backend compiled")
-        chosen = engine_class(backend.value, {"compiled": {"compiler": compiler.value}})
+        if backend is not EngineBackendName.compiled:
+            for flag, value, default in (("--compiler", compiler, Compiler.aot),
+                                         ("--conv-lowering", conv_lowering, ConvLowering.native)):
+                if value is not default:
+                    raise UsageError(f"{flag} {value.value} is for --backend compiled")
+        chosen = engine_class(backend.value, {"compiled": {"compiler": compiler.value,
+                                                           "conv_lowering": conv_lowering.value}})
         path = build_engine(chosen, model, out, parser=parser, batch=batch, overwrite=overwrite, device=device,
                             precision=precision.value, log=say)
     except ImportError as exc:
