@@ -25,8 +25,8 @@ def engine_class(backend: str, manifest_data: dict | None = None):
         from .compiled import CompiledEngine, EagerKernelEngine, JitCompiledEngine
 
         facts = (manifest_data or {}).get("compiled", {})
-        compiler = {"jit": JitCompiledEngine, "eager": EagerKernelEngine}.get(facts.get("compiler"), CompiledEngine)
-        return compiler.with_conv_lowering(facts.get("conv_lowering", "native"))
+        by_compiler = {"jit": JitCompiledEngine, "eager": EagerKernelEngine}.get(facts.get("compiler"), CompiledEngine)
+        return by_compiler.with_conv_lowering(facts.get("conv_lowering", "native"))
     raise UsageError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
