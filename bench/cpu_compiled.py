@@ -1,7 +1,8 @@
 """CPU benchmark of the three backends a CPU box can run, on the real CompVis/ldm-celebahq-256 architecture
 with random weights at batch 1: PyTorch eager (the reference), the ONNX Runtime engine and the compiled
-(AOTInductor) engine, each built by `build_engine` as `revanon-rt build` builds it. Per graph: the median
-time of one call, GFLOP/s, and the relative error against eager. Writes bench/results/cpu-compiled.{json,md}.
+(AOTInductor) engine, the last also with `--conv-lowering gemm`, each built by `build_engine` as
+`revanon-rt build` builds it. Per graph: the median time of one call and the relative error against eager.
+Writes bench/results/cpu-compiled.{json,md}.
 
     .venv/bin/python bench/cpu_compiled.py [--repeats 3]
 """
@@ -19,6 +20,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import SHARED_CONFIGS, WORK, machine, timed, write_results  # noqa: E402
 
 GRAPHS = ("unet", "encoder", "decoder", "parser")
+# name in the results: (backend, the manifest facts that pick its engine class), in column order
+ENGINES = {"onnxruntime": ("onnxruntime", {}), "compiled": ("compiled", {}),
+           "compiled_gemm": ("compiled", {"compiled": {"conv_lowering": "gemm"}})}
+LABELS = {"onnxruntime": "ONNX Runtime", "compiled": "compiled", "compiled_gemm": "compiled, convs as GEMM"}
 
 
 def main() -> None:
@@ -58,11 +63,11 @@ def main() -> None:
         results["graphs"][name] = {"eager_s": timed(eager, args.repeats)["median_s"]}
         print(f"{name}: eager {results['graphs'][name]['eager_s']:.2f} s", flush=True)
 
-    for backend in ("onnxruntime", "compiled"):
+    for backend, (kind, facts) in ENGINES.items():
         engine_dir = WORK / f"cpu-{backend}-engine"
         if not (engine_dir / "engine.json").exists():
             start = time.perf_counter()
-            build_engine(engine_class(backend), model, engine_dir, parser=bisenet, batch=1, overwrite=True,
+            build_engine(engine_class(kind, facts), model, engine_dir, parser=bisenet, batch=1, overwrite=True,
                          device="cpu", log=lambda m: print(m, flush=True))
             results["build_seconds"][backend] = time.perf_counter() - start
         engine = open_engine(engine_dir, device="cpu").engine
@@ -82,27 +87,30 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     m = r["machine"]
+    engines = [b for b in ENGINES if f"{b}_s" in r["graphs"]["unet"]]
     lines = ["# CPU: PyTorch eager, ONNX Runtime and the compiled (AOTInductor) engine", "",
              f"{m['cpu']}, {m['cores']} cores ({', '.join(m['simd'])}); torch {m.get('torch')}, onnxruntime "
              f"{m.get('onnxruntime')}. Real CompVis/ldm-celebahq-256 architecture with random weights, batch 1, "
              f"fp32, median of {r['repeats']} calls after a warm-up; engines built as `revanon-rt build` builds "
-             "them (`--backend onnxruntime` and `--backend compiled`, `--device cpu`).", "",
-             "| graph | GFLOP | eager | ONNX Runtime | compiled | compiled vs eager | compiled vs ORT | "
-             "ORT error | compiled error |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "them (`--backend onnxruntime`, `--backend compiled` and `--backend compiled --conv-lowering gemm`, "
+             "`--device cpu`). Times, each engine's speed-up over eager, and its error against eager.", "",
+             "| graph | GFLOP | eager | " + " | ".join(LABELS[b] for b in engines) + " | "
+             + " | ".join(f"{LABELS[b]} error" for b in engines) + " |",
+             "|---|---:|---:|" + "---:|" * (2 * len(engines))]
     for name, g in r["graphs"].items():
+        times = [f"{g[f'{b}_s']:.2f} s ({g['eager_s'] / g[f'{b}_s']:.2f}×)" for b in engines]
         errors = [f"{g[f'{b}_differing_cells']} cells differ" if name == "parser" else f"{g[f'{b}_rel_l2']:.1e}"
-                  for b in ("onnxruntime", "compiled")]
-        lines.append(f"| {name} | {r['gflop_per_call'][name]:.1f} | {g['eager_s']:.2f} s | {g['onnxruntime_s']:.2f} s "
-                     f"| {g['compiled_s']:.2f} s | {g['eager_s'] / g['compiled_s']:.2f}× | "
-                     f"{g['onnxruntime_s'] / g['compiled_s']:.2f}× | {errors[0]} | {errors[1]} |")
+                  for b in engines]
+        lines.append(f"| {name} | {r['gflop_per_call'][name]:.1f} | {g['eager_s']:.2f} s | " + " | ".join(times)
+                     + " | " + " | ".join(errors) + " |")
     unet = r["graphs"]["unet"]
     per_face = {b: 100 * unet[f"{b}_s"] + sum(r["graphs"][n][f"{b}_s"] for n in ("encoder", "decoder", "parser"))
-                for b in ("eager", "onnxruntime", "compiled")}
+                for b in ("eager", *engines)}
     lines += ["", "One anonymization at 50 steps (100 UNet calls, encode, decode, parse), from these per-call times: "
-              + ", ".join(f"{b} {s / 60:.1f} min" for b, s in per_face.items()) + "."]
+              + ", ".join(f"{LABELS.get(b, b)} {s / 60:.1f} min" for b, s in per_face.items()) + "."]
     if r["build_seconds"]:
         lines += ["", "Build time (export, compile, parity check): "
-                  + ", ".join(f"{b} {s / 60:.1f} min" for b, s in r["build_seconds"].items()) + "."]
+                  + ", ".join(f"{LABELS[b]} {s / 60:.1f} min" for b, s in r["build_seconds"].items()) + "."]
     return "\n".join(lines) + "\n"
 
 
