@@ -515,8 +515,10 @@ def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: 
         return False
     if not overwrite and any(present):
         there, missing = (targets[0], targets[1]) if present[0] else (targets[1], targets[0])
-        _fail(job, f"{job.source}: {there} exists without {missing.name}, the rest of an interrupted run; remove "
-                   "it and run again, or use --overwrite", summary, console)
+        why = ("an earlier run without --sidecar, or one that was interrupted" if present[0]
+               else "the rest of an interrupted run")
+        _fail(job, f"{job.source}: {there} exists without {missing.name} ({why}); remove it and run again, or "
+                   "use --overwrite", summary, console)
         return False
     if overwrite and same_file(job.output, job.source):
         _fail(job, f"{job.source}: the output {job.output} is the input itself; choose another --out", summary, console)

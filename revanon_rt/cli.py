@@ -91,10 +91,13 @@ def _typed_secret(secret, confirm: bool):
 
 
 def _masker_name(masker: Optional[MaskerName], mask: Optional[Path], parser: Optional[Path],
-                 engine: Optional[Path], mode: "Mode" = None) -> MaskerName:
+                 engine: Optional[Path], mode: "Mode" = None, landmarks: int = 5) -> MaskerName:
     """Checked before any model is loaded, so that a flag mistake costs nothing."""
     if masker is None:
         masker = MaskerName.file if mask else MaskerName.bisenet
+    if landmarks != 5 and masker != MaskerName.landmarks:
+        raise UsageError(f"--landmarks {landmarks} chooses the landmarks masker's model; it goes with "
+                         f"--masker landmarks, not {masker.value}")
     if masker == MaskerName.file and mask is None:
         raise UsageError("--masker file needs --mask MASK_IMAGE_OR_DIR")
     if masker != MaskerName.file and mask is not None:
@@ -188,7 +191,9 @@ MASK = typer.Option(None, "--mask", help="A mask image (white = face), or a fold
 MASKER = typer.Option(None, "--masker", help="bisenet (default), or file when --mask is given.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace outputs that already exist.")
-FORCE = typer.Option(False, "--force", help="Allow a double run (anonymizing an anonymized image, and so on).")
+FORCE = typer.Option(False, "--force", help="Allow a double run (anonymizing an anonymized image, and so on). An "
+                     "image records one anonymization: a second one's record replaces the first's, so only the "
+                     "second can be undone.")
 MODE = typer.Option(Mode.crop, "--mode", help="crop: aligned face crops of the model's size; photo: any photo, "
                     "every face found, aligned and pasted back.")
 
@@ -239,12 +244,15 @@ def anonymize_cmd(
         if output_format == OutputFormat.jpeg:
             raise UsageError("outputs are always PNG: recovery needs every pixel exactly as written, and JPEG's "
                              "lossy compression would destroy the keyed pattern and fail the auth check")
-        selection = _selection(faces, min_face, skip, mode, dry_run, allow_no_faces)
+        selection = _selection(faces, min_face, skip, mode, dry_run, allow_no_faces, detector)
         if dry_run:
+            if rename or mapping is not None:
+                raise UsageError("--dry-run draws the numbered faces under the inputs' own names and records no "
+                                 "mapping; --rename and --mapping go with the run that anonymizes")
             _finish(_dry_run(inputs, out, selection, detector, overwrite), "dry run")
         secret = _secret(key, password_file)
         jobs, names = _prepare(inputs, out, rename, mapping)
-        masker_name = _masker_name(masker, mask, parser, engine, mode)
+        masker_name = _masker_name(masker, mask, parser, engine, mode, landmarks)
         if mode == Mode.photo and masker_name == MaskerName.landmarks and landmarks != 5:
             from .photo import PHOTO_LANDMARKS
 
@@ -291,16 +299,22 @@ def anonymize_cmd(
 
 
 def _selection(faces: "FacesChoice", min_face: int, skip: str, mode: "Mode", dry_run: bool,
-               allow_no_faces: bool = False):
+               allow_no_faces: bool = False, detector: str = "hog"):
+    from .faces import DETECTORS
     from .photo import Selection
 
-    photo_flags = faces != FacesChoice.all or min_face or skip or dry_run or allow_no_faces
+    photo_flags = faces != FacesChoice.all or min_face or skip or dry_run or allow_no_faces or detector != "hog"
     if photo_flags and mode != Mode.photo:
-        raise UsageError("--faces, --min-face, --skip, --dry-run and --allow-no-faces work in photo mode: add --mode photo")
+        raise UsageError("--faces, --min-face, --skip, --detector, --dry-run and --allow-no-faces work in photo mode: "
+                         "add --mode photo")
+    if detector not in DETECTORS:
+        raise UsageError(f"--detector {detector}: choose {' or '.join(DETECTORS)}")
     try:
         numbers = tuple(int(v) for v in skip.split(",") if v.strip())
     except ValueError:
         raise UsageError(f"--skip takes face numbers separated by commas, not {skip!r}") from None
+    if any(n < 0 for n in numbers):
+        raise UsageError(f"--skip {skip}: faces are numbered from 0, as --dry-run draws them")
     return Selection(faces.value, min_face, numbers)
 
 
@@ -359,9 +373,9 @@ def deanonymize_cmd(
             raise UsageError("--meta goes with exactly one input image")
         if meta is not None and not meta.is_file():
             raise UsageError(f"--meta {meta}: no such file")
-        if (masker is not None or mask is not None or parser is not None) and not recompute_mask:
-            raise UsageError("--masker, --mask and --parser only matter with --recompute-mask; the stored mask is "
-                             "used otherwise")
+        if (masker is not None or mask is not None or parser is not None or landmarks != 5) and not recompute_mask:
+            raise UsageError("--masker, --mask, --parser and --landmarks only matter with --recompute-mask; the "
+                             "stored mask is used otherwise")
         backend = open_backend(model, engine, device, parser)
         maskers = _recompute_maskers(backend, mask, landmarks) if recompute_mask else {}
         if masker is not None:
@@ -727,7 +741,8 @@ def eval_cmd(
         if stage != EvalStage.score:
             backend = open_backend(model, engine, device, parser)
             if mask is None:
-                chosen_masker = _choose_masker(backend, _masker_name(masker, None, parser, engine), None, landmarks)
+                chosen_masker = _choose_masker(backend, _masker_name(masker, None, parser, engine, landmarks=landmarks),
+                                               None, landmarks)
             else:
                 chosen_masker = None
         zip_images = ZipImages(images, backend.image_size if backend else transformed_image_size(chunk))

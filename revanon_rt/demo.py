@@ -80,14 +80,17 @@ DEMO_MARK = ".revanon-demo"
 def demo_folder(out: Path) -> Path:
     """OUT, made or reused only when it is empty or the demo's own."""
     out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise UsageError(f"--out {out}: a file, not a folder")
-        if not (out / DEMO_MARK).exists() and any(out.iterdir()):
-            raise UsageError(f"--out {out}: holds files the demo did not write, which it would overwrite; "
-                             "choose a new or empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARK).touch()
+    try:
+        if out.exists():
+            if not out.is_dir():
+                raise UsageError(f"--out {out}: a file, not a folder")
+            if not (out / DEMO_MARK).exists() and any(out.iterdir()):
+                raise UsageError(f"--out {out}: holds files the demo did not write, which it would overwrite; "
+                                 "choose a new or empty folder")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / DEMO_MARK).touch()
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot be made or written ({exc.strerror or exc})") from None
     return out
 
 

@@ -19,6 +19,7 @@ from .errors import InputError, UsageError
 from .masks import FACE_MAP_SIZE
 
 INSTALL = "pip install dlib-bin face_recognition_models"
+DETECTORS = ("hog", "cnn")
 LICENSE_68 = ("the 68-point landmark model was trained on iBUG 300-W, whose license bars commercial use; "
               "use it for research only")
 
@@ -80,7 +81,7 @@ class DlibFaces:
         elif detector == "hog":
             self._hog = dlib.get_frontal_face_detector()
         else:
-            raise UsageError(f"unknown detector {detector!r}; use hog or cnn")
+            raise UsageError(f"unknown detector {detector!r}; use {' or '.join(DETECTORS)}")
         predictors = {5: "shape_predictor_5_face_landmarks.dat", 68: "shape_predictor_68_face_landmarks.dat"}
         if landmarks not in predictors:
             raise UsageError(f"--landmarks {landmarks}: dlib's landmark models have 5 or 68 points")

@@ -17,7 +17,7 @@ from .images import LoadedImage
 from .keys import ZERO_NONCE, Secret, flip_subkey, mac_subkey
 from .masks import latent_mask, pack_mask
 from .pixels import clamped_share, to_u8
-from .pipeline import (Options, Output, clamping_notes, face_nonces, refuse_double_anonymization,
+from .pipeline import (Options, Output, clamping_notes, face_nonces, check_double_anonymization,
                        transform_crops_float)
 
 
@@ -199,7 +199,7 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, 
     """Anonymize every selected face of a photo. `planned` replaces detection (tests, tools);
     `nonces` and `salt` may be fixed for bit-for-bit comparisons. A photo with no face to anonymize is
     refused unless allow_no_faces, so that an unchanged photo is never taken for an anonymized one."""
-    refuse_double_anonymization(image, existing_metadata, opts)
+    notes = check_double_anonymization(image, existing_metadata, opts)
     key, kdf = secret.for_anonymize(salt)
     size = backend.image_size
     found = None
@@ -209,7 +209,6 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, 
     if len(planned) > container.MAX_FACES:  # readers refuse more: its faces could never be recovered
         raise InputError(f"{image.path}: {len(planned)} faces selected, and a revanon v1 image records at most "
                          f"{container.MAX_FACES}; select fewer (--min-face, --skip) or split the photo")
-    notes = []
     if not planned:
         why = (f"{len(found)} face(s) found and none selected (--min-face, --skip, --faces)" if found else
                "no faces found")

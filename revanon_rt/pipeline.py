@@ -96,14 +96,28 @@ def check_crop(image: LoadedImage, image_size: int) -> None:
         raise not_a_crop(image.path, width, height, image_size)
 
 
-def refuse_double_anonymization(image: LoadedImage, existing_metadata: str | None, opts: Options) -> None:
-    if existing_metadata is not None and not opts.force:
-        try:
-            state = json.loads(existing_metadata).get("state")
-        except (ValueError, AttributeError, RecursionError):
-            state = None
+def _recorded_state(existing_metadata: str) -> str | None:
+    try:
+        return json.loads(existing_metadata).get("state")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+
+
+def check_double_anonymization(image: LoadedImage, existing_metadata: str | None, opts: Options) -> list[str]:
+    """Refuses an input that carries revanon metadata unless --force; under --force, the notes that warn
+    what a second anonymization costs."""
+    if existing_metadata is None:
+        return []
+    state = _recorded_state(existing_metadata)
+    if not opts.force:
         what = f"is a revanon {state} image" if state in ("anonymized", "recovered") else "carries revanon metadata"
         raise StateError(f"{image.path}: {what} (in the PNG or a sidecar beside it); anonymizing it again needs --force")
+    if state != "anonymized":
+        return []
+    # a v1 image holds one set of records: the new one replaces the nonces and masks of the first
+    return [f"{image.path}: was already anonymized, and an image records one anonymization: recovering this "
+            "output undoes only the second, and the original face cannot be recovered from it, even with the key. "
+            "Keep the first anonymized file to undo both"]
 
 
 def face_nonces(opts: Options, count: int, given: list[bytes] | None = None) -> tuple[list[bytes], list[bytes | None]]:
@@ -155,12 +169,14 @@ def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Op
     """Anonymize aligned crops together, so that an engine built for a batch gets full batches. Each
     crop gets its Output, or the error that stopped it alone. `nonces` (one per crop) and `salt` may be
     fixed for bit-for-bit comparisons (spec §9)."""
-    def checked(crop: Crop) -> Crop:
-        refuse_double_anonymization(crop.image, crop.metadata, opts)
+    double_run_notes: dict[int, list[str]] = {}
+
+    def checked(i: int, crop: Crop) -> Crop:
+        double_run_notes[i] = check_double_anonymization(crop.image, crop.metadata, opts)
         check_crop(crop.image, backend.image_size)
         return crop
 
-    results: list = [_attempt(lambda c=c: checked(c)) for c in crops]
+    results: list = [_attempt(lambda i=i, c=c: checked(i, c)) for i, c in enumerate(crops)]
     passed = [i for i, r in enumerate(results) if isinstance(r, Crop)]
     masks: dict[int, np.ndarray] = {}
     for i, face_map in zip(passed, _face_maps(masker, [crops[i] for i in passed])):
@@ -190,7 +206,7 @@ def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Op
             faces=[container.crop_face_record(backend.image_size, nonce_field, pack_mask(masks[i]))])
         header["auth"] = container.compute_auth(mac_subkey(key), header, rgb)
         results[i] = Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile), header,
-                            clamping_notes(image.path, [share]))
+                            double_run_notes[i] + clamping_notes(image.path, [share]))
     return results
 
 
@@ -262,7 +278,16 @@ def _recovery_mask(crop: Crop, checked: Authentic, backend, maskers: dict | None
                  "landmarks": "dlib (pip install dlib-bin face_recognition_models)"}.get(header["masker"], "its flags")
         raise InputError(f"{source}: --recompute-mask re-runs the {header['masker']!r} masker named in its "
                          f"metadata, which needs {needs}; --masker, if given, must name that masker")
-    return latent_mask(masker.face_maps(crop.image.rgb[None], [crop.relative])[0], latent_hw)
+    recomputed = latent_mask(masker.face_maps(crop.image.rgb[None], [crop.relative])[0], latent_hw)
+    try:
+        differing = int(np.count_nonzero(recomputed != container.stored_mask(header["faces"][0], latent_hw, source)))
+    except MetadataError:  # a damaged stored mask is what --recompute-mask works around
+        differing = 0
+    if differing:
+        checked.notes.append(f"{source}: the recomputed mask differs from the stored one in {differing} of "
+                             f"{recomputed.size} latent cells, and where they differ the face does not come back; "
+                             "without --recompute-mask the stored mask is used")
+    return recomputed
 
 
 def deanonymize_crops(crops: list[Crop], backend, secret: Secret, opts: Options, maskers: dict | None = None,

@@ -223,6 +223,8 @@ def test_double_runs_are_refused_unless_forced(models, zero_engines, keyfile, tm
     assert not (tmp_path / "a2" / "face.png").exists()
     forced = cli("run", "anonymize", tmp_path / "a1" / "face.png", "--out", tmp_path / "a2", *common, "--force")
     assert forced.returncode == 0 and (tmp_path / "a2" / "face.png").exists()
+    # one record per image: the second anonymization's replaces the first's, and the user is told so
+    assert "was already anonymized" in forced.stderr and "Keep the first anonymized file" in forced.stderr
 
     rec = cli("run", "deanonymize", tmp_path / "a1" / "face.png", tmp_path / "a2" / "face.png", "--out",
               tmp_path / "r", "--engine", zero_engines["zero"], "--key", keyfile)
@@ -317,12 +319,18 @@ def test_recompute_mask_reruns_the_masker_the_metadata_names(zero_engines, keyfi
                 env=no_torch_env)
     assert again.returncode == 0, again.stderr
     assert np.array_equal(read_rgb(tmp_path / "r" / "face.png"), original), "the same mask file gives the same M"
+    assert "recomputed mask differs" not in again.stderr
+    other_mask = save_png(tmp_path / "other_mask.png", np.roll(box_mask(32), 8, axis=1))
+    differs = cli("run", "deanonymize", anonymized, "--out", tmp_path / "r2", "--recompute-mask", "--mask", other_mask,
+                  *engine, env=no_torch_env)
+    assert differs.returncode == 0 and "the recomputed mask differs from the stored one in" in differs.stderr
+    assert not np.array_equal(read_rgb(tmp_path / "r2" / "face.png"), original)
     without_flags = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", "--recompute-mask", *engine)
     assert without_flags.returncode == 1 and "re-runs the 'file' masker" in without_flags.stderr
     other_masker = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", "--recompute-mask", "--mask", mask,
                        "--masker", "bisenet", *engine)
     assert other_masker.returncode == 1 and "re-runs the 'file' masker" in other_masker.stderr
-    for unused_flag in (("--mask", mask), ("--parser", tmp_path / "parsing_bisenet.pth")):
+    for unused_flag in (("--mask", mask), ("--parser", tmp_path / "parsing_bisenet.pth"), ("--landmarks", "68")):
         unused = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", *unused_flag, *engine)
         assert unused.returncode == 2 and "only matter with --recompute-mask" in unused.stderr
     assert not (tmp_path / "x").exists()

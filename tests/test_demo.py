@@ -76,6 +76,10 @@ def test_demo_never_writes_over_a_folder_it_did_not_make(models, tmp_path):
     assert run.returncode == 2 and "did not write" in run.stderr
     assert sorted(p.name for p in photos.iterdir()) == ["face.png"]
     assert (photos / "face.png").read_bytes() == b"the user's own photo"
+    under_a_file = cli("demo", "--out", photos / "face.png" / "demo", "--model", models["zero"], "--face", "drawn",
+                       "--steps", "2")
+    assert under_a_file.returncode == 2 and "cannot be made or written" in under_a_file.stderr, under_a_file.stderr
+    assert "Traceback" not in under_a_file.stderr
 
 
 COMMITTED = sorted(m for m in REPO_MODELS.iterdir() if (m / "unet").is_dir()) if REPO_MODELS.is_dir() else []

@@ -148,6 +148,12 @@ def test_an_image_without_its_sidecar_is_reported_not_skipped(zero_engines, keyf
     unwritable = cli(*args, "--overwrite")
     assert unwritable.returncode == 1 and "cannot write it" in unwritable.stderr, unwritable.stderr
     assert not (tmp_path / "anon" / "a.png").exists(), "an image is kept only with its sidecar"
+    # asking for sidecars after a run that wrote none is not mistaken for an interruption alone
+    plain = args[:-1]
+    (tmp_path / "anon" / "a.png.revanon.json").rmdir()
+    assert cli(*plain).returncode == 0
+    later = cli(*args)
+    assert later.returncode == 1 and "an earlier run without --sidecar" in later.stderr, later.stderr
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

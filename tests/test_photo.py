@@ -215,7 +215,16 @@ def test_photo_options(zero_engines, group, keyfile, tmp_path, no_torch_env):
                            (("--min-face", "100000"), "3 face(s) found and none selected")):
         unselected = cli("run", "anonymize", group, "--out", tmp_path / "u", *flags, *common)
         assert unselected.returncode == 1 and message in unselected.stderr, unselected.stderr
+    for flags, message in ((("--skip", "-1"), "faces are numbered from 0"),
+                           (("--detector", "bogus"), "--detector bogus: choose hog or cnn")):
+        refused = cli("run", "anonymize", group, "--out", tmp_path / "u", *flags, *common)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
     assert not (tmp_path / "u" / "group.png").exists()
+    # the dry run writes the inputs' names and no mapping, so it refuses the flags that promise otherwise
+    for flags in (("--rename",), ("--rename", "--mapping", tmp_path / "dry-map.json")):
+        refused = cli("run", "anonymize", group, "--mode", "photo", "--dry-run", "--out", tmp_path / "dn", *flags)
+        assert refused.returncode == 2 and "--rename and --mapping go with the run" in refused.stderr, refused.stderr
+    assert not (tmp_path / "dn").exists() and not (tmp_path / "dry-map.json").exists()
     renamed = cli("run", "anonymize", group, "--out", tmp_path / "n", "--rename", "--mapping",
                   tmp_path / "map.json", *common)
     assert renamed.returncode == 0 and (tmp_path / "n" / "000001.png").exists()
@@ -227,9 +236,14 @@ def test_photo_options(zero_engines, group, keyfile, tmp_path, no_torch_env):
     assert not (tmp_path / "m").exists()
     jpeg = cli("run", "anonymize", group, "--out", tmp_path / "j", "--output-format", "jpeg", *common)
     assert jpeg.returncode == 2 and "recovery needs every pixel" in jpeg.stderr
-    crop_flag = cli("run", "anonymize", group, "--out", tmp_path / "c", "--faces", "largest", "--engine",
-                    zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
-    assert crop_flag.returncode == 2 and "--mode photo" in crop_flag.stderr
+    for photo_flag in (("--faces", "largest"), ("--detector", "cnn")):
+        crop_flag = cli("run", "anonymize", group, "--out", tmp_path / "c", *photo_flag, "--engine",
+                        zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
+        assert crop_flag.returncode == 2 and "--mode photo" in crop_flag.stderr, crop_flag.stderr
+    not_landmarks = cli("run", "anonymize", group, "--out", tmp_path / "c", "--landmarks", "68", "--engine",
+                        zero_engines["zero64"], "--mask", group, "--key", keyfile)
+    assert not_landmarks.returncode == 2 and "goes with --masker landmarks, not file" in not_landmarks.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_large_photo_is_detected_on_a_downscaled_copy(zero_engines, keyfile, tmp_path):
