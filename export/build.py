@@ -116,6 +116,8 @@ def build_engine(engine_cls, model_dir: Path, out_dir: Path, *, parser: Path | N
 
 def _refuse_to_replace_anything_but_an_engine(out_dir: Path, sources: list[Path]) -> None:
     """--overwrite replaces an earlier engine, never a model, a parser or a folder of anything else."""
+    if out_dir.is_symlink():  # the engine would replace the link and leave its target as it was
+        raise UsageError(f"{out_dir}: a symbolic link; give the folder it points to ({out_dir.resolve()}) as --out")
     for source in sources:
         if is_within(source, out_dir):
             raise UsageError(f"{out_dir}: holds {source}, an input of this build; give another --out")

@@ -59,14 +59,18 @@ def resolve_device(name: str) -> str:
         return "cpu"
 
 
+def check_device_name(device: str) -> None:
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+
+
 def open_backend(model: Path | None, engine: Path | None, device: str = "auto", parser: Path | None = None):
     """The PyTorch reference on a diffusers folder, or a built engine (which needs no torch)."""
     if model is not None and engine is not None:
         raise UsageError("give --model DIR (PyTorch reference) or --engine DIR (a built engine), not both")
     if model is None and engine is None:
         raise UsageError("give --model DIR (PyTorch reference) or --engine DIR (a built engine)")
-    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    check_device_name(device)
     if engine is not None:
         from .engines import open_engine
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import __version__
-from .api import masker_for, open_backend, resolve_device
+from .api import check_device_name, masker_for, open_backend, resolve_device
 from .errors import RevanonError, UsageError, one_line
 from .schedule import DEFAULT_STEPS, MAX_STEPS
 
@@ -494,7 +494,7 @@ def build_cmd(
     parser: Optional[Path] = PARSER,
     backend: EngineBackendName = typer.Option(EngineBackendName.onnxruntime, "--backend"),
     batch: int = typer.Option(1, "--batch", min=1, max=256, help="Faces per engine call (static shapes)."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda: where parity is measured, and where a "
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto: where parity is measured, and where a "
                                "compiled engine will run."),
     precision: Precision = typer.Option(Precision.fp32, "--precision",
                                         help="compiled only: fp32 (strict, default), or the fast tf32, fp16, bf16."),
@@ -518,6 +518,8 @@ def build_cmd(
         from .engines import engine_class
         from .export.build import build_engine
 
+        check_device_name(device)
+        device = resolve_device(device)
         if backend is not EngineBackendName.compiled:
             for flag, value, default in (("--compiler", compiler, Compiler.aot),
                                          ("--conv-lowering", conv_lowering, ConvLowering.native)):
@@ -568,6 +570,9 @@ def verify_cmd(
                                  "so that verify checks its face maps too")
             parser = Path(built_from)
             say(f"parser: {parser}, the file the engine was built from")
+        if not backend.can_parse and parser is not None:
+            raise UsageError(f"--parser {parser}: --engine {engine} was built without a parser, so there are no face "
+                             "maps to compare; leave --parser out, or build the engine with it")
         reference = TorchReference(model, device=dev, parser=parser)
         report = run_verify(reference, backend, image, steps,
                             Thresholds(max_latent_rel_err, min_identical_pixels, max_mask_differences), log=say,

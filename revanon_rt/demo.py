@@ -100,8 +100,10 @@ def run_demo(out: Path, model: Path | None = None, device: str = "cpu", steps: i
     from .reference import TorchReference
     from .tiny import save_tiny_pixel
 
-    out = demo_folder(out)
     drawn = face == "drawn"
+    # a model given is loaded before --out is claimed: a mistyped model leaves no folder behind
+    backend = TorchReference(model, device=device) if model is not None else None
+    out = demo_folder(out)
     if model is None:
         model = demo_model()
         if model is None:
@@ -110,7 +112,7 @@ def run_demo(out: Path, model: Path | None = None, device: str = "cpu", steps: i
             if not model.is_dir():
                 log(f"no demo model yet: building a tiny ε ≡ 0 pixel model in {model}")
                 save_tiny_pixel(model, image_size=128, zero_eps=True)
-    backend = TorchReference(model, device=device)
+        backend = TorchReference(model, device=device)
     size = backend.image_size
     if drawn:
         rgb, mask = synthetic_face(size, seed)

@@ -494,18 +494,23 @@ def merge_chunks(folder: Path, title: str, extend: Path | None = None) -> dict:
             raise UsageError(f"{extend}: cannot read it ({exc})") from None
         if not isinstance(base, dict) or not {"threshold_cosine_far_0.1%", "chunks"} <= base.keys():
             raise UsageError(f"{extend}: not an eval summary (metrics.json)")
-        summary = combine(base, summarize(files, threshold=base["threshold_cosine_far_0.1%"]))
+        if "target_images" not in base:
+            raise UsageError(f"{extend}: made before summaries kept the names of the images they count, so an image "
+                             "that the added chunks share with it would count twice; merge all the chunks in one folder")
+        summary = combine(base, summarize(files, threshold=base["threshold_cosine_far_0.1%"],
+                                          counted=set(base["target_images"])))
     (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
     (folder / "metrics.md").write_text(markdown(summary, title))
     return summary
 
 
-def summarize(feature_files: list[Path], threshold: float | None = None) -> dict:
+def summarize(feature_files: list[Path], threshold: float | None = None, counted: set[str] = frozenset()) -> dict:
     """TAR@FAR=0.1% per condition and the other figures, over every chunk given.
 
     Each pair is scored against its own chunk's transforms. An image that two chunks share was transformed
     in both; the per-image figures (cosine, detection, PSNR, SSIM, regions, linkage) count it once, from its
-    first chunk. threshold: use this one instead of setting it here."""
+    first chunk. threshold: use this one instead of setting it here. counted: images an earlier summary
+    already counts in its per-image figures (eval-merge --extend), which these figures leave out."""
     chunks = [path.parent for path in feature_files]
     _refuse_overlaps([c.name for c in chunks])
     settings = [_setting(c) for c in chunks]
@@ -518,7 +523,7 @@ def summarize(feature_files: list[Path], threshold: float | None = None) -> dict
     regions = {figure: [] for figure in REGION_FIGURES}
     detected = {condition: [] for condition in ("original", "anonymized", "recovered")}
     pair_count, seconds, candidates, fallbacks = 0, 0.0, 0, 0
-    seen: set[str] = set()
+    seen: set[str] = set(counted)
     for path in feature_files:
         data = np.load(path)
         desc, found = {}, {}
@@ -587,6 +592,7 @@ def summarize(feature_files: list[Path], threshold: float | None = None) -> dict
                    "region_outside": _finite_count(regions["psnr_outside_recovered"]),
                    "region_inside": _finite_count(regions["psnr_inside_recovered"])},
         "chunks": [c.name for c in chunks],
+        "target_images": sorted(seen - set(counted)),
     }
 
 
@@ -645,6 +651,10 @@ def combine(base: dict, extra: dict) -> dict:
     if base.get("setting") != extra.get("setting"):
         raise UsageError(f"the summaries differ in model, steps or linkage test: {base.get('setting')} vs {extra.get('setting')}")
     _refuse_overlaps(base["chunks"] + extra["chunks"])
+    shared = sorted(set(base.get("target_images", ())) & set(extra.get("target_images", ())))
+    if shared:
+        raise UsageError(f"{len(shared)} image(s) ({', '.join(shared[:3])}) are counted in both summaries; score the "
+                         "added chunks with the base's images as counted")
     # summaries from before the mask regions were measured count none of them
     n, m = ({"region_outside": 0, "region_inside": 0, **summary["counts"]} for summary in (base, extra))
     both = {k: n[k] + m[k] for k in n}
@@ -671,6 +681,7 @@ def combine(base: dict, extra: dict) -> dict:
         else base["mask_fallbacks"] + extra["mask_fallbacks"],
         "wall_seconds": base["wall_seconds"] + extra["wall_seconds"],
         "setting": base["setting"], "counts": both, "chunks": base["chunks"] + extra["chunks"],
+        "target_images": sorted(set(base.get("target_images", ())) | set(extra.get("target_images", ()))),
     }
 
 

@@ -49,6 +49,7 @@ ARCHITECTURES = {
              "attention_head_dim": 8, "norm_num_groups": 8},
 }
 MAX_WEIGHTS_BYTES = 15 * 1000 * 1000
+DATA_RECORD = "data.json"
 LFW_TRAIN_ZIP = "train-128.zip"  # ../shared/data/lfw's identity-disjoint training split, which the card describes
 
 
@@ -130,6 +131,37 @@ def check_new_run(out: Path, state: Path, allowed: set[str]) -> None:
                          "with; choose a new or empty folder")
 
 
+def training_data_identity(record: Path, data: Path, resume: bool) -> dict:
+    """The data zip's name, size and sha256, which the checkpoint keeps in `record`. A run keeps one data
+    set over all its pieces: the card names one, and its license note follows it. A checkpoint from before
+    the record was kept takes the data given."""
+    from .engines.manifest import file_sha256
+
+    try:
+        identity = {"name": Path(data).name, "bytes": Path(data).stat().st_size, "sha256": file_sha256(data)}
+    except OSError as exc:
+        raise UsageError(f"--data {data}: cannot be read ({exc.strerror or exc})") from None
+    if resume and record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("sha256") != identity["sha256"]:
+            raise UsageError(f"--data {data}: this run was trained on {saved.get('name')} ({saved.get('bytes')} bytes, "
+                             f"sha256 {str(saved.get('sha256'))[:12]}…), and a resumed run keeps its data; give that "
+                             "zip, or start a new run in another --out")
+    return identity
+
+
+def trim_loss_log(path: Path, step: int) -> None:
+    """On resume: drop the rows a killed piece logged after its last checkpoint, which the resumed piece
+    trains and logs again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = lines[:1] + [line for line in lines[1:] if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
+    if len(kept) != len(lines):
+        path.with_name(path.name + ".tmp").write_text("".join(kept))
+        path.with_name(path.name + ".tmp").replace(path)
+
+
 TRAIN_FLAGS = {"resolution": "--resolution", "architecture": "--architecture", "batch": "--batch", "lr": "--lr",
                "ema_decay": "--ema-decay"}
 
@@ -155,6 +187,7 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
         if (out / "unet").exists():
             raise UsageError(f"{out}: already holds a model; --resume continues it, or choose another --out")
         check_new_run(out, state_path, {"vae", "checkpoint"})  # vae/: train-autoencoder's, for a latent model
+    data_identity = training_data_identity(out / "checkpoint" / DATA_RECORD, data, resume)
     dev = training_device(device)
     torch.manual_seed(cfg.seed)
     images = load_crops(data, cfg.resolution)
@@ -182,11 +215,13 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
         if dev.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu())
         log(f"resumed at step {step}")
+        trim_loss_log(out / "checkpoint" / "loss.csv", step)
     rng = np.random.default_rng(cfg.seed)
     if rng_state is not None:
         rng.bit_generator.state = rng_state
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
     (out / "checkpoint" / "config.json").write_text(json.dumps(asdict(cfg)))
+    (out / "checkpoint" / DATA_RECORD).write_text(json.dumps(data_identity))
     loss_log = out / "checkpoint" / "loss.csv"
     new_log = not loss_log.exists()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)

@@ -21,12 +21,13 @@ import numpy as np
 
 from .errors import UsageError
 from .train import (MAX_WEIGHTS_BYTES, _cpu_name, _lr_at, check_new_run, load_crops, resumed_config,
-                    to_device_without_waiting, training_device)
+                    to_device_without_waiting, training_data_identity, training_device, trim_loss_log)
 
 STATE = "autoencoder-state.pt"
 CONFIG = "autoencoder-config.json"
 LOSS_LOG = "autoencoder-loss.csv"
 PIECES = "autoencoder-pieces.jsonl"
+DATA_RECORD = "autoencoder-data.json"
 
 
 AUTOENCODER_FLAGS = {"resolution": "--resolution", "latent_channels": "--latent-channels",
@@ -80,13 +81,15 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
         raise UsageError(f"{ckpt / STATE}: no autoencoder checkpoint to resume from")
     if not resume and (out / "vae").exists():
         raise UsageError(f"{out}: already holds an autoencoder; --resume continues it, or choose another --out")
-    if (out / "unet").exists():
-        raise UsageError(f"{out}: already holds a UNet trained on the current autoencoder; "
+    if (out / "unet").exists() or (ckpt / "state.pt").exists():
+        what = "a UNet" if (out / "unet").exists() else "the checkpoint of a UNet"
+        raise UsageError(f"{out}: already holds {what} trained on the current autoencoder; "
                          "changing the autoencoder would invalidate it")
     if resume:
         cfg = AutoencoderConfig(**resumed_config(json.loads((ckpt / CONFIG).read_text()), given or {}, AUTOENCODER_FLAGS))
     else:
         check_new_run(out, ckpt / STATE, set())
+    data_identity = training_data_identity(ckpt / DATA_RECORD, data, resume)
     dev = training_device(device)
     torch.manual_seed(cfg.seed)
     images = load_crops(data, cfg.resolution)
@@ -105,8 +108,10 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
         if dev.type == "cuda" and state.get("cuda_rng") is not None:  # else a piece replays the first's noise
             torch.cuda.set_rng_state(state["cuda_rng"].cpu())
         log(f"resumed at step {step}")
+        trim_loss_log(ckpt / LOSS_LOG, step)
     ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / CONFIG).write_text(json.dumps(asdict(cfg)))
+    (ckpt / DATA_RECORD).write_text(json.dumps(data_identity))
     new_log = not (ckpt / LOSS_LOG).exists()
     started = last_save = time.monotonic()
     window: list = []

@@ -80,6 +80,8 @@ def test_demo_never_writes_over_a_folder_it_did_not_make(models, tmp_path):
                        "--steps", "2")
     assert under_a_file.returncode == 2 and "cannot be made or written" in under_a_file.stderr, under_a_file.stderr
     assert "Traceback" not in under_a_file.stderr
+    no_model = cli("demo", "--out", tmp_path / "fresh", "--model", tmp_path / "no-such-model", "--steps", "2")
+    assert no_model.returncode == 2 and not (tmp_path / "fresh").exists(), "a failed demo claims no folder"
 
 
 COMMITTED = sorted(m for m in REPO_MODELS.iterdir() if (m / "unet").is_dir()) if REPO_MODELS.is_dir() else []

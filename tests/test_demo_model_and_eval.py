@@ -34,12 +34,21 @@ def test_train_resume_and_load(tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr, "never overwrite a trained model"
     changed = cli("train", "--data", data, "--out", out, "--batch", "8", "--resume", "--device", "cpu")
     assert changed.returncode == 2 and "--batch 8: the checkpoint was trained with --batch 4" in changed.stderr
+    other = crops_zip(tmp_path / "other.zip", {f"Q{i}/Q{i}_0001.jpg": random_image(40, seed=90 + i) for i in range(12)},
+                      fmt="JPEG")
+    other_data = cli("train", "--data", other, "--out", out, "--resume", "--device", "cpu", "--max-steps", "40")
+    assert other_data.returncode == 2 and "this run was trained on crops.zip" in other_data.stderr, other_data.stderr
+    # a piece killed after its last checkpoint (step 30) had logged steps the resumed piece trains again
+    with open(out / "checkpoint" / "loss.csv", "a") as log:
+        log.write("100,0.5,0.0002,9.0\n")
     # no shape flags at all: the checkpoint's, not the command's defaults (128 px, small, batch 64)
     second = cli("train", "--data", data, "--out", out, "--samples", "4", "--device", "cpu",
                  "--max-steps", "60", "--resume", "--lr", "1.5e-4", "--ema-decay", "0.999")
     assert second.returncode == 0 and "resumed at step 30" in second.stderr
     rows = (out / "checkpoint" / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,seconds" and rows[-1].startswith("60,")
+    logged = [int(row.split(",")[0]) for row in rows[1:]]
+    assert logged == sorted(set(logged)) and 100 not in logged, logged
     weights = out / "unet" / "diffusion_pytorch_model.safetensors"
     assert weights.stat().st_size < 15_000_000
     header_len = int.from_bytes(weights.read_bytes()[:8], "little")
@@ -128,6 +137,10 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert "trained elsewhere" in (copied / "README.md").read_text()
     late = cli(*ae_args, "--max-steps", "40", "--resume")
     assert late.returncode == 2 and "UNet" in late.stderr, "retraining the autoencoder would orphan the UNet"
+    (out / "unet").rename(tmp_path / "unet-aside")  # as a UNet run stopped before its weights were saved
+    unfinished = cli(*ae_args, "--max-steps", "40", "--resume")
+    assert unfinished.returncode == 2 and "the checkpoint of a UNet" in unfinished.stderr, unfinished.stderr
+    (tmp_path / "unet-aside").rename(out / "unet")
 
     from revanon_rt.reference import TorchReference
     from revanon_rt.train import training_samples
@@ -282,6 +295,38 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path, no_torch
     assert grown["counts"]["cosine"] == summary["counts"]["cosine"] + 2
     assert grown["impostor_scores"] > summary["impostor_scores"]
 
+
+def test_extending_a_summary_counts_an_image_it_shares_with_the_added_chunks_once(zero_engines, tmp_path):
+    """Pairs 6 and 7 of the dev split share their second image, Angela_Bassett_0005, and fall in different
+    chunks: extending the first chunk's summary with the second must count that image once, as one merge of
+    both chunks does."""
+    from revanon_rt.evaluate import summarize
+
+    common = ("--pairs", LFW / "dev_pairs.txt", "--images", LFW / "dev-128.zip", "--engine", zero_engines["zero64"],
+              "--steps", "3", "--candidates", "4", "--out", tmp_path / "eval")
+    for start in ("5", "7"):
+        run = cli("eval", *common, "--start", start, "--limit", "2")
+        assert run.returncode == 0, run.stderr
+    base_file = tmp_path / "eval" / "chunk-00005-00007" / "metrics.json"
+    base = json.loads(base_file.read_text())
+    assert base["target_images"] == ["Anders_Fogh_Rasmussen/Anders_Fogh_Rasmussen_0004.jpg",
+                                     "Angela_Bassett/Angela_Bassett_0005.jpg"], base["target_images"]
+    later = tmp_path / "later"
+    shutil.copytree(tmp_path / "eval" / "chunk-00007-00009", later / "chunk-00007-00009")
+    extended = cli("eval-merge", later, "--extend", base_file)
+    assert extended.returncode == 0, extended.stderr
+    combined = json.loads((later / "metrics.json").read_text())
+    direct = summarize([tmp_path / "eval" / c / "features.npz" for c in ("chunk-00005-00007", "chunk-00007-00009")],
+                       threshold=base["threshold_cosine_far_0.1%"])
+    assert combined["counts"] == direct["counts"] and direct["counts"]["cosine"] == 3
+    assert combined["target_images"] == direct["target_images"]
+    for figure in ("cosine_original_vs_anonymized", "recovery_psnr_db", "face_detection_rate", "linkage"):
+        assert combined[figure] == pytest.approx(direct[figure]), figure
+    # a summary from before the names were kept cannot show which images it counts
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({k: v for k, v in base.items() if k != "target_images"}))
+    refused = cli("eval-merge", later, "--extend", old)
+    assert refused.returncode == 2 and "would count twice" in refused.stderr, refused.stderr
 
 def test_an_image_two_chunks_share_gets_one_nonce_and_counts_once(zero_engines, tmp_path):
     """Pairs 6 and 7 share their second image. Each image's nonce comes from its name, so both chunks

@@ -258,6 +258,9 @@ def test_verify_passes_on_a_good_engine_and_fails_on_a_perturbed_one(engines, mo
                 "--json", tmp_path / "good.json")
     assert again.returncode == 0 and "the file the engine was built from" in again.stderr, again.stderr
     assert json.loads((tmp_path / "good.json").read_text())["stages"]["parse mask"]["differing_cells"] == 0
+    no_parser = cli("verify", "--engine", engines["zero"], "--model", models["zero"], "--parser", bisenet_pth,
+                    "--steps", "2")
+    assert no_parser.returncode == 2 and "was built without a parser" in no_parser.stderr, no_parser.stderr
 
     def broken(graph: str, layer: str, factor: float):
         """A copy of the engine with one layer's weights scaled, its hashes made consistent again."""
@@ -335,6 +338,14 @@ def test_overwrite_replaces_only_an_engine_and_a_tampered_engine_says_how_to_reb
     onto_crowded = cli("build", "--model", model_copy, "--out", crowded, "--overwrite")
     assert onto_crowded.returncode == 2 and "holds my.key besides the engine" in onto_crowded.stderr
     assert (crowded / "my.key").exists() and (crowded / "unet.onnx").exists()
+    linked = tmp_path / "linked"
+    linked.symlink_to(crowded)
+    onto_link = cli("build", "--model", model_copy, "--out", linked, "--overwrite")
+    assert onto_link.returncode == 2 and "a symbolic link; give the folder it points to" in onto_link.stderr
+    assert linked.is_symlink() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    bad_device = cli("build", "--model", model_copy, "--out", tmp_path / "gpu", "--device", "gpu")
+    assert bad_device.returncode == 2 and "--device must be auto, cpu, cuda or cuda:N, not 'gpu'" in bad_device.stderr
+    assert not (tmp_path / "gpu").exists()
 
     tampered = shutil.copytree(engines["zero"], tmp_path / "tampered")
     with open(tampered / "unet.onnx", "ab") as fh:
