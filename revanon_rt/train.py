@@ -156,7 +156,8 @@ def trim_loss_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = lines[:1] + [line for line in lines[1:] if line.split(",", 1)[0].isdigit() and int(line.split(",", 1)[0]) <= step]
+    logged_steps = [line.split(",", 1)[0] for line in lines[1:]]
+    kept = lines[:1] + [line for line, logged in zip(lines[1:], logged_steps) if logged.isdigit() and int(logged) <= step]
     if len(kept) != len(lines):
         path.with_name(path.name + ".tmp").write_text("".join(kept))
         path.with_name(path.name + ".tmp").replace(path)
