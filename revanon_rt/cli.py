@@ -401,7 +401,10 @@ def deanonymize_cmd(
 
     def load(job):
         text, source = metadata_of(job)
-        return Crop(load_image(job.source), text, job.relative, source)
+        # an image whose record is not a photo's must be a crop of the model's size: anything else is refused
+        # from its PNG header, before decoding lets a few KB of crafted file cost GBs ahead of the auth check
+        crop_size = None if container.recorded_mode(text) == "photo" else backend.image_size
+        return Crop(load_image(job.source, crop_size=crop_size), text, job.relative, source)
 
     def is_photo(job) -> bool:
         try:

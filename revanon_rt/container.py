@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import struct
@@ -15,7 +16,7 @@ import numpy as np
 
 from . import FORMAT
 from .encoding import b64decode, b64encode, canonical_json
-from .errors import MetadataError
+from .errors import MetadataError, quoted
 from .images import PNG_SIGNATURE, open_regular
 from .keys import NONCE_BYTES, check_kdf
 from .masks import unpack_mask
@@ -170,13 +171,13 @@ def parse_header(text: str, source: str) -> dict:
     except UnicodeEncodeError:
         raise MetadataError(f"{source}: the revanon metadata holds text that is not valid Unicode") from None
     if header.get("format") != FORMAT:
-        raise MetadataError(f"{source}: format {header.get('format')!r} is not {FORMAT}")
-    _require(header.get("state") in STATES, source, f"unknown state {header.get('state')!r}")
+        raise MetadataError(f"{source}: format {quoted(header.get('format'))} is not {FORMAT}")
+    _require(header.get("state") in STATES, source, f"unknown state {quoted(header.get('state'))}")
     steps = header.get("steps")
     _require(isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= MAX_STEPS,
-             source, f"steps must be an integer in 1..{MAX_STEPS}, not {steps!r}")
-    _require(header.get("mode") in MODES, source, f"unknown mode {header.get('mode')!r}")
-    _require(header.get("masker") in MASKERS, source, f"unknown masker {header.get('masker')!r}")
+             source, f"steps must be an integer in 1..{MAX_STEPS}, not {quoted(steps)}")
+    _require(header.get("mode") in MODES, source, f"unknown mode {quoted(header.get('mode'))}")
+    _require(header.get("masker") in MASKERS, source, f"unknown masker {quoted(header.get('masker'))}")
     model = header.get("model")
     _require(isinstance(model, dict) and isinstance(model.get("fingerprint"), str)
              and re.fullmatch(r"[0-9a-f]{64}", model["fingerprint"]) is not None
@@ -198,7 +199,7 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     seen = set()
     for key, _ in pairs:
         if key in seen:
-            raise ValueError(f"the key {key!r} appears more than once")
+            raise ValueError(f"the key {quoted(key)} appears more than once")
         seen.add(key)
     return dict(pairs)
 
@@ -243,7 +244,13 @@ def recovered_header(header: dict, verified: bool) -> dict:
 
 
 def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+    """A finite number that fits a float64: a 400-digit integer is JSON, but no coordinate."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _require(ok: bool, source: str, message: str) -> None:

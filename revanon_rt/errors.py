@@ -10,6 +10,13 @@ def one_line(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
+def quoted(value: object, limit: int = 60) -> str:
+    """repr(value) for a message, cut to `limit` characters: values from metadata are the attacker's, and
+    one of 15 MB would otherwise be echoed whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 class RevanonError(Exception):
     """Base class: a problem the user can act on. The message names the file involved."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import time
 import zipfile
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from PIL import Image
 
 from .errors import InputError, UsageError
 from .faces import template_region
-from .images import encode_png, write_atomic
+from .images import encode_png, write_atomic, zip_image_rgb
 from .keys import ZERO_NONCE, flip_subkey
 from .masks import face_map_from_file, latent_mask
 from .pixels import pixel_region, psnr, to_model, to_u8
@@ -44,7 +45,13 @@ class Pair:
     same: bool
 
 
-def member(name: str, number: int) -> str:
+def member(name: str, number: str) -> str:
+    """The zip member of LFW's image `number` of `name`. Names become folders of the outputs, so one that
+    could lead out of them (a path separator, `..`) is refused."""
+    if not re.fullmatch(r"[^/\\\x00]+", name) or name in (".", ".."):
+        raise UsageError(f"{name!r}: not a person's name in a pairs file (names hold no path separators)")
+    if not str(number).isdigit():
+        raise UsageError(f"{number!r}: not an image number in a pairs file")
     return f"{name}/{name}_{int(number):04d}.jpg"
 
 
@@ -80,14 +87,17 @@ class ZipImages:
         except (OSError, zipfile.BadZipFile) as exc:
             raise UsageError(f"{path}: not a readable zip ({exc})") from None
         self.names = set(self.archive.namelist())
-        self.size = size
+        self.path, self.size = path, size
         self._cache: dict[str, np.ndarray] = {}
 
     def __call__(self, name: str) -> np.ndarray:
         if name not in self._cache:
             if name not in self.names:
                 raise UsageError(f"{name}: not in the images zip")
-            im = Image.open(io.BytesIO(self.archive.read(name))).convert("RGB")
+            try:
+                im = zip_image_rgb(self.archive, name, self.path)
+            except InputError as exc:
+                raise UsageError(str(exc)) from None
             if im.size != (self.size, self.size):
                 im = im.resize((self.size, self.size), Image.Resampling.LANCZOS)
             self._cache[name] = np.asarray(im).copy()

@@ -7,6 +7,7 @@ are dropped so that an anonymized image does not leak where or when it was taken
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import tempfile
@@ -60,6 +61,31 @@ def _refuse_sixteen_bit_alpha(head: bytes, name) -> None:
             and head[25] in PNG_COLOUR_TYPES_WITH_ALPHA:
         raise InputError(f"{name}: its alpha channel has 16 bits, and revanon writes 8-bit PNGs, so the alpha "
                          "could not be kept as it is; convert the image to 8 bits per channel first")
+
+
+# a zip of face crops (training data, LFW splits): a crop is a few hundred pixels a side
+MAX_ZIP_MEMBER_BYTES = 32 * 2**20
+MAX_ZIP_IMAGE_PIXELS = 4096 * 4096
+
+
+def zip_image_rgb(archive, name: str, zip_path) -> Image.Image:
+    """One image of a zip of face crops, as RGB. The member's declared size and the image's pixel count are
+    checked before either is expanded, so a small crafted zip cannot cost GBs."""
+    import zipfile
+
+    try:
+        declared = archive.getinfo(name).file_size
+        if declared > MAX_ZIP_MEMBER_BYTES:
+            raise InputError(f"{zip_path}: {name} would expand to {declared} bytes, over the {MAX_ZIP_MEMBER_BYTES} "
+                             "a face crop needs")
+        im = Image.open(io.BytesIO(archive.read(name)))
+        if im.size[0] * im.size[1] > MAX_ZIP_IMAGE_PIXELS:
+            raise InputError(f"{zip_path}: {name} is {im.size[0]}x{im.size[1]} pixels, over the "
+                             f"{MAX_ZIP_IMAGE_PIXELS} a face crop needs")
+        return im.convert("RGB")
+    except (OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as exc:
+        # PIL's UnidentifiedImageError is an OSError
+        raise InputError(f"{zip_path}: {name} is not a readable image ({exc}); remove it from the zip") from None
 
 
 def not_a_crop(path: Path, width: int, height: int, image_size: int) -> InputError:

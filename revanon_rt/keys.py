@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .encoding import b64decode, b64encode
-from .errors import InputError, MetadataError, UsageError
+from .errors import InputError, MetadataError, UsageError, quoted
 
 KEY_BYTES = 32
 NONCE_BYTES = 16
@@ -208,13 +208,13 @@ class Secret:
 def check_kdf(kdf: object, source: str) -> dict:
     """Only the exact v1 parameters are accepted: the metadata is attacker-controlled."""
     if not isinstance(kdf, dict) or kdf.get("name") not in ("raw", "scrypt"):
-        raise MetadataError(f"{source}: unknown key derivation {kdf!r}; v1 knows raw and scrypt")
+        raise MetadataError(f"{source}: unknown key derivation {quoted(kdf)}; v1 knows raw and scrypt")
     if kdf["name"] == "scrypt":
         params = {k: kdf.get(k) for k in ("n", "r", "p")}
         # type() and not ==: 131072.0 or true must not pass for 131072 or 1
         if any(type(v) is not int for v in params.values()) or params != {"n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}:
             raise MetadataError(
-                f"{source}: foreign scrypt parameters {params}; v1 accepts only n=2^17, r=8, p=1"
+                f"{source}: foreign scrypt parameters {quoted(params, 120)}; v1 accepts only n=2^17, r=8, p=1"
             )
         try:
             salt = b64decode(kdf.get("salt"))

@@ -9,7 +9,6 @@ from the model itself.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import time
@@ -20,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import UsageError
+from .errors import InputError, UsageError
+from .images import zip_image_rgb
 from .pixels import to_model
 
 # DDPM's linear schedule: a pixel-space model needs ā(T) near 0.
@@ -79,9 +79,9 @@ def load_crops(zip_path: Path, resolution: int) -> np.ndarray:
     out = np.empty((len(names), resolution, resolution, 3), np.uint8)
     for i, name in enumerate(names):
         try:
-            im = Image.open(io.BytesIO(archive.read(name))).convert("RGB")
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:  # PIL's UnidentifiedImageError is an OSError
-            raise UsageError(f"{zip_path}: {name} is not a readable image ({exc}); remove it from the zip") from None
+            im = zip_image_rgb(archive, name, zip_path)
+        except InputError as exc:
+            raise UsageError(str(exc)) from None
         if im.size != (resolution, resolution):
             im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
         out[i] = np.asarray(im)

@@ -238,6 +238,23 @@ def test_double_runs_are_refused_unless_forced(models, zero_engines, keyfile, tm
     assert forced_twice.returncode == 1 and "carries no auth tag" in forced_twice.stderr, forced_twice.stderr
 
 
+def test_a_crafted_huge_image_behind_a_crop_record_is_refused_before_it_is_decoded(zero_engines, keyfile, tmp_path):
+    """A 1-bit PNG of 8192x8192 is a few KB and 200 MB once decoded to RGB: with a crop-mode record copied
+    from a real output it must fail from its header, as a crop of the wrong size, before any decoding."""
+    src = save_png(tmp_path / "face.png", random_image(32, seed=15))
+    common = ("--engine", zero_engines["zero"], "--key", keyfile)
+    assert cli("run", "anonymize", src, "--out", tmp_path / "a", "--mask", save_png(tmp_path / "m.png", box_mask(32)),
+               *common).returncode == 0
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(container.KEYWORD, container.read_png_chunk(tmp_path / "a" / "face.png"))
+    bomb = tmp_path / "bomb" / "face.png"
+    bomb.parent.mkdir()
+    Image.new("1", (8192, 8192)).save(bomb, pnginfo=info)
+    assert bomb.stat().st_size < 100_000
+    refused = cli("run", "deanonymize", bomb, "--out", tmp_path / "r", *common)
+    assert refused.returncode == 1 and "8192x8192 is not an aligned face crop" in refused.stderr, refused.stderr
+
+
 def test_existing_outputs_are_skipped_unless_overwrite(models, zero_engines, keyfile, tmp_path):
     src = save_png(tmp_path / "face.png", random_image(32, seed=6))
     mask = save_png(tmp_path / "mask.png", box_mask(32))

@@ -258,6 +258,16 @@ def test_metadata_that_python_parses_loosely_is_refused_cleanly():
     header = _header()
     header["auth"] = "é" * 44
     assert not container.auth_matches(bytes(32), header, random_image(8))
+    # JSON holds integers of any length; a coordinate that no float64 can hold is malformed, not a crash later
+    header = _header()
+    header["faces"][0]["affine"][0][0] = 10 ** 400
+    with pytest.raises(MetadataError, match="malformed affine"):
+        container.parse_header(container.to_text(header), "img.png")
+    # a value from the file is quoted in the message, but never a 15 MB one whole
+    for field in ("format", "state", "mode", "masker", "kdf"):
+        with pytest.raises(MetadataError) as refused:
+            container.parse_header(container.to_text(_header(**{field: "x" * 1_000_000})), "img.png")
+        assert len(str(refused.value)) < 300 and "1000002 characters" in str(refused.value), field
 
 
 def test_a_sidecar_must_be_a_regular_file_within_the_limit(tmp_path):

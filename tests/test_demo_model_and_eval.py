@@ -92,6 +92,12 @@ def test_train_starts_only_where_nothing_would_be_lost(tmp_path):
         wrong = cli(*args, "--out", tmp_path / f"d-{device}", "--device", device)
         assert wrong.returncode == 2 and "--device" in wrong.stderr and "steps" not in wrong.stderr, wrong.stderr
 
+    bomb = shutil.copy(data, tmp_path / "bomb.zip")
+    with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("P8/P8_0001.jpg", bytes(33 * 2**20))  # 33 MiB of zeros, 33 KB deflated
+    assert bomb.stat().st_size < 200_000
+    expanding = cli(*args, "--data", bomb, "--out", tmp_path / "z", "--device", "cpu")
+    assert expanding.returncode == 2 and "P8/P8_0001.jpg would expand to 34603008 bytes" in expanding.stderr
     with zipfile.ZipFile(data, "a") as archive:
         archive.writestr("P9/P9_0001.jpg", b"not a jpeg")
     broken = cli(*args, "--out", tmp_path / "b", "--device", "cpu")
@@ -99,6 +105,13 @@ def test_train_starts_only_where_nothing_would_be_lost(tmp_path):
     swapped = cli("eval", "--pairs", data, "--images", SHARED / "data" / "lfw" / "dev_pairs.txt", "--engine",
                   tmp_path / "m", "--out", tmp_path / "e")
     assert swapped.returncode == 2 and "not a text pairs file" in swapped.stderr and "Traceback" not in swapped.stderr
+    # names in a pairs file become folders under --out: one that would lead out of it is refused
+    for line, message in (("../../escaped\t1\t2", "not a person's name"), ("P0\tone\t2", "not an image number")):
+        pairs = tmp_path / "pairs.txt"
+        pairs.write_text("1\t1\n" + line + "\n")
+        crafted = cli("eval", "--pairs", pairs, "--images", data, "--engine", tmp_path / "m", "--out", tmp_path / "e")
+        assert crafted.returncode == 2 and message in crafted.stderr and "Traceback" not in crafted.stderr, crafted.stderr
+    assert not (tmp_path / "escaped").exists()
 
 
 def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
