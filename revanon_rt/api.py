@@ -253,7 +253,7 @@ class Anonymizer:
                 elif not isinstance(text, str):
                     raise MetadataError(f"{name}: metadata is the sidecar's JSON text, a str, not {type(text).__name__}")
                 # as the CLI: what is not a photo's record must be a crop, refused from its header if not
-                crop_size = None if container.recorded_mode(text) == "photo" else self.image_size
+                crop_size = None if container.recorded(text, "mode") == "photo" else self.image_size
                 crops[i] = Crop(_load(image, name, crop_size), text, name, name)
             except (InputError, MetadataError) as exc:
                 results[i] = exc

@@ -480,13 +480,12 @@ NAME_MAX = 255
 
 def recorded_state(path: Path) -> str | None:
     """The state an existing file's revanon metadata records, or None for any other file."""
-    from .container import read_metadata
+    from .container import read_metadata, recorded
 
     try:
-        header = json.loads(read_metadata(path) or "null")
-    except (OSError, ValueError, RecursionError, RevanonError):
+        return recorded(read_metadata(path), "state")
+    except (OSError, RevanonError):
         return None
-    return header.get("state") if isinstance(header, dict) else None
 
 
 def _ready(job: Job, overwrite: bool, sidecar: bool, summary: Summary, console: Console,

@@ -403,12 +403,12 @@ def deanonymize_cmd(
         text, source = metadata_of(job)
         # an image whose record is not a photo's must be a crop of the model's size: anything else is refused
         # from its PNG header, before decoding lets a few KB of crafted file cost GBs ahead of the auth check
-        crop_size = None if container.recorded_mode(text) == "photo" else backend.image_size
+        crop_size = None if container.recorded(text, "mode") == "photo" else backend.image_size
         return Crop(load_image(job.source, crop_size=crop_size), text, job.relative, source)
 
     def is_photo(job) -> bool:
         try:
-            return container.recorded_mode(metadata_of(job)[0]) == "photo"
+            return container.recorded(metadata_of(job)[0], "mode") == "photo"
         except RevanonError:
             return False  # the load step reports it, against this image
 

@@ -148,14 +148,14 @@ def read_metadata(image_path: Path) -> str | None:
     return text
 
 
-def recorded_mode(text: str | None) -> str | None:
-    """The `mode` the metadata names, without validating anything else (None where it cannot be read):
-    enough to plan a run; parse_header checks the image when its turn comes."""
+def recorded(text: str | None, field: str) -> object:
+    """One top-level field of the metadata (`mode`, `state`), without validating anything else (None where
+    it cannot be read): enough to plan a run; parse_header checks the image when its turn comes."""
     try:
         header = json.loads(text) if text is not None else None
     except (ValueError, RecursionError):
         return None
-    return header.get("mode") if isinstance(header, dict) else None
+    return header.get(field) if isinstance(header, dict) else None
 
 
 def parse_header(text: str, source: str) -> dict:

@@ -94,10 +94,7 @@ class ZipImages:
         if name not in self._cache:
             if name not in self.names:
                 raise UsageError(f"{name}: not in the images zip")
-            try:
-                im = zip_image_rgb(self.archive, name, self.path)
-            except InputError as exc:
-                raise UsageError(str(exc)) from None
+            im = zip_image_rgb(self.archive, name, self.path)
             if im.size != (self.size, self.size):
                 im = im.resize((self.size, self.size), Image.Resampling.LANCZOS)
             self._cache[name] = np.asarray(im).copy()

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .errors import InputError
+from .errors import InputError, UsageError
 
 # A decoded 16k x 16k RGBA image is 1 GiB; anything larger is treated as a decompression bomb.
 MAX_IMAGE_PIXELS = 16384 * 16384
@@ -69,23 +69,24 @@ MAX_ZIP_IMAGE_PIXELS = 4096 * 4096
 
 
 def zip_image_rgb(archive, name: str, zip_path) -> Image.Image:
-    """One image of a zip of face crops, as RGB. The member's declared size and the image's pixel count are
-    checked before either is expanded, so a small crafted zip cannot cost GBs."""
+    """One image of a zip of face crops (a command's data, so its errors are usage errors), as RGB. The
+    member's declared size and the image's pixel count are checked before either is expanded, so a small
+    crafted zip cannot cost GBs."""
     import zipfile
 
     try:
         declared = archive.getinfo(name).file_size
         if declared > MAX_ZIP_MEMBER_BYTES:
-            raise InputError(f"{zip_path}: {name} would expand to {declared} bytes, over the {MAX_ZIP_MEMBER_BYTES} "
+            raise UsageError(f"{zip_path}: {name} would expand to {declared} bytes, over the {MAX_ZIP_MEMBER_BYTES} "
                              "a face crop needs")
         im = Image.open(io.BytesIO(archive.read(name)))
         if im.size[0] * im.size[1] > MAX_ZIP_IMAGE_PIXELS:
-            raise InputError(f"{zip_path}: {name} is {im.size[0]}x{im.size[1]} pixels, over the "
+            raise UsageError(f"{zip_path}: {name} is {im.size[0]}x{im.size[1]} pixels, over the "
                              f"{MAX_ZIP_IMAGE_PIXELS} a face crop needs")
         return im.convert("RGB")
     except (OSError, ValueError, zipfile.BadZipFile, Image.DecompressionBombError) as exc:
         # PIL's UnidentifiedImageError is an OSError
-        raise InputError(f"{zip_path}: {name} is not a readable image ({exc}); remove it from the zip") from None
+        raise UsageError(f"{zip_path}: {name} is not a readable image ({exc}); remove it from the zip") from None
 
 
 def not_a_crop(path: Path, width: int, height: int, image_size: int) -> InputError:

@@ -9,7 +9,6 @@ outputs is the caller's business (see batch.py), so the same code serves the CLI
 
 from __future__ import annotations
 
-import json
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,19 +95,12 @@ def check_crop(image: LoadedImage, image_size: int) -> None:
         raise not_a_crop(image.path, width, height, image_size)
 
 
-def _recorded_state(existing_metadata: str) -> str | None:
-    try:
-        return json.loads(existing_metadata).get("state")
-    except (ValueError, AttributeError, RecursionError):
-        return None
-
-
 def check_double_anonymization(image: LoadedImage, existing_metadata: str | None, opts: Options) -> list[str]:
     """Refuses an input that carries revanon metadata unless --force; under --force, the notes that warn
     what a second anonymization costs."""
     if existing_metadata is None:
         return []
-    state = _recorded_state(existing_metadata)
+    state = container.recorded(existing_metadata, "state")
     if not opts.force:
         what = f"is a revanon {state} image" if state in ("anonymized", "recovered") else "carries revanon metadata"
         raise StateError(f"{image.path}: {what} (in the PNG or a sidecar beside it); anonymizing it again needs --force")

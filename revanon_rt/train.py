@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import InputError, UsageError
+from .errors import UsageError
 from .images import zip_image_rgb
 from .pixels import to_model
 
@@ -78,10 +78,7 @@ def load_crops(zip_path: Path, resolution: int) -> np.ndarray:
         raise UsageError(f"{zip_path}: holds no .jpg or .png images")
     out = np.empty((len(names), resolution, resolution, 3), np.uint8)
     for i, name in enumerate(names):
-        try:
-            im = zip_image_rgb(archive, name, zip_path)
-        except InputError as exc:
-            raise UsageError(str(exc)) from None
+        im = zip_image_rgb(archive, name, zip_path)
         if im.size != (resolution, resolution):
             im = im.resize((resolution, resolution), Image.Resampling.LANCZOS)
         out[i] = np.asarray(im)
