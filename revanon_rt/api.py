@@ -35,7 +35,7 @@ from .errors import (AuthError, InputError, MetadataError, ModelMismatchError, R
 from .images import MAX_IMAGE_PIXELS, LoadedImage, decode_image, load_image
 from .keys import Secret, exposure_warning, read_key_file
 from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
-from .pipeline import Crop, Options, Output, anonymize_crops, deanonymize_crops, single
+from .pipeline import Crop, Options, Output, anonymize_crops, deanonymize_crops, recovery_crop_size, single
 from .schedule import DEFAULT_STEPS, MAX_STEPS
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, np.ndarray]
@@ -253,9 +253,9 @@ class Anonymizer:
                 elif not isinstance(text, str):
                     raise MetadataError(f"{name}: metadata is the sidecar's JSON text, a str, not {type(text).__name__}")
                 # as the CLI: what is not a photo's record must be a crop, refused from its header if not
-                crop_size = None if container.recorded(text, "mode") == "photo" else self.image_size
-                crops[i] = Crop(_load(image, name, crop_size), text, name, name)
-            except (InputError, MetadataError) as exc:
+                crop_size = recovery_crop_size(text, name, self.image_size)
+                crops[i] = Crop(_load(image, name, crop_size, recovering=True), text, name, name)
+            except (InputError, MetadataError, ModelMismatchError) as exc:
                 results[i] = exc
         return self._fill(results, crops, lambda ready: deanonymize_crops(ready, self.backend, self.secret, Options()))
 
@@ -291,9 +291,9 @@ def _names(images: list) -> list[str]:
     return [str(image) if isinstance(image, (str, os.PathLike)) else f"image {i}" for i, image in enumerate(images)]
 
 
-def _load(image: ImageInput, name: str, crop_size: int | None) -> LoadedImage:
+def _load(image: ImageInput, name: str, crop_size: int | None, recovering: bool = False) -> LoadedImage:
     if isinstance(image, BYTES_LIKE):
-        return decode_image(io.BytesIO(bytes(image)), Path(name), crop_size)
+        return decode_image(io.BytesIO(bytes(image)), Path(name), crop_size, recovering)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise InputError(f"{name}: an image array is H x W x 3 uint8, not {image.shape} {image.dtype}")
@@ -301,7 +301,7 @@ def _load(image: ImageInput, name: str, crop_size: int | None) -> LoadedImage:
             raise InputError(f"{name}: {image.shape[1]}x{image.shape[0]} pixels is over the limit of {MAX_IMAGE_PIXELS}")
         return LoadedImage(Path(name), np.ascontiguousarray(image), None, None)
     if isinstance(image, (str, os.PathLike)):
-        return load_image(Path(image), crop_size)
+        return load_image(Path(image), crop_size, recovering)
     raise InputError(f"{name}: an image is encoded bytes, a path or an H x W x 3 uint8 array, not "
                      f"{type(image).__name__} (a PIL image: np.asarray(image.convert('RGB')))")
 

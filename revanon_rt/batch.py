@@ -295,9 +295,9 @@ def assign_neutral_outputs(jobs: list[Job], out_dir: Path, mapping: NameMapping 
         earlier = mapping.earlier_output(job.source) if mapping is not None else None
         if earlier is not None and Path(earlier).parent.resolve() == out_dir.resolve():
             job.output = Path(earlier)
-            continue
-        number += 1
-        job.output = out_dir / f"{number:06d}.png"
+        else:
+            number += 1
+            job.output = out_dir / f"{number:06d}.png"
         if file_identity(job.output) in input_files:
             job.error = f"{job.source}: the output {job.output} would replace an input; choose another --out"
 

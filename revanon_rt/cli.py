@@ -364,7 +364,7 @@ def deanonymize_cmd(
     from .batch import load_then_process, run_jobs
     from .errors import MetadataError
     from .images import load_image
-    from .pipeline import Crop, Options, deanonymize_crops
+    from .pipeline import Crop, Options, deanonymize_crops, recovery_crop_size
 
     try:
         secret = _secret(key, password_file)
@@ -403,8 +403,8 @@ def deanonymize_cmd(
         text, source = metadata_of(job)
         # an image whose record is not a photo's must be a crop of the model's size: anything else is refused
         # from its PNG header, before decoding lets a few KB of crafted file cost GBs ahead of the auth check
-        crop_size = None if container.recorded(text, "mode") == "photo" else backend.image_size
-        return Crop(load_image(job.source, crop_size=crop_size), text, job.relative, source)
+        crop_size = recovery_crop_size(text, source, backend.image_size)
+        return Crop(load_image(job.source, crop_size, recovering=True), text, job.relative, source)
 
     def is_photo(job) -> bool:
         try:

@@ -89,7 +89,11 @@ def zip_image_rgb(archive, name: str, zip_path) -> Image.Image:
         raise UsageError(f"{zip_path}: {name} is not a readable image ({exc}); remove it from the zip") from None
 
 
-def not_a_crop(path: Path, width: int, height: int, image_size: int) -> InputError:
+def not_a_crop(path: Path, width: int, height: int, image_size: int, recovering: bool = False) -> InputError:
+    if recovering:  # its record is a crop's of the model's size, so the pixels were resized or cropped since
+        return InputError(f"{path}: {width}x{height}, but its record is of a {image_size}x{image_size} crop: the "
+                          "image was resized or cropped after anonymization, which cannot be recovered; use the "
+                          "file the tool wrote")
     return InputError(f"{path}: {width}x{height} is not an aligned face crop of the model's {image_size}x{image_size}; "
                       "resize or crop it, or use --mode photo for photos")
 
@@ -99,20 +103,22 @@ def open_regular(path: Path):
     without blocking and checked on the open handle, so a FIFO or a device named like an image is refused
     instead of hanging the run."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    fh = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        fh.close()
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory")
         raise OSError(errno.EINVAL, "not a regular file")
-    return fh
+    return os.fdopen(fd, "rb")
 
 
-def load_image(path: Path, crop_size: int | None = None) -> LoadedImage:
+def load_image(path: Path, crop_size: int | None = None, recovering: bool = False) -> LoadedImage:
     """Decode an image file to RGB uint8 (+ alpha), applying EXIF orientation. Errors name the file.
     With crop_size, an image of another size is refused from its header, before it is decoded."""
     path = Path(path)
     try:
         with open_regular(path) as fh:
-            return decode_image(fh, path, crop_size)
+            return decode_image(fh, path, crop_size, recovering)
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -121,7 +127,7 @@ def load_image(path: Path, crop_size: int | None = None) -> LoadedImage:
         raise InputError(f"{path}: cannot read the image ({exc})") from None
 
 
-def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None) -> LoadedImage:
+def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recovering: bool = False) -> LoadedImage:
     """load_image on an open binary file (or io.BytesIO); `name` is what errors and the result call it."""
     try:
         _refuse_sixteen_bit_alpha(fh.read(26), name)
@@ -134,7 +140,7 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None) -> Load
                     "(a decompression bomb, or a photo far larger than needed)"
                 )
             if crop_size is not None and (width, height) != (crop_size, crop_size):
-                raise not_a_crop(name, width, height, crop_size)
+                raise not_a_crop(name, width, height, crop_size, recovering)
             icc = im.info.get("icc_profile")
             im.load()
             im = ImageOps.exif_transpose(im)

@@ -17,8 +17,8 @@ from .images import LoadedImage
 from .keys import ZERO_NONCE, Secret, flip_subkey, mac_subkey
 from .masks import latent_mask, pack_mask
 from .pixels import clamped_share, to_u8
-from .pipeline import (Options, Output, clamping_notes, face_nonces, check_double_anonymization,
-                       transform_crops_float)
+from .pipeline import (Options, Output, clamping_notes, face_mask_or_refuse, face_nonces,
+                       check_double_anonymization, transform_crops_float)
 
 
 # -- the geometry of §8 -----------------------------------------------------------------------
@@ -114,6 +114,7 @@ class PlannedFace:
     box: list[float]
     affine: np.ndarray
     landmarks: np.ndarray | None = None
+    number: int | None = None  # as --dry-run draws it and --skip counts it
 
 
 @dataclass
@@ -144,10 +145,12 @@ def plan_faces(found, crop_size: int, selection: Selection, source=None) -> list
     from .faces import similarity_to_template
 
     planned = []
-    for f in (found[i] for i in selection.apply(found, source)[1]):
+    eligible, kept = selection.apply(found, source)
+    for i in kept:
+        f = found[i]
         # the stored affine is what recovery reads: use exactly its JSON float values from here on
         affine = np.array(similarity_to_template(f.landmarks, crop_size).tolist(), dtype=np.float64)
-        planned.append(PlannedFace([round(v, 2) for v in f.box], affine, f.landmarks))
+        planned.append(PlannedFace([round(v, 2) for v in f.box], affine, f.landmarks, eligible.index(i)))
     return planned
 
 
@@ -221,6 +224,9 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, 
     masks = (face_masks_for_crops(masker, crops, [crop_landmarks(p.landmarks, p.affine) if p.landmarks is not None
                                                   else None for p in planned], relative, backend.latent_shape[1:])
              if planned else [])
+    masks = [face_mask_or_refuse(m, f"{image.path} (face at {p.box})",
+                                 "" if p.number is None else f"; --skip {p.number} leaves this face out")
+             for m, p in zip(masks, planned)]
     used, stored = face_nonces(opts, len(planned), nonces)
     rgb, clamped = (_run_faces(backend, image.rgb, affines, masks, used, flip_subkey(key), opts.steps,
                                list(range(len(planned))), callback) if planned else (image.rgb.copy(), []))

@@ -89,10 +89,35 @@ def clamping_notes(source, shares) -> list[str]:
             "original (README: Train the demo model)"]
 
 
-def check_crop(image: LoadedImage, image_size: int) -> None:
+def face_mask_or_refuse(mask: np.ndarray, label: str, hint: str = "") -> np.ndarray:
+    """An empty mask would give back the input labelled anonymized, so it is refused."""
+    if not mask.any():
+        raise InputError(f"{label}: its mask marks no face (no pixel of it is white), so nothing would be "
+                         f"anonymized{hint}")
+    return mask
+
+
+def check_crop(image: LoadedImage, image_size: int, recovering: bool = False) -> None:
     width, height = image.size
     if (width, height) != (image_size, image_size):
-        raise not_a_crop(image.path, width, height, image_size)
+        raise not_a_crop(image.path, width, height, image_size, recovering)
+
+
+def _check_model_size(header: dict, source: str, image_size: int) -> None:
+    if header["model"]["image_size"] != image_size:
+        raise ModelMismatchError(f"{source}: made for {header['model']['image_size']}px crops, "
+                                 f"this model works at {image_size}px")
+
+
+def recovery_crop_size(metadata_text: str, source: str, image_size: int) -> int | None:
+    """The size the image under this record must have, known before its pixels are decoded: None for a
+    photo, else the model's crop size. Metadata that does not parse, and a crop made for another model
+    size, are refused here, so that neither is reported as an image of the wrong size."""
+    header = container.parse_header(metadata_text, source)
+    if header["mode"] == "photo":
+        return None
+    _check_model_size(header, source, image_size)
+    return image_size
 
 
 def check_double_anonymization(image: LoadedImage, existing_metadata: str | None, opts: Options) -> list[str]:
@@ -155,6 +180,12 @@ def _attempt(call):
         return exc
 
 
+def _failed(results: list, indices: list[int], error: Exception) -> list:
+    for i in indices:
+        results[i] = error
+    return results
+
+
 def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Options, *,
                     nonces: list[bytes] | None = None, salt: bytes | None = None,
                     callback: StepCallback | None = None) -> list[Output | Exception]:
@@ -176,19 +207,20 @@ def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Op
             results[i] = face_map
             continue
         mask = latent_mask(face_map, backend.latent_shape[1:])
-        if mask.any():
-            masks[i] = mask
-        else:  # the output would be the input, labelled anonymized
-            results[i] = InputError(f"{crops[i].label}: its mask marks no face (no pixel of it is white), so "
-                                    "nothing would be anonymized")
+        try:
+            masks[i] = face_mask_or_refuse(mask, crops[i].label)
+        except InputError as refused:
+            results[i] = refused
     ready = sorted(masks)
     if not ready:
         return results
     key, kdf = secret.for_anonymize(salt)
     used, stored = face_nonces(opts, len(ready), None if nonces is None else [nonces[i] for i in ready])
     mask_stack = np.stack([masks[i] for i in ready])
-    x = transform_crops_float(backend, np.stack([crops[i].image.rgb for i in ready]), mask_stack, used,
-                              flip_subkey(key), opts.steps, callback)
+    x = _attempt(lambda: transform_crops_float(backend, np.stack([crops[i].image.rgb for i in ready]), mask_stack,
+                                               used, flip_subkey(key), opts.steps, callback))
+    if isinstance(x, Exception):  # the model failed the group: its crops, not those refused above, take the error
+        return _failed(results, ready, x)
     shares = clamped_share(x, mask_stack)
     for i, rgb, nonce_field, share in zip(ready, to_u8(x), stored, shares):
         image = crops[i].image
@@ -246,9 +278,7 @@ def check_metadata(crop: Crop, backend, secret: Secret, opts: Options) -> Authen
                 f"{source}: made with model {header['model']['fingerprint'][:16]}…, this is "
                 f"{backend.fingerprint[:16]}…; use the same model, or --ignore-model-mismatch")
         notes.append(f"{source}: model fingerprint differs (--ignore-model-mismatch)")
-    if header["model"]["image_size"] != backend.image_size:
-        raise ModelMismatchError(f"{source}: made for {header['model']['image_size']}px crops, "
-                                 f"this model works at {backend.image_size}px")
+    _check_model_size(header, source, backend.image_size)
     if header["mode"] == "photo" and opts.recompute_mask:
         raise InputError(f"{source}: --recompute-mask works on crops; photo records keep their masks")
     return Authentic(header, key, verified, notes)
@@ -257,7 +287,7 @@ def check_metadata(crop: Crop, backend, secret: Secret, opts: Options) -> Authen
 def _recovery_mask(crop: Crop, checked: Authentic, backend, maskers: dict | None) -> np.ndarray:
     """The crop's latent mask: the stored one, or under --recompute-mask the named masker's."""
     source, header = crop.label, checked.header
-    check_crop(crop.image, backend.image_size)
+    check_crop(crop.image, backend.image_size, recovering=True)
     if len(header["faces"]) != 1:
         raise MetadataError(f"{source}: a crop-mode image has exactly one face record")
     latent_hw = tuple(backend.latent_shape[1:])
@@ -304,13 +334,17 @@ def deanonymize_crops(crops: list[Crop], backend, secret: Secret, opts: Options,
             results[i] = mask
         else:
             masks[i] = mask
-    for steps in sorted({results[i].header["steps"] for i in masks}):
-        group = [i for i in masks if results[i].header["steps"] == steps]
+    groups = {steps: [i for i in masks if results[i].header["steps"] == steps]
+              for steps in sorted({results[i].header["steps"] for i in masks})}
+    for steps, group in groups.items():
         patterns = np.stack([crop_patterns(backend, [container.face_nonce(results[i].header["faces"][0]) or ZERO_NONCE],
                                            flip_subkey(results[i].key))[0] for i in group])
-        rgbs = to_u8(_transform_with_patterns(backend, np.stack([crops[i].image.rgb for i in group]),
-                                              np.stack([masks[i] for i in group]), patterns, steps, callback))
-        for i, rgb in zip(group, rgbs):
+        x = _attempt(lambda: _transform_with_patterns(backend, np.stack([crops[i].image.rgb for i in group]),
+                                                      np.stack([masks[i] for i in group]), patterns, steps, callback))
+        if isinstance(x, Exception):
+            _failed(results, group, x)
+            continue
+        for i, rgb in zip(group, to_u8(x)):
             checked, image = results[i], crops[i].image
             results[i] = Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile),
                                 container.recovered_header(checked.header, checked.verified), checked.notes)

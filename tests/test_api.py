@@ -126,6 +126,15 @@ def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_
         anonymizer.deanonymize(pixels)
     metadata = container.png_chunk_text(io.BytesIO(anonymized), "x")
     assert np.array_equal(anonymizer.deanonymize(pixels, metadata=metadata).image.rgb, crop)
+    with pytest.raises(MetadataError, match="image 0: the revanon metadata is not valid JSON"):
+        anonymizer.deanonymize(random_image(40), metadata=metadata[:-1])
+    with pytest.raises(InputError, match="image 0: 40x40, but its record is of a 32x32 crop"):
+        anonymizer.deanonymize(png_bytes(random_image(40)), metadata=metadata)
+    # a path that is not a regular file fails without leaking its descriptor
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        assert isinstance(anonymizer.deanonymize_batch([tmp_path])[0], InputError)
+    assert len(os.listdir("/proc/self/fd")) == fds
 
     keyfile.chmod(0o644)
     with pytest.warns(KeyFileWarning, match="can be read by other users; chmod 600"):

@@ -252,7 +252,7 @@ def test_a_crafted_huge_image_behind_a_crop_record_is_refused_before_it_is_decod
     Image.new("1", (8192, 8192)).save(bomb, pnginfo=info)
     assert bomb.stat().st_size < 100_000
     refused = cli("run", "deanonymize", bomb, "--out", tmp_path / "r", *common)
-    assert refused.returncode == 1 and "8192x8192 is not an aligned face crop" in refused.stderr, refused.stderr
+    assert refused.returncode == 1 and "8192x8192, but its record is of a 32x32 crop" in refused.stderr, refused.stderr
 
 
 def test_existing_outputs_are_skipped_unless_overwrite(models, zero_engines, keyfile, tmp_path):
@@ -319,6 +319,12 @@ def test_no_output_lands_on_any_input_and_renamed_runs_add_to_their_mapping(zero
     assert second.returncode == 0 and "1 done, 1 skipped" in second.stderr, second.stderr
     assert json.loads(names.read_text()) == {str(folder / "a.png"): str(tmp_path / "n" / "000001.png"),
                                              str(folder / "a.jpg"): str(tmp_path / "n" / "000002.png")}
+    # the output the mapping names for a.png is itself an input of this run: never replaced, even under --overwrite
+    kept = (tmp_path / "n" / "000001.png").read_bytes()
+    onto_input = cli("run", "anonymize", folder / "a.png", tmp_path / "n" / "000001.png", "--out", tmp_path / "n",
+                     "--rename", "--mapping", names, "--overwrite", *common)
+    assert onto_input.returncode == 1 and "000001.png would replace an input" in onto_input.stderr, onto_input.stderr
+    assert (tmp_path / "n" / "000001.png").read_bytes() == kept
     names.write_text("not json")
     unreadable = cli("run", "anonymize", folder / "a.png", "--out", tmp_path / "n", "--rename", "--mapping", names, *common)
     assert unreadable.returncode == 2 and "cannot read the existing mapping" in unreadable.stderr
@@ -625,13 +631,25 @@ def test_authentic_metadata_that_does_not_fit_the_model_or_mode_is_refused_per_i
     signed("two_faces.png", lambda h: h.update(faces=h["faces"] * 2))
     signed("other_size.png", lambda h: h["model"].update(image_size=64))
     signed("flat_affine.png", lambda h: (h.update(mode="photo"), h["faces"][0].update(affine=[[1, 2, 0], [2, 4, 0]])))
+    # whole images whose size is wrong: each is told why, not to resize it or to use --mode photo
+    header = container.read_png_chunk(anon)
+    for name, side, text in (("resized.png", 48, header), ("broken_record.png", 40, header[:-1]),
+                             ("other_model.png", 64, json.dumps({**json.loads(header), "model": {
+                                 **json.loads(header)["model"], "image_size": 64}}))):
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("revanon", text, zip=False)
+        Image.fromarray(rgb).resize((side, side)).save(tmp_path / "bad" / name, pnginfo=info)
     result = cli("run", "deanonymize", tmp_path / "bad", "--out", tmp_path / "out", "--engine", zero_engines["zero"],
                  "--key", keyfile)
-    assert result.returncode == 1 and "0 done, 0 skipped, 4 failed" in result.stderr, result.stderr
+    assert result.returncode == 1 and "0 done, 0 skipped, 7 failed" in result.stderr, result.stderr
+    assert "--mode photo" not in result.stderr
     for name, message in [("small_mask.png", "the stored mask is 4x4, the model's latent grid is 32x32"),
                           ("two_faces.png", "exactly one face record"),
                           ("other_size.png", "made for 64px crops, this model works at 32px"),
-                          ("flat_affine.png", "the affine is not invertible")]:
+                          ("flat_affine.png", "the affine is not invertible"),
+                          ("resized.png", "48x48, but its record is of a 32x32 crop: the image was resized"),
+                          ("broken_record.png", "the revanon metadata is not valid JSON"),
+                          ("other_model.png", "made for 64px crops, this model works at 32px")]:
         assert any(name in line and message in line for line in result.stderr.splitlines()), (name, result.stderr)
     photo = cli("run", "deanonymize", tmp_path / "bad" / "flat_affine.png", "--out", tmp_path / "out",
                 "--engine", zero_engines["zero"], "--key", keyfile, "--recompute-mask", "--mask", mask)

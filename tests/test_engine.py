@@ -185,6 +185,19 @@ def test_crops_of_a_group_share_engine_calls_and_keep_their_own_nonces_and_error
     assert "wrong key, or the image or its metadata was changed" in str(recovered[1])
     assert all(r.header["state"] == "recovered" for r in (recovered[0], recovered[2]))
 
+    # the model failing a group (out of memory, say) fails its crops; those refused before keep their own reasons
+    class FailingModel(CountingRows):
+        def eps(self, z, t):
+            raise RuntimeError("the engine ran out of memory")
+
+    failing = FailingModel(backend.backend)
+    refused_and_failed = anonymize_crops(crops, failing, masker, secret, opts)
+    assert "not an aligned face crop" in str(refused_and_failed[1])
+    assert all("ran out of memory" in str(refused_and_failed[i]) for i in (0, 2, 3))
+    anonymized[1].metadata = anonymized[0].metadata
+    recovered = deanonymize_crops(anonymized, failing, secret, opts)
+    assert "wrong key" in str(recovered[1]) and all("ran out of memory" in str(recovered[i]) for i in (0, 2))
+
 
 class _BoxMasker:
     """Face maps from the central box, the same for every crop (a FileMasker without a file)."""

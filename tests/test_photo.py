@@ -136,6 +136,32 @@ def test_a_photo_with_more_faces_than_a_reader_accepts_is_refused(models):
                         None, Secret.from_key(bytes(32)), Options(), "crowd.png", planned=planned)
 
 
+def test_a_face_whose_mask_marks_nothing_fails_the_photo(models):
+    """A face the parser finds nothing in would pass through unchanged, labelled anonymized: refused,
+    as in crop mode, naming the --skip number that leaves it out."""
+    from revanon_rt.errors import InputError
+    from revanon_rt.images import LoadedImage
+    from revanon_rt.keys import Secret
+    from revanon_rt.photo import PlannedFace, anonymize_photo
+    from revanon_rt.pipeline import Options
+    from revanon_rt.reference import TorchReference
+
+    class FirstFaceEmpty:
+        name = "file"
+
+        def face_maps(self, rgbs, relatives):
+            maps = np.ones((len(rgbs), 512, 512), np.uint8)
+            maps[0] = 0
+            return maps
+
+    photo = random_image(160, seed=74)
+    planned = [PlannedFace([x, x, x + 64, x + 64], np.array([[1.0, 0, -x], [0, 1.0, -x]]), None, n)
+               for n, x in [(1, 8), (2, 90)]]
+    with pytest.raises(InputError, match=r"face at \[8, 8, 72, 72\].*marks no face.*--skip 1 leaves"):
+        anonymize_photo(LoadedImage(Path("two.png"), photo, None, None), None, TorchReference(models["zero64"]),
+                        FirstFaceEmpty(), Secret.from_key(bytes(32)), Options(steps=2), "two.png", planned=planned)
+
+
 def test_group_photo_every_face_found_background_untouched(zero_engines, group, keyfile, tmp_path, no_torch_env):
     """On an edge box: anonymized without the torch stack, recovered without torch or dlib."""
     out, rec = tmp_path / "anon", tmp_path / "rec"
@@ -296,7 +322,8 @@ def test_dry_run_drawing_and_the_transform_select_the_same_faces_even_for_twin_d
     selection = Selection(min_face=30, skip=(1,))
     eligible, kept = selection.apply(found)
     assert (eligible, kept) == ([0, 1], [0])
-    assert len(plan_faces(found, 32, selection)) == 1
+    assert [p.number for p in plan_faces(found, 32, selection)] == [0]
+    assert [p.number for p in plan_faces(found, 32, Selection(skip=(0,)))] == [1, 2], "numbers as --dry-run draws"
     drawn = draw_faces(np.zeros((140, 140, 3), np.uint8), found, selection)
     assert tuple(drawn[20, 50]) == (255, 40, 40), "face 0 is kept: red"
     assert tuple(drawn[20, 110]) == (150, 150, 150), "the small face is not numbered: grey"
