@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,41 @@ class ModelLayout:
         return float(self.autoencoder_config.get("scaling_factor", 0.18215))
 
 
+WEIGHTS_NAME = "diffusion_pytorch_model"
+
+
+def loaded_weight_files(component_dir: Path) -> list[Path]:
+    """The weight files diffusers' from_pretrained reads for this component when told which format
+    (reference.py passes use_safetensors): the single file, or the shards its index lists."""
+    suffix = weight_files(component_dir)[0].suffix
+    single = component_dir / f"{WEIGHTS_NAME}{suffix}"
+    if single.is_file():
+        return [single]
+    index = component_dir / f"{WEIGHTS_NAME}{suffix}.index.json"
+    try:
+        shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        return sorted({component_dir / str(name) for name in shards})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UsageError(f"{component_dir}: no {single.name} (nor a readable {index.name} for shards), which is "
+                         "the file diffusers loads") from None
+
+
+def check_weights_are_the_fingerprinted_ones(component_dir: Path) -> None:
+    """The fingerprint (spec §7) covers every *.safetensors file of a component (or every *.bin where there is
+    none), while diffusers loads one file or one set of shards: a folder where these differ (an extra
+    .fp16.safetensors variant, a stray copy) could run weights that the fingerprint does not cover."""
+    hashed = set(weight_files(component_dir))
+    loaded = set(loaded_weight_files(component_dir))
+    if hashed != loaded:
+        extra = sorted(p.name for p in hashed - loaded)
+        missing = sorted(p.name for p in loaded - hashed)
+        what = (f"holds {', '.join(extra)} besides the weights diffusers loads" if extra else
+                f"its index names {', '.join(missing)}, which is not there")
+        raise UsageError(f"{component_dir}: {what}; the model fingerprint covers every "
+                         f"*{next(iter(hashed)).suffix} file, so keep only the loaded ones (move a variant such "
+                         "as .fp16.safetensors to a model folder of its own)")
+
+
 def _side(value, what: str, path: Path) -> int:
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
@@ -53,6 +89,7 @@ def inspect_model_dir(root: Path) -> ModelLayout:
     for component in ["unet"] + present:
         if not weight_files(root / component):
             raise UsageError(f"{root / component}: no weights (*.safetensors or *.bin)")
+        check_weights_are_the_fingerprinted_ones(root / component)
 
     unet = read_config(root / "unet", "unet")
     scheduler = read_config(root / "scheduler", "scheduler")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .fingerprint import model_fingerprint, public_config
+from .fingerprint import model_fingerprint, public_config, weight_files
 from .model_dir import ModelLayout, inspect_model_dir
 from .schedule import NoiseSchedule
 
@@ -93,8 +93,10 @@ def _from_pretrained(cls, root: Path, subfolder: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # the format the fingerprint covered (model_dir checks the files are the same ones)
             model = cls.from_pretrained(root, subfolder=subfolder, local_files_only=True,
-                                        torch_dtype=torch.float32, low_cpu_mem_usage=False)
+                                        torch_dtype=torch.float32, low_cpu_mem_usage=False,
+                                        use_safetensors=weight_files(root / subfolder)[0].suffix == ".safetensors")
     except Exception as exc:
         raise UsageError(f"{root / subfolder}: cannot load the weights ({type(exc).__name__}: {exc})") from None
     _align_tensors(model)

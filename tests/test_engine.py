@@ -259,6 +259,7 @@ def test_verify_passes_on_a_good_engine_and_fails_on_a_perturbed_one(engines, mo
     assert good.returncode == 0, good.stdout + good.stderr
     report = json.loads((tmp_path / "good.json").read_text())
     assert report["passed"] and report["stages"]["final latent"]["rel_l2"] < 1e-4
+    assert report["checks"]["cross-backend recovery"]["passed"]
     assert report["stages"]["parse mask"]["differing_cells"] == 0
     assert "eps middle step" in good.stdout and "recovery engine -> pytorch" in good.stdout
     precious = tmp_path / "face.png"
@@ -306,6 +307,33 @@ def test_verify_passes_on_a_good_engine_and_fails_on_a_perturbed_one(engines, mo
 
     other = cli("verify", "--engine", engines["ldm"], "--model", models["ldm_other"], "--steps", "2")
     assert other.returncode == 2 and "another model" in other.stderr
+
+
+def test_verify_fails_an_engine_whose_images_recover_worse_across_backends(models):
+    """On the ε ≡ 0 model PyTorch recovers its own images exactly. An engine with a step-dependent ε error
+    recovers its own images worse still, which must not lower the bar that the cross-backend check sets."""
+    from revanon_rt.reference import TorchReference
+    from revanon_rt.verify import Thresholds, run_verify
+
+    class SkewedEps:
+        def __init__(self, backend):
+            self.backend = backend
+
+        def __getattr__(self, name):
+            return getattr(self.backend, name)
+
+        def eps(self, z, t):
+            return self.backend.eps(z, t) + np.float32(0.6 * t / 1000) * np.tanh(z)
+
+    reference = TorchReference(models["zero"])
+    lenient = Thresholds(max_latent_rel_err=10.0, min_identical_pixels=0.0)
+    report = run_verify(reference, SkewedEps(TorchReference(models["zero"])), steps=6, thresholds=lenient,
+                        log=lambda _: None)
+    stages, check = report["stages"], report["checks"]["cross-backend recovery"]
+    assert stages["recovery pytorch -> pytorch"]["identical_to_original"] == 1.0
+    assert stages["recovery engine -> pytorch"]["psnr_db"] > stages["recovery engine -> engine"]["psnr_db"]
+    assert not check["passed"] and not report["passed"], check
+    assert run_verify(reference, TorchReference(models["zero"]), steps=6, log=lambda _: None)["passed"]
 
 
 def test_build_never_leaves_half_an_engine(models, bisenet_pth, tmp_path):

@@ -82,6 +82,9 @@ def test_autoencoder_kl_uses_posterior_mean_times_scaling_factor(tmp_path):
     ("bad_config", "config.json"),
     ("no_weights", "no weights"),
     ("grid_not_dividing_512", "must divide 512"),
+    # the fingerprint covers every *.safetensors file: a variant beside the loaded one could hide swapped weights
+    ("variant_beside", "holds diffusion_pytorch_model.fp16.safetensors besides the weights diffusers loads"),
+    ("variant_only", "no diffusion_pytorch_model.safetensors"),
 ])
 def test_broken_model_folders_are_refused_by_name(models, tmp_path, breakage, message):
     model = tmp_path / "model"
@@ -102,8 +105,30 @@ def test_broken_model_folders_are_refused_by_name(models, tmp_path, breakage, me
         _edit_json(model / "unet" / "config.json", sample_size=12)
     elif breakage == "no_weights":
         (model / "vqvae" / "diffusion_pytorch_model.safetensors").unlink()
+    elif breakage.startswith("variant"):
+        weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+        shutil.copy(weights, weights.with_suffix(".fp16.safetensors"))
+        if breakage == "variant_only":
+            weights.rename(weights.with_suffix(".bin"))
     with pytest.raises(UsageError, match=message):
         TorchReference(model)
+
+
+def test_sharded_and_bin_weights_load_with_the_fingerprint_of_the_single_file(models, tmp_path):
+    """The same tensors stored as shards or as a .bin: the same model, the same fingerprint (spec §7)."""
+    from diffusers import UNet2DModel
+
+    single = TorchReference(models["ldm"])
+    unet = UNet2DModel.from_pretrained(models["ldm"], subfolder="unet")
+    for name, save in (("sharded", {"max_shard_size": "20KB"}), ("bin", {"safe_serialization": False})):
+        model = _copy(models["ldm"], tmp_path / name)
+        shutil.rmtree(model / "unet")
+        unet.save_pretrained(model / "unet", **save)
+        assert len(list((model / "unet").glob("*.safetensors"))) > (3 if name == "sharded" else -1)
+        other = TorchReference(model)
+        assert other.fingerprint == single.fingerprint
+        z = np.random.default_rng(0).standard_normal((1, *single.latent_shape)).astype(np.float32)
+        np.testing.assert_array_equal(other.eps(z, 500), single.eps(z, 500))
 
 
 def test_bisenet_face_map_matches_facexlib_by_hand(models, bisenet_pth):
