@@ -718,7 +718,8 @@ def eval_cmd(
     images: Path = typer.Option(..., "--images", help="Zip of the aligned crops the pairs name (dev-128.zip)."),
     model: Optional[Path] = MODEL, engine: Optional[Path] = ENGINE,
     masker: MaskerName = typer.Option(MaskerName.landmarks, "--masker"), parser: Optional[Path] = PARSER,
-    mask: Optional[Path] = typer.Option(None, "--mask", help="Precomputed 512x512 face maps named like the zip members."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="A folder of precomputed face maps named as the zip "
+                                        "members (Name/Name_0001.jpg), or with .png in place of the extension."),
     landmarks: int = LANDMARKS,
     start: int = typer.Option(0, "--start", min=0, help="First pair of this chunk."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Pairs in this chunk (default: all)."),
@@ -735,6 +736,7 @@ def eval_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .batch import ProgressLines
+    from .engines.manifest import file_sha256
     from .evaluate import (ZipImages, chunk_folder, markdown, read_pairs, run_score, run_transform,
                            transformed_image_size, write_chunk_summary)
 
@@ -744,6 +746,9 @@ def eval_cmd(
         if not chosen:
             raise UsageError(f"--start {start} is past the {len(all_pairs)} pairs of {pairs}")
         end = start + len(chosen)
+        for folder in (out, chunk_folder(out, start, end)):
+            if folder.exists() and not folder.is_dir():
+                raise UsageError(f"--out: {folder} is a file, and the evaluation writes a folder there")
         chunk = chunk_folder(out, start, end)
         backend = None
         if stage != EvalStage.score:
@@ -754,6 +759,7 @@ def eval_cmd(
             else:
                 chosen_masker = None
         zip_images = ZipImages(images, backend.image_size if backend else transformed_image_size(chunk))
+        zip_images.check_pairs(chosen)
         recognizer = None
         if stage != EvalStage.transform:
             from .faces import Recognizer
@@ -778,13 +784,15 @@ def eval_cmd(
             if stage != EvalStage.score:
                 run_transform(backend, chosen, zip_images, chunk, masker=chosen_masker, mask_dir=mask, steps=steps,
                               batch=batch, candidates=candidates, progress=tick, pool_cache=out / "linkage-pool.npz",
-                              genuine_only=genuine_only, pairs_total=len(all_pairs))
+                              genuine_only=genuine_only, pairs_total=len(all_pairs), pairs_sha256=file_sha256(pairs))
             if stage != EvalStage.transform:
                 run_score(chunk, zip_images, recognizer, progress=tick)
             if log_lines:
                 log_lines.finish()
         except RevanonError as exc:
             _fail(exc)
+        except OSError as exc:  # the disk filled, or --out became unwritable during the run
+            _fail(UsageError(f"--out {out}: cannot write the evaluation there ({exc.strerror or exc})"))
     if stage == EvalStage.transform:
         say(f"transforms written to {chunk}; score them with --stage score")
         return

@@ -27,7 +27,8 @@ from PIL import Image
 
 from .errors import InputError, UsageError
 from .faces import template_region
-from .images import encode_png, write_atomic, zip_image_rgb
+from .engines.manifest import file_sha256
+from .images import encode_png, image_members, write_atomic, zip_image_rgb
 from .keys import ZERO_NONCE, flip_subkey
 from .masks import face_map_from_file, latent_mask
 from .pixels import pixel_region, psnr, to_model, to_u8
@@ -87,8 +88,19 @@ class ZipImages:
         except (OSError, zipfile.BadZipFile) as exc:
             raise UsageError(f"{path}: not a readable zip ({exc})") from None
         self.names = set(self.archive.namelist())
+        self.image_names = image_members(self.archive)
         self.path, self.size = path, size
         self._cache: dict[str, np.ndarray] = {}
+
+    def check_pairs(self, pairs: list[Pair]) -> None:
+        """Every image the pairs name is in the zip: found now, not after a chunk's transform."""
+        missing = sorted({name for p in pairs for name in (p.first, p.second)} - self.names)
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise UsageError(f"{self.path}: the pairs name {len(missing)} image(s) the zip does not hold: {shown}")
+
+    def content_crcs(self, names: list[str]) -> list[int]:
+        return [self.archive.getinfo(n).CRC for n in names]
 
     def __call__(self, name: str) -> np.ndarray:
         if name not in self._cache:
@@ -189,15 +201,15 @@ def transform_conditions(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: l
 
 def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, masker=None, mask_dir: Path | None = None,
                   steps: int = 50, batch: int = 16, candidates: int = 100, seed: int = 0, progress=None,
-                  pool_cache: Path | None = None, genuine_only: bool = False, pairs_total: int | None = None) -> dict:
+                  pool_cache: Path | None = None, genuine_only: bool = False, pairs_total: int | None = None,
+                  pairs_sha256: str | None = None) -> dict:
     """Write masks and every transformed second image; return the run's facts (no secrets).
 
     pool_cache: a file that keeps the linkage pool's inversions for the other chunks of the run.
     genuine_only: transform only the second images of genuine pairs. TAR counts nothing else, and
     impostor pairs still give their clean images to the threshold.
-    pairs_total: how many pairs the whole pairs file holds, so that a merge can say which no chunk covers."""
-    for stale in ("features.npz", "transform.json"):  # a chunk done again: its old scores describe other images
-        (out / stale).unlink(missing_ok=True)
+    pairs_total: how many pairs the whole pairs file holds, so that a merge can say which no chunk covers.
+    pairs_sha256: the pairs file's, so that a merge refuses chunks of different pairs files."""
     rng = np.random.default_rng(seed)
     # throwaway keys drawn from the seed, so that an evaluation can be repeated exactly
     keys = {"key": bytes(rng.integers(0, 256, 32, dtype=np.uint8)),
@@ -207,16 +219,20 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
     if len(targets) == 1:
         raise UsageError(f"this chunk transforms one image ({targets[0]}); the known-plaintext attack takes the "
                          "attacker's pair from another image of the same chunk, so give a chunk with at least two")
+    for stale in ("features.npz", "transform.json"):  # a chunk done again: its old scores describe other images
+        (out / stale).unlink(missing_ok=True)
     started = time.perf_counter()
     pool = linkage_pool(images, candidates - 1, seed)
-    ranks, ranked, fallbacks = [], [], []
+    ranks, ranked, fallbacks, least_candidates = [], [], [], 1 + min(len(pool), candidates - 1)
     if targets:
-        ranks, ranked, fallbacks = _transform_targets(backend, targets, images, out, seed, keys, pool, masker=masker,
+        ranks, ranked, fallbacks, least_candidates = _transform_targets(backend, targets, images, out, seed, keys, pool, masker=masker,
                                               mask_dir=mask_dir, steps=steps, batch=batch, candidates=candidates,
                                               tick=progress or (lambda phase, n: None), pool_cache=pool_cache)
     facts = {"targets": targets, "steps": steps, "model_fingerprint": backend.fingerprint,
+             "precision": getattr(backend, "precision", "fp32"), "images_sha256": file_sha256(images.path),
+             "pairs_sha256": pairs_sha256,
              "image_size": backend.image_size, "latent_shape": list(backend.latent_shape),
-             "linkage_ranks": ranks, "linkage_names": ranked, "linkage_candidates": 1 + min(len(pool), candidates - 1),
+             "linkage_ranks": ranks, "linkage_names": ranked, "linkage_candidates": least_candidates,
              "linkage_pool": pool, "genuine_only": genuine_only,
              "transform_seconds": time.perf_counter() - started, "mask_fallbacks": len(fallbacks),
              "mask_fallback_names": fallbacks,
@@ -229,14 +245,16 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
 def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path, seed: int, keys: dict[str, bytes],
                        pool: list[str], *, masker, mask_dir, steps, batch, candidates, tick, pool_cache):
     """Masks, every condition's images and the linkage ranks of the targets; returns (ranks, the names they
-    belong to, the targets whose mask fell back to the template)."""
+    belong to, the targets whose mask fell back to the template, the fewest candidates a target was ranked
+    among)."""
     c, h, w = backend.latent_shape
     rgbs = np.stack([images(n) for n in targets])
     maps, fallbacks = [], []
     tick("masks", 0)
     for name, rgb in zip(targets, rgbs):
         if mask_dir is not None:
-            face_map = face_map_from_file(mask_dir / _png_name(name))
+            own = mask_dir / name  # named as the member, or as the member with .png, as `run`'s --mask folder
+            face_map = face_map_from_file(own if own.is_file() else mask_dir / _png_name(name))
         else:
             try:
                 face_map = masker.face_maps(rgb[None], [name])[0]
@@ -257,9 +275,10 @@ def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path
 
     # Key-free linkage: rank 100 candidate originals by the correlation of |z_T| inside the mask.
     z_pool = _pool_latents(backend, images, pool, steps, batch, pool_cache, tick)
-    ranks, ranked = [], []
+    ranks, ranked, least = [], [], candidates
     for i, name in enumerate(targets):
         others = [j for j, p in enumerate(pool) if identity(p) != identity(name)][: candidates - 1]
+        least = min(least, 1 + len(others))
         cands = np.concatenate([z_orig[i:i + 1], z_pool[others]])
         m = np.broadcast_to(masks[i][None] > 0, (c, h, w))
         probe = np.abs(z_anon[i])[m]
@@ -273,7 +292,7 @@ def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path
     for condition, stack in results.items():
         for name, rgb in zip(targets, stack):
             _save(out / "images" / condition, name, rgb)
-    return ranks, ranked, fallbacks
+    return ranks, ranked, fallbacks, least
 
 
 def image_nonce(seed: int, name: str) -> bytes:
@@ -286,7 +305,7 @@ def linkage_pool(images: ZipImages, count: int, seed: int) -> list[str]:
     """The candidate originals of the linkage test: one draw from the whole zip, the same for every
     chunk of an evaluation, so that their inversions are computed once. Each image is ranked against
     the pool members of other identities (count + 20 are drawn so that count of them remain)."""
-    names = sorted(n for n in images.names if n.lower().endswith((".jpg", ".png")))
+    names = list(images.image_names)
     if len(names) > count + 20:
         rng = np.random.default_rng([seed, 1])
         names = [names[i] for i in sorted(rng.choice(len(names), count + 20, replace=False))]
@@ -296,7 +315,8 @@ def linkage_pool(images: ZipImages, count: int, seed: int) -> list[str]:
 def _pool_latents(backend, images: ZipImages, pool: list[str], steps: int, batch: int, cache: Path | None,
                   tick) -> np.ndarray:
     """z_T of every pool image, from the cache when it was made by this backend, model and step count."""
-    key = {**backend.identity, "fingerprint": backend.fingerprint, "steps": steps, "names": pool}
+    key = {**backend.identity, "fingerprint": backend.fingerprint, "steps": steps, "names": pool,
+           "crc32": images.content_crcs(pool)}  # the same names in a re-made zip are other pixels
     tick("linkage", 0)
     if cache is not None and cache.exists():
         with np.load(cache) as stored:
@@ -402,9 +422,12 @@ def run_score(out: Path, images: ZipImages, recognizer, progress=None) -> Path:
 
 
 def _setting(chunk: Path) -> dict:
-    """What must match for chunks to be summarized together: the model, its steps, the linkage test."""
+    """What must match for chunks to be summarized together: the model, its steps and precision, the
+    linkage test, and the pairs and images (absent from chunks made before they were recorded)."""
     facts = json.loads((chunk / "transform.json").read_text())
-    return {k: facts[k] for k in ("model_fingerprint", "steps", "image_size", "linkage_candidates")}
+    return {**{k: facts[k] for k in ("model_fingerprint", "steps", "image_size", "linkage_candidates")},
+            "precision": facts.get("precision", "fp32"),
+            **{k: facts.get(k) for k in ("images_sha256", "pairs_sha256")}}
 
 
 def _pair_range(chunk_name: str) -> range:
@@ -522,7 +545,7 @@ def summarize(feature_files: list[Path], threshold: float | None = None, counted
     _refuse_overlaps([c.name for c in chunks])
     settings = [_setting(c) for c in chunks]
     if any(s != settings[0] for s in settings):
-        raise UsageError("the chunks differ in model, steps or linkage test: "
+        raise UsageError("the chunks differ in model, steps, precision, linkage test, pairs or images: "
                          + ", ".join(f"{c.name}: {s}" for c, s in zip(chunks, settings)))
     clean: dict[str, np.ndarray] = {}
     genuine = {condition: [] for condition in CONDITIONS}

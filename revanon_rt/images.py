@@ -68,6 +68,12 @@ MAX_ZIP_MEMBER_BYTES = 32 * 2**20
 MAX_ZIP_IMAGE_PIXELS = 4096 * 4096
 
 
+def image_members(archive) -> list[str]:
+    """The zip's .jpg, .jpeg and .png members, sorted; not the __MACOSX/._name resource forks a Mac adds."""
+    return sorted(n for n in archive.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png"))
+                  and not n.startswith("__MACOSX/") and not n.rsplit("/", 1)[-1].startswith("._"))
+
+
 def zip_image_rgb(archive, name: str, zip_path) -> Image.Image:
     """One image of a zip of face crops (a command's data, so its errors are usage errors), as RGB. The
     member's declared size and the image's pixel count are checked before either is expanded, so a small

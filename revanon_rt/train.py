@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UsageError
-from .images import zip_image_rgb
+from .images import image_members, zip_image_rgb
 from .pixels import to_model
 
 # DDPM's linear schedule: a pixel-space model needs ā(T) near 0.
@@ -71,9 +71,7 @@ def load_crops(zip_path: Path, resolution: int) -> np.ndarray:
         archive = zipfile.ZipFile(zip_path)
     except (OSError, zipfile.BadZipFile) as exc:
         raise UsageError(f"{zip_path}: not a readable zip of face crops ({exc})") from None
-    # a zip made on a Mac carries __MACOSX/._name.jpg resource forks, which are not images
-    names = sorted(n for n in archive.namelist() if n.lower().endswith((".jpg", ".jpeg", ".png"))
-                   and not n.startswith("__MACOSX/") and not Path(n).name.startswith("._"))
+    names = image_members(archive)
     if not names:
         raise UsageError(f"{zip_path}: holds no .jpg or .png images")
     out = np.empty((len(names), resolution, resolution, 3), np.uint8)

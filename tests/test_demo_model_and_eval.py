@@ -309,6 +309,57 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path, no_torch
     assert grown["impostor_scores"] > summary["impostor_scores"]
 
 
+def test_eval_checks_its_inputs_before_the_transform_and_merges_only_like_chunks(zero_engines, tmp_path):
+    """A zip made on a Mac, pairs naming an image the zip lacks, an --out that is a file, and chunks of two
+    pairs files: each is found before any model work, or refused at the merge."""
+    people = ["Zico/Zico_0001.jpg", "Zico/Zico_0002.jpg", "Zico/Zico_0003.jpg",
+              "Abel_Pacheco/Abel_Pacheco_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0004.jpg"]
+    mac_zip = tmp_path / "mac.zip"
+    with zipfile.ZipFile(LFW / "dev-128.zip") as source, zipfile.ZipFile(mac_zip, "w") as z:
+        for name in people:
+            z.writestr(name, source.read(name))
+            z.writestr(f"__MACOSX/{name.rsplit('/', 1)[0]}/._{name.rsplit('/', 1)[1]}", b"\x00\x05\x16\x07 fork")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("1\t2\nZico\t1\t2\nAbel_Pacheco\t1\t4\n")
+    other_pairs = tmp_path / "other_pairs.txt"
+    other_pairs.write_text("1\t2\nZico\t1\t3\nAbel_Pacheco\t1\t4\n")
+    common = ("--images", mac_zip, "--engine", zero_engines["zero64"], "--steps", "2", "--candidates", "4",
+              "--stage", "transform")
+
+    missing = tmp_path / "missing.txt"
+    missing.write_text("1\t1\nZico\t1\t2\nZico\t1\tAbel_Pacheco\t9\n")
+    refused = cli("eval", "--pairs", missing, *common, "--out", tmp_path / "m")
+    assert refused.returncode == 2 and "the zip does not hold: Abel_Pacheco/Abel_Pacheco_0009.jpg" in refused.stderr
+    assert not (tmp_path / "m").exists(), "refused before anything was written"
+    (tmp_path / "a_file").write_text("precious")
+    onto_file = cli("eval", "--pairs", pairs, *common, "--out", tmp_path / "a_file")
+    assert onto_file.returncode == 2 and "is a file" in onto_file.stderr and "Traceback" not in onto_file.stderr
+    assert (tmp_path / "a_file").read_text() == "precious"
+
+    # the resource forks are not images: the linkage pool leaves them out and the run completes
+    first = cli("eval", "--pairs", pairs, *common, "--out", tmp_path / "e")
+    assert first.returncode == 0, first.stderr
+    facts = json.loads((tmp_path / "e" / "chunk-00000-00002" / "transform.json").read_text())
+    # Zico_0002 ranks among the 2 images of other people the pool holds, and itself: 3 candidates, not 4
+    assert facts["linkage_pool"] == sorted(people) and facts["linkage_candidates"] == 3
+    # the other pairs file's chunk cannot join this one's summary
+    second = cli("eval", "--pairs", other_pairs, *common, "--out", tmp_path / "e", "--start", "2", "--limit", "2")
+    assert second.returncode == 2 and "past the 2 pairs" in second.stderr
+    second = cli("eval", "--pairs", other_pairs, *common, "--out", tmp_path / "other")
+    assert second.returncode == 0, second.stderr
+    scored = []
+    for folder in ("e", "other"):
+        run = cli("eval", "--pairs", pairs if folder == "e" else other_pairs, "--images", mac_zip, "--out",
+                  tmp_path / folder, "--stage", "score")
+        assert run.returncode == 0, run.stderr
+        scored.append(tmp_path / folder / "chunk-00000-00002")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(scored[0], mixed / "chunk-00000-00002")
+    shutil.copytree(scored[1], mixed / "chunk-00002-00004")
+    merged = cli("eval-merge", mixed)
+    assert merged.returncode == 2 and "differ in model, steps, precision, linkage test, pairs or images" in merged.stderr
+
+
 def test_extending_a_summary_counts_an_image_it_shares_with_the_added_chunks_once(zero_engines, tmp_path):
     """Pairs 6 and 7 of the dev split share their second image, Angela_Bassett_0005, and fall in different
     chunks: extending the first chunk's summary with the second must count that image once, as one merge of
