@@ -430,6 +430,15 @@ def _setting(chunk: Path) -> dict:
             **{k: facts.get(k) for k in ("images_sha256", "pairs_sha256")}}
 
 
+def settings_differ(a: dict | None, b: dict | None) -> bool:
+    """Settings compared on what both record: chunks and summaries from before the pairs and images
+    were recorded still merge with newer ones (precision was fp32 then)."""
+    a, b = ({"precision": "fp32", **(s or {})} for s in (a, b))
+    if (a.keys() ^ b.keys()) - {"images_sha256", "pairs_sha256"}:
+        return True
+    return any(a[k] != b[k] for k in a.keys() & b.keys() if a[k] is not None and b[k] is not None)
+
+
 def _pair_range(chunk_name: str) -> range:
     try:
         _, start, end = chunk_name.split("-")
@@ -544,7 +553,7 @@ def summarize(feature_files: list[Path], threshold: float | None = None, counted
     chunks = [path.parent for path in feature_files]
     _refuse_overlaps([c.name for c in chunks])
     settings = [_setting(c) for c in chunks]
-    if any(s != settings[0] for s in settings):
+    if any(settings_differ(s, settings[0]) for s in settings):
         raise UsageError("the chunks differ in model, steps, precision, linkage test, pairs or images: "
                          + ", ".join(f"{c.name}: {s}" for c, s in zip(chunks, settings)))
     clean: dict[str, np.ndarray] = {}
@@ -678,8 +687,9 @@ def combine(base: dict, extra: dict) -> dict:
             raise UsageError(f"the {which} summary has no counts: summaries from before counts existed cannot be combined")
     if base["threshold_cosine_far_0.1%"] != extra["threshold_cosine_far_0.1%"]:
         raise UsageError("score the added chunks at the base summary's threshold")
-    if base.get("setting") != extra.get("setting"):
-        raise UsageError(f"the summaries differ in model, steps or linkage test: {base.get('setting')} vs {extra.get('setting')}")
+    if settings_differ(base.get("setting"), extra.get("setting")):
+        raise UsageError(f"the summaries differ in model, steps, precision, linkage test, pairs or images: "
+                         f"{base.get('setting')} vs {extra.get('setting')}")
     _refuse_overlaps(base["chunks"] + extra["chunks"])
     shared = sorted(set(base.get("target_images", ())) & set(extra.get("target_images", ())))
     if shared:

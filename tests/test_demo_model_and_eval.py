@@ -38,6 +38,11 @@ def test_train_resume_and_load(tmp_path):
                       fmt="JPEG")
     other_data = cli("train", "--data", other, "--out", out, "--resume", "--device", "cpu", "--max-steps", "40")
     assert other_data.returncode == 2 and "this run was trained on crops.zip" in other_data.stderr, other_data.stderr
+    # the same name is not the same data: the checkpoint keeps the zip's sha256
+    (tmp_path / "elsewhere").mkdir()
+    same_name = cli("train", "--data", shutil.copy(other, tmp_path / "elsewhere" / "crops.zip"), "--out", out,
+                    "--resume", "--device", "cpu", "--max-steps", "40")
+    assert same_name.returncode == 2 and "this run was trained on crops.zip" in same_name.stderr, same_name.stderr
     # a piece killed after its last checkpoint (step 30) had logged steps the resumed piece trains again
     with open(out / "checkpoint" / "loss.csv", "a") as log:
         log.write("100,0.5,0.0002,9.0\n")
@@ -48,7 +53,7 @@ def test_train_resume_and_load(tmp_path):
     rows = (out / "checkpoint" / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,seconds" and rows[-1].startswith("60,")
     logged = [int(row.split(",")[0]) for row in rows[1:]]
-    assert logged == sorted(set(logged)) and 100 not in logged, logged
+    assert logged == sorted(set(logged)) and 100 not in logged and 30 in logged, logged
     weights = out / "unet" / "diffusion_pytorch_model.safetensors"
     assert weights.stat().st_size < 15_000_000
     header_len = int.from_bytes(weights.read_bytes()[:8], "little")
@@ -72,6 +77,7 @@ def test_train_starts_only_where_nothing_would_be_lost(tmp_path):
     data = crops_zip(tmp_path / "crops.zip", crops, fmt="JPEG")
     with zipfile.ZipFile(data, "a") as archive:  # as a zip made on a Mac carries them
         archive.writestr("__MACOSX/P0/._P0_0001.jpg", b"\x00\x05\x16\x07 resource fork")
+        archive.writestr("P1/._P1_0001.jpg", b"\x00\x05\x16\x07 resource fork")  # unzipped and zipped again
     args = ("train", "--data", data, "--resolution", "32", "--architecture", "tiny", "--batch", "2", "--samples", "0",
             "--max-steps", "3")
     done = cli(*args, "--out", tmp_path / "m", "--device", "cpu")
@@ -98,6 +104,13 @@ def test_train_starts_only_where_nothing_would_be_lost(tmp_path):
     assert bomb.stat().st_size < 200_000
     expanding = cli(*args, "--data", bomb, "--out", tmp_path / "z", "--device", "cpu")
     assert expanding.returncode == 2 and "P8/P8_0001.jpg would expand to 34603008 bytes" in expanding.stderr
+    huge = io.BytesIO()
+    Image.new("1", (4097, 4097)).save(huge, format="PNG")  # a few KB that decode to 16.8 million pixels
+    wide = shutil.copy(data, tmp_path / "wide.zip")
+    with zipfile.ZipFile(wide, "a") as archive:
+        archive.writestr("P7/P7_0001.png", huge.getvalue())
+    too_wide = cli(*args, "--data", wide, "--out", tmp_path / "w", "--device", "cpu")
+    assert too_wide.returncode == 2 and "P7/P7_0001.png is 4097x4097 pixels, over the" in too_wide.stderr
     with zipfile.ZipFile(data, "a") as archive:
         archive.writestr("P9/P9_0001.jpg", b"not a jpeg")
     broken = cli(*args, "--out", tmp_path / "b", "--device", "cpu")
@@ -106,7 +119,8 @@ def test_train_starts_only_where_nothing_would_be_lost(tmp_path):
                   tmp_path / "m", "--out", tmp_path / "e")
     assert swapped.returncode == 2 and "not a text pairs file" in swapped.stderr and "Traceback" not in swapped.stderr
     # names in a pairs file become folders under --out: one that would lead out of it is refused
-    for line, message in (("../../escaped\t1\t2", "not a person's name"), ("P0\tone\t2", "not an image number")):
+    for line, message in (("../../escaped\t1\t2", "not a person's name"), ("..\t1\t2", "not a person's name"),
+                          ("P0\tone\t2", "not an image number")):
         pairs = tmp_path / "pairs.txt"
         pairs.write_text("1\t1\n" + line + "\n")
         crafted = cli("eval", "--pairs", pairs, "--images", data, "--engine", tmp_path / "m", "--out", tmp_path / "e")
@@ -131,6 +145,18 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert cli(*ae_args, "--max-steps", "20").returncode == 2, "never overwrite a trained autoencoder"
     bad = cli(*ae_args[:-2], "--channels", "16,30", "--device", "cpu")
     assert bad.returncode == 2 and "multiples of 16" in bad.stderr
+    other = crops_zip(tmp_path / "other.zip", {f"Q{i}/Q{i}_0001.jpg": random_image(32, seed=70 + i) for i in range(10)},
+                      fmt="PNG")
+    other_data = cli("train-autoencoder", "--data", other, "--out", out, "--resume", "--device", "cpu",
+                     "--max-steps", "30")
+    assert other_data.returncode == 2 and "this run was trained on crops.zip" in other_data.stderr, other_data.stderr
+    # a piece killed after its checkpoint had logged steps that the resumed piece trains again
+    with open(out / "checkpoint" / "autoencoder-loss.csv", "a") as log:
+        log.write("100,0.5,0.1,0.0,0.0002,9.0\n")
+    resumed = cli(*ae_args[:-2], "--device", "cpu", "--max-steps", "24", "--resume")
+    assert resumed.returncode == 0 and "resumed at step 20" in resumed.stderr, resumed.stderr
+    logged = [int(row.split(",")[0]) for row in (out / "checkpoint" / "autoencoder-loss.csv").read_text().splitlines()[1:]]
+    assert logged == sorted(set(logged)) and 100 not in logged and logged[-1] == 24, logged
     wider = cli(*ae_args, "--channels", "16,32,64", "--resume")
     assert wider.returncode == 2 and "--channels 16,32,64: the checkpoint was trained with --channels 16,32" in wider.stderr
 
@@ -320,11 +346,15 @@ def test_eval_checks_its_inputs_before_the_transform_and_merges_only_like_chunks
             z.writestr(name, source.read(name))
             z.writestr(f"__MACOSX/{name.rsplit('/', 1)[0]}/._{name.rsplit('/', 1)[1]}", b"\x00\x05\x16\x07 fork")
     pairs = tmp_path / "pairs.txt"
-    pairs.write_text("1\t2\nZico\t1\t2\nAbel_Pacheco\t1\t4\n")
+    pairs.write_text("2\t2\nZico\t1\t2\nAbel_Pacheco\t1\t4\nZico\t2\t3\nAbel_Pacheco\t1\tZico\t2\n")
     other_pairs = tmp_path / "other_pairs.txt"
     other_pairs.write_text("1\t2\nZico\t1\t3\nAbel_Pacheco\t1\t4\n")
-    common = ("--images", mac_zip, "--engine", zero_engines["zero64"], "--steps", "2", "--candidates", "4",
-              "--stage", "transform")
+    common = ("--images", mac_zip, "--engine", zero_engines["zero64"], "--steps", "2", "--candidates", "4")
+
+    def evaluate(pairs_file, out, *flags):
+        run = cli("eval", "--pairs", pairs_file, *common, "--out", out, *flags)
+        assert run.returncode == 0, run.stderr
+        return run
 
     missing = tmp_path / "missing.txt"
     missing.write_text("1\t1\nZico\t1\t2\nZico\t1\tAbel_Pacheco\t9\n")
@@ -337,27 +367,32 @@ def test_eval_checks_its_inputs_before_the_transform_and_merges_only_like_chunks
     assert (tmp_path / "a_file").read_text() == "precious"
 
     # the resource forks are not images: the linkage pool leaves them out and the run completes
-    first = cli("eval", "--pairs", pairs, *common, "--out", tmp_path / "e")
-    assert first.returncode == 0, first.stderr
-    facts = json.loads((tmp_path / "e" / "chunk-00000-00002" / "transform.json").read_text())
+    chunk = tmp_path / "e" / "chunk-00000-00002"
+    evaluate(pairs, tmp_path / "e", "--limit", "2")
+    facts = json.loads((chunk / "transform.json").read_text())
     # Zico_0002 ranks among the 2 images of other people the pool holds, and itself: 3 candidates, not 4
     assert facts["linkage_pool"] == sorted(people) and facts["linkage_candidates"] == 3
-    # the other pairs file's chunk cannot join this one's summary
-    second = cli("eval", "--pairs", other_pairs, *common, "--out", tmp_path / "e", "--start", "2", "--limit", "2")
-    assert second.returncode == 2 and "past the 2 pairs" in second.stderr
-    second = cli("eval", "--pairs", other_pairs, *common, "--out", tmp_path / "other")
-    assert second.returncode == 0, second.stderr
-    scored = []
-    for folder in ("e", "other"):
-        run = cli("eval", "--pairs", pairs if folder == "e" else other_pairs, "--images", mac_zip, "--out",
-                  tmp_path / folder, "--stage", "score")
-        assert run.returncode == 0, run.stderr
-        scored.append(tmp_path / folder / "chunk-00000-00002")
-    mixed = tmp_path / "mixed"
-    shutil.copytree(scored[0], mixed / "chunk-00000-00002")
-    shutil.copytree(scored[1], mixed / "chunk-00002-00004")
-    merged = cli("eval-merge", mixed)
-    assert merged.returncode == 2 and "differ in model, steps, precision, linkage test, pairs or images" in merged.stderr
+    # a chunk transformed again drops its old scores, which describe the images it replaced
+    evaluate(pairs, tmp_path / "e", "--limit", "2", "--stage", "transform")
+    assert not (chunk / "features.npz").exists()
+    evaluate(pairs, tmp_path / "e", "--limit", "2", "--stage", "score")
+    evaluate(pairs, tmp_path / "e", "--start", "2")
+    assert cli("eval-merge", tmp_path / "e").returncode == 0
+
+    # a summary made before chunks recorded their pairs, images and precision still takes new chunks
+    old = json.loads((chunk / "metrics.json").read_text())
+    for key in ("precision", "images_sha256", "pairs_sha256"):
+        del old["setting"][key]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    shutil.copytree(tmp_path / "e" / "chunk-00002-00004", tmp_path / "later" / "chunk-00002-00004")
+    extended = cli("eval-merge", tmp_path / "later", "--extend", tmp_path / "old.json")
+    assert extended.returncode == 0, extended.stderr
+
+    # a chunk of another pairs file cannot join this one's summary
+    evaluate(other_pairs, tmp_path / "other")
+    shutil.copytree(tmp_path / "other" / "chunk-00000-00002", tmp_path / "later" / "chunk-00004-00006")
+    mixed = cli("eval-merge", tmp_path / "later")
+    assert mixed.returncode == 2 and "differ in model, steps, precision, linkage test, pairs or images" in mixed.stderr
 
 
 def test_extending_a_summary_counts_an_image_it_shares_with_the_added_chunks_once(zero_engines, tmp_path):
