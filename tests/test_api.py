@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from conftest import box_mask, cli, random_image, read_rgb, save_png
 from revanon_rt import container
@@ -109,6 +109,9 @@ def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_
         Anonymizer(engine=zero_engines["zero"], key_file=keyfile, password="x", masker=None)
     with pytest.raises(UsageError, match="bisenet masker needs --parser"):
         Anonymizer(engine=zero_engines["zero"], key_file=keyfile)
+    for short in (b"", bytes(31)):
+        with pytest.raises(UsageError, match="key is 32 raw bytes"):
+            Anonymizer(engine=zero_engines["zero"], key=short, masker=None)
     anonymizer = Anonymizer(engine=zero_engines["zero"], key=read_key_file(keyfile), masker=None)
     with pytest.raises(UsageError, match="no masker"):
         anonymizer.anonymize(random_image(32))
@@ -130,6 +133,13 @@ def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_
         anonymizer.deanonymize(random_image(40), metadata=metadata[:-1])
     with pytest.raises(InputError, match="image 0: 40x40, but its record is of a 32x32 crop"):
         anonymizer.deanonymize(png_bytes(random_image(40)), metadata=metadata)
+    # a few KB of 1-bit PNG that would decode to 200 MB: refused from its header, before the auth check decodes it
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(container.KEYWORD, metadata)
+    bomb = io.BytesIO()
+    Image.new("1", (8192, 8192)).save(bomb, format="PNG", pnginfo=info)
+    with pytest.raises(InputError, match="image 0: 8192x8192, but its record is of a 32x32 crop"):
+        anonymizer.deanonymize(bomb.getvalue())
     # a path that is not a regular file fails without leaking its descriptor
     fds = len(os.listdir("/proc/self/fd"))
     for _ in range(20):

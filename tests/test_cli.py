@@ -236,6 +236,16 @@ def test_double_runs_are_refused_unless_forced(models, zero_engines, keyfile, tm
     forced_twice = cli("run", "deanonymize", tmp_path / "r" / "face.png", "--out", tmp_path / "r3", "--engine",
                        zero_engines["zero"], "--key", keyfile, "--force")
     assert forced_twice.returncode == 1 and "carries no auth tag" in forced_twice.stderr, forced_twice.stderr
+    # a recovered image where an anonymize run would write is the real face: neither skipped nor replaced
+    recovered = (tmp_path / "r" / "face.png").read_bytes()
+    for extra in ((), ("--overwrite",)):
+        onto_recovered = cli("run", "anonymize", src, "--out", tmp_path / "r", *common, *extra)
+        assert onto_recovered.returncode == 1, onto_recovered.stderr
+        assert "face.png exists and is not an anonymized image made by revanon-rt" in onto_recovered.stderr
+    assert (tmp_path / "r" / "face.png").read_bytes() == recovered
+    # anonymizing a recovered image again loses nothing, so --force gives no warning
+    from_recovered = cli("run", "anonymize", tmp_path / "r" / "face.png", "--out", tmp_path / "a3", *common, "--force")
+    assert from_recovered.returncode == 0 and "warning" not in from_recovered.stderr, from_recovered.stderr
 
 
 def test_a_crafted_huge_image_behind_a_crop_record_is_refused_before_it_is_decoded(zero_engines, keyfile, tmp_path):
@@ -325,6 +335,11 @@ def test_no_output_lands_on_any_input_and_renamed_runs_add_to_their_mapping(zero
                      "--rename", "--mapping", names, "--overwrite", *common)
     assert onto_input.returncode == 1 and "000001.png would replace an input" in onto_input.stderr, onto_input.stderr
     assert (tmp_path / "n" / "000001.png").read_bytes() == kept
+    # a mapped input rerun into a new --out is numbered there, not skipped as the old folder's output
+    moved = cli("run", "anonymize", folder / "a.png", "--out", tmp_path / "n2", "--rename", "--mapping", names, *common)
+    assert moved.returncode == 0 and "1 done, 0 skipped" in moved.stderr, moved.stderr
+    assert json.loads(names.read_text())[str(folder / "a.png")] == str(tmp_path / "n2" / "000003.png")
+    assert (tmp_path / "n2" / "000003.png").exists() and (tmp_path / "n" / "000001.png").read_bytes() == kept
     names.write_text("not json")
     unreadable = cli("run", "anonymize", folder / "a.png", "--out", tmp_path / "n", "--rename", "--mapping", names, *common)
     assert unreadable.returncode == 2 and "cannot read the existing mapping" in unreadable.stderr
@@ -357,6 +372,31 @@ def test_recompute_mask_reruns_the_masker_the_metadata_names(zero_engines, keyfi
         unused = cli("run", "deanonymize", anonymized, "--out", tmp_path / "x", *unused_flag, *engine)
         assert unused.returncode == 2 and "only matter with --recompute-mask" in unused.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_recompute_mask_recovers_a_crop_whose_stored_mask_is_of_another_latent_grid(models, zero_engines, keyfile,
+                                                                                     tmp_path):
+    """Made on a 64x64 pixel-space grid, recovered on the latent model's 16x16 under --ignore-model-mismatch: the
+    stored mask cannot be compared with the recomputed one, and --recompute-mask is what works around it."""
+    from revanon_rt.engines import open_engine
+    from revanon_rt.errors import MetadataError
+    from revanon_rt.masks import FileMasker
+    from revanon_rt.pipeline import Options, anonymize_image, deanonymize_image
+    from revanon_rt.reference import TorchReference
+
+    mask = save_png(tmp_path / "mask.png", box_mask(64))
+    secret = Secret.from_key(read_key_file(keyfile))
+    made = anonymize_image(load_image(save_png(tmp_path / "face.png", random_image(64, seed=14))), None,
+                           open_engine(zero_engines["zero64"]), FileMasker(mask), secret, Options(steps=2), "face.png")
+    latent = TorchReference(models["ldm"])
+    stored_only = Options(ignore_model_mismatch=True)
+    with pytest.raises(MetadataError, match="the stored mask is 64x64, the model's latent grid is 16x16"):
+        deanonymize_image(made.image, made.header_text(), "face.png", latent, secret, stored_only, "face.png")
+    recomputed = deanonymize_image(made.image, made.header_text(), "face.png", latent, secret,
+                                   Options(ignore_model_mismatch=True, recompute_mask=True), "face.png",
+                                   maskers={"file": FileMasker(mask)})
+    assert recomputed.header["state"] == "recovered"
+    assert any("model fingerprint differs" in note for note in recomputed.warnings)
 
 
 def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyfile, tmp_path):
@@ -447,9 +487,15 @@ def test_metadata_problems_on_deanonymize(models, zero_backend, keyfile, tmp_pat
     _rewrite_metadata(anon, bad / "steps.png", too_many_steps)
     _rewrite_metadata(anon, bad / "kdf.png", foreign_kdf)
     shutil.copy(anon, bad / "other_model.png")
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt(container.KEYWORD, "[]")
+    with Image.open(anon) as im:
+        im.save(bad / "list.png", pnginfo=info)
     result = cli("run", "deanonymize", bad, "--out", tmp_path / "out", "--model", models["pixel"], "--key", keyfile)
-    assert result.returncode == 1 and "0 done, 0 skipped, 4 failed" in result.stderr
+    assert result.returncode == 1 and "0 done, 0 skipped, 5 failed" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
     for name, message in [("plain.png", "no revanon metadata"), ("steps.png", "steps must be an integer in 1..1000"),
+                          ("list.png", "the revanon metadata is not a JSON object"),
                           ("kdf.png", "foreign scrypt parameters"), ("other_model.png", "--ignore-model-mismatch")]:
         assert any(name in line and message in line for line in result.stderr.splitlines()), (name, result.stderr)
     anyway = cli("run", "deanonymize", bad / "other_model.png", "--out", tmp_path / "out", "--model", models["pixel"],

@@ -148,7 +148,8 @@ def test_onnxruntime_refuses_fast_precisions_and_a_compiler(models, tmp_path):
 
 
 def test_a_conv_as_gemm_matches_the_conv_and_the_swap_is_undone():
-    """Strided, biasless, 1x1 and rectangular-padded convs; a grouped conv is left alone."""
+    """Strided, biasless, 1x1, rectangular-padded and dilated convs; grouped and reflect-padded convs are left
+    alone."""
     import torch
 
     from revanon_rt.engines.compiled import ConvAsGemm, convs_as_gemm
@@ -156,13 +157,15 @@ def test_a_conv_as_gemm_matches_the_conv_and_the_swap_is_undone():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, stride=2, bias=False),
                               torch.nn.Conv2d(8, 12, 1), torch.nn.Conv2d(12, 4, (3, 1), padding=(1, 0)),
-                              torch.nn.Conv2d(4, 4, 3, padding=1, groups=2)).eval()
+                              torch.nn.Conv2d(4, 4, 3, padding=(2, 1), dilation=(2, 1)),
+                              torch.nn.Conv2d(4, 4, 3, padding=1, groups=2),
+                              torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")).eval()
     x = torch.randn(2, 6, 17, 15)
     originals = list(net)
     with torch.no_grad():
         expected = net(x)
         with convs_as_gemm(net) as swapped:
-            assert swapped == 4 and [type(m) is ConvAsGemm for m in net] == [True] * 4 + [False]
+            assert swapped == 5 and [type(m) is ConvAsGemm for m in net] == [True] * 5 + [False] * 2
             got = net(x)
     assert list(net) == originals
     assert got.shape == expected.shape
@@ -337,3 +340,33 @@ def test_an_aot_engine_built_under_other_inductor_settings_is_another_engine(tmp
     # a jit engine compiles when it loads, under the loading run's settings: the same folder serves
     assert gpu.engine_folder(tmp_path, "fp32-b8", "jit", {"force_layout_optimization": True}) == \
         gpu.engine_folder(tmp_path, "fp32-b8", "jit", {})
+
+
+def test_a_tf32_engine_runs_its_parser_with_tf32_off(models, bisenet_pth, tmp_path):
+    """TF32 is one process-wide switch, which a tf32 engine turns on for its UNet; the parser's mask is stored,
+    so its calls must see TF32 off. Hooks on the loaded graphs note the switches each call runs under."""
+    import torch
+
+    from revanon_rt.engines import open_engine
+    from revanon_rt.reference import tf32_mode
+
+    engine = tmp_path / "tf32"
+    built = cli("build", "--backend", "compiled", "--compiler", "eager", "--precision", "tf32", "--model",
+                models["zero"], "--parser", bisenet_pth, "--out", engine, "--device", "cpu")
+    assert built.returncode == 0, built.stderr
+    seen = {}
+
+    def note(graph):
+        def hook(module, args):
+            seen[graph] = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                           torch.get_float32_matmul_precision())
+        return hook
+
+    with tf32_mode(False):  # loading the engine turns TF32 on for the whole process; put it back afterwards
+        backend = open_engine(engine)
+        for graph, runner in backend.engine.runners.items():
+            runner.register_forward_pre_hook(note(graph))
+        backend.eps(np.zeros((1, *backend.latent_shape), np.float32), 500)
+        backend.parse(np.full((1, *backend.engine.manifest.graphs["parser"]["inputs"][0]["shape"][1:]), 0.5,
+                              np.float32))
+    assert seen == {"unet": (True, True, "high"), "parser": (False, False, "highest")}

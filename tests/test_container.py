@@ -264,10 +264,17 @@ def test_metadata_that_python_parses_loosely_is_refused_cleanly():
     with pytest.raises(MetadataError, match="malformed affine"):
         container.parse_header(container.to_text(header), "img.png")
     # a value from the file is quoted in the message, but never a 15 MB one whole
-    for field in ("format", "state", "mode", "masker", "kdf"):
+    for field in ("format", "state", "steps", "mode", "masker", "kdf"):
         with pytest.raises(MetadataError) as refused:
             container.parse_header(container.to_text(_header(**{field: "x" * 1_000_000})), "img.png")
         assert len(str(refused.value)) < 300 and "1000002 characters" in str(refused.value), field
+    huge_scrypt = {"name": "scrypt", "salt": b64encode(bytes(16)), "n": "x" * 1_000_000, "r": 8, "p": 1}
+    with pytest.raises(MetadataError, match="foreign scrypt parameters") as refused:
+        container.parse_header(container.to_text(_header(kdf=huge_scrypt)), "img.png")
+    assert len(str(refused.value)) < 300 and "1000025 characters" in str(refused.value)
+    # planning a run reads one field; metadata that is JSON but no object has none
+    for text in ("[]", '"photo"', "null", "{not json"):
+        assert container.recorded(text, "mode") is None, text
 
 
 def test_a_sidecar_must_be_a_regular_file_within_the_limit(tmp_path):

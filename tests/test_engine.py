@@ -199,6 +199,28 @@ def test_crops_of_a_group_share_engine_calls_and_keep_their_own_nonces_and_error
     assert "wrong key" in str(recovered[1]) and all("ran out of memory" in str(recovered[i]) for i in (0, 2))
 
 
+def test_crops_recovered_together_each_get_their_own_key_and_step_count(engines):
+    """Password runs with three salts give three keys, and crops of 2 and 3 steps share one recovery call:
+    each crop recovered with the others gives what it gives alone."""
+    from revanon_rt.engines import open_engine
+    from revanon_rt.images import LoadedImage
+    from revanon_rt.keys import Secret
+    from revanon_rt.pipeline import Crop, Options, anonymize_image, deanonymize_crops, deanonymize_image
+
+    backend = open_engine(engines["ldm"])
+    secret = Secret.from_password("correct horse battery staple")
+    made = [anonymize_image(LoadedImage(Path(f"{i}.png"), random_image(64, seed=90 + i), None, None), None, backend,
+                            _BoxMasker(), secret, Options(steps=steps), f"{i}.png", salt=bytes([i + 1]) * 16)
+            for i, steps in enumerate((2, 2, 3))]
+    assert [m.header["steps"] for m in made] == [2, 2, 3]
+    assert len({m.header["kdf"]["salt"] for m in made}) == 3
+    crops = [Crop(m.image, m.header_text(), f"{i}.png", f"{i}.png") for i, m in enumerate(made)]
+    together = deanonymize_crops(crops, backend, secret, Options())
+    for crop, recovered in zip(crops, together):
+        alone = deanonymize_image(crop.image, crop.metadata, crop.label, backend, secret, Options(), crop.relative)
+        np.testing.assert_array_equal(recovered.image.rgb, alone.image.rgb, err_msg=crop.label)
+
+
 class _BoxMasker:
     """Face maps from the central box, the same for every crop (a FileMasker without a file)."""
 
@@ -379,6 +401,12 @@ def test_overwrite_replaces_only_an_engine_and_a_tampered_engine_says_how_to_reb
     onto_crowded = cli("build", "--model", model_copy, "--out", crowded, "--overwrite")
     assert onto_crowded.returncode == 2 and "holds my.key besides the engine" in onto_crowded.stderr
     assert (crowded / "my.key").exists() and (crowded / "unet.onnx").exists()
+    corrupt = shutil.copytree(engines["zero"], tmp_path / "corrupt")
+    (corrupt / "engine.json").write_text("{not json")
+    (corrupt / "my.key").write_bytes(b"a key kept beside the engine")
+    onto_corrupt = cli("build", "--model", model_copy, "--out", corrupt, "--overwrite")
+    assert onto_corrupt.returncode == 2 and "its engine.json cannot be read" in onto_corrupt.stderr, onto_corrupt.stderr
+    assert (corrupt / "my.key").read_bytes() == b"a key kept beside the engine"
     linked = tmp_path / "linked"
     linked.symlink_to(crowded)
     onto_link = cli("build", "--model", model_copy, "--out", linked, "--overwrite")
@@ -397,6 +425,12 @@ def test_overwrite_replaces_only_an_engine_and_a_tampered_engine_says_how_to_reb
     # the hint repeats every setting the engine was built with, here --batch 2
     assert refused.returncode == 2 and "rebuild it: revanon-rt build" in refused.stderr, refused.stderr
     assert "--batch 2" in " ".join(refused.stderr.split()), refused.stderr
+    # files the manifest names beyond the graphs (external weights, TensorRT plans) are the engine's own
+    manifest = json.loads((tampered / "engine.json").read_text())
+    manifest["graphs"]["unet"].update(extra_files=[{"file": "unet.onnx.data", "sha256": "0" * 64}], plan="unet.plan")
+    (tampered / "engine.json").write_text(json.dumps(manifest))
+    (tampered / "unet.onnx.data").write_bytes(b"weights")
+    (tampered / "unet.plan").write_bytes(b"plan")
     rebuilt = cli("build", "--model", models["zero"], "--out", tampered, "--batch", "2", "--overwrite")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert json.loads((tampered / "engine.json").read_text())["graphs"]["unet"]["sha256"] == \

@@ -262,7 +262,7 @@ def test_photo_options(zero_engines, group, keyfile, tmp_path, no_torch_env):
     assert not (tmp_path / "m").exists()
     jpeg = cli("run", "anonymize", group, "--out", tmp_path / "j", "--output-format", "jpeg", *common)
     assert jpeg.returncode == 2 and "recovery needs every pixel" in jpeg.stderr
-    for photo_flag in (("--faces", "largest"), ("--detector", "cnn")):
+    for photo_flag in (("--faces", "largest"), ("--detector", "cnn"), ("--allow-no-faces",)):
         crop_flag = cli("run", "anonymize", group, "--out", tmp_path / "c", *photo_flag, "--engine",
                         zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
         assert crop_flag.returncode == 2 and "--mode photo" in crop_flag.stderr, crop_flag.stderr
@@ -314,6 +314,7 @@ def test_photo_mode_warns_about_clamped_faces_and_only_them(models, tmp_path):
 
 def test_dry_run_drawing_and_the_transform_select_the_same_faces_even_for_twin_detections():
     from revanon_rt.faces import Face
+    from revanon_rt.errors import InputError
     from revanon_rt.photo import Selection, draw_faces, plan_faces
 
     lm = np.array([[70.0, 50], [60, 50], [30, 50], [40, 50], [50, 70]])
@@ -328,6 +329,8 @@ def test_dry_run_drawing_and_the_transform_select_the_same_faces_even_for_twin_d
     assert tuple(drawn[20, 50]) == (255, 40, 40), "face 0 is kept: red"
     assert tuple(drawn[20, 110]) == (150, 150, 150), "the small face is not numbered: grey"
     assert Selection(faces="largest").apply(found)[1] == [0]
+    with pytest.raises(InputError, match=r"--skip 3: it has 3 face\(s\) to number, 0 to 2"):
+        Selection(skip=(3,)).apply(found)
 
 
 def _bilinear_by_padding(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
