@@ -18,6 +18,7 @@ fused loop with the plain functions.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 import logging
 import subprocess
 import sys
@@ -136,6 +137,12 @@ class CompiledEngine:
     compiler = "aot"
     packager = "torch._inductor.aoti_compile_and_package"
     conv_lowering = "native"
+    # an AOTInductor package holds kernels compiled for the build's GPU architecture; jit and eager compile
+    # or dispatch when they load, so they run on any GPU
+    tied_to_gpu_architecture = True
+    # fused loops kept per engine, one per timestep schedule: recovery takes its step count from each image,
+    # and every loop holds its latents and a captured CUDA graph
+    MAX_FUSED_LOOPS = 2
 
     @classmethod
     def with_conv_lowering(cls, lowering: str):
@@ -199,6 +206,7 @@ class CompiledEngine:
                  "conv_lowering": cls.conv_lowering}
         if torch.cuda.is_available():
             facts["gpu"] = torch.cuda.get_device_name()
+            facts["gpu_capability"] = list(torch.cuda.get_device_capability())
         if facts["device"] == "cuda":  # where a loader crash was seen; on a CPU the check costs a torch start
             cls.check_loadable(staging_dir / min(graphs.values(), key=lambda g: g["bytes"])["file"])
         return {"compiled": facts}
@@ -231,13 +239,20 @@ class CompiledEngine:
                              f"{rebuild_hint(manifest.engine_dir, manifest.data)} --device {device}")
         if built_on == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"{manifest.engine_dir}: compiled for CUDA, and no GPU is visible")
+        built_for = facts.get("gpu_capability")
+        if (built_on == "cuda" and self.tied_to_gpu_architecture and built_for is not None
+                and tuple(built_for) != torch.cuda.get_device_capability()):
+            raise UsageError(f"{manifest.engine_dir}: compiled for {facts.get('gpu')} (sm_{''.join(map(str, built_for))}), "
+                             f"this is {torch.cuda.get_device_name()} (sm_"
+                             f"{''.join(map(str, torch.cuda.get_device_capability()))}); AOTInductor kernels are "
+                             f"tied to the GPU architecture, {rebuild_hint(manifest.engine_dir, manifest.data)}")
         self.manifest = manifest
         self.precision = manifest.data["precision"]
         apply_precision(self.precision)
         self.device = torch.device(built_on)
         self.on_gpu = built_on == "cuda"
         self.runners = {name: self.load_runner(manifest.graph_path(name)) for name in manifest.graphs}
-        self._loops: dict = {}
+        self._loops: OrderedDict = OrderedDict()
 
     def call(self, graph: str, *tensors):
         # TF32 is one switch for the whole process, and a reference built beside this engine turns it off.
@@ -253,8 +268,12 @@ class CompiledEngine:
 
     def fused_transform(self, x: np.ndarray, mask: np.ndarray, pattern: np.ndarray, schedule) -> np.ndarray:
         """sampler.transform for one full batch, on device, as one CUDA graph replay on a GPU."""
-        key = schedule.timesteps
-        if key not in self._loops:
+        key = tuple(schedule.timesteps)
+        if key in self._loops:
+            self._loops.move_to_end(key)
+        else:
+            while len(self._loops) >= self.MAX_FUSED_LOOPS:
+                self._loops.popitem(last=False)
             self._loops[key] = FusedLoop(self, schedule)
         with tf32_mode(self.precision == "tf32"):  # kernels are chosen at capture, and replayed as captured
             return self._loops[key].run(x, mask, pattern)
@@ -265,6 +284,7 @@ class JitCompiledEngine(CompiledEngine):
 
     compiler = "jit"
     packager = "torch.export.save"
+    tied_to_gpu_architecture = False
 
     @staticmethod
     def package(program, path: Path) -> None:

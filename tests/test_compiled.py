@@ -120,6 +120,26 @@ def test_a_fast_precision_builds_runs_and_verify_reports_its_cost(models, tmp_pa
     assert {"recovery pytorch -> engine", "recovery engine -> pytorch"} <= set(report["stages"])
 
 
+def test_an_engine_keeps_a_bounded_number_of_fused_loops(compiled_zero):
+    """Recovery takes each image's step count from its metadata, so a long-lived service meets many
+    schedules; each fused loop holds buffers (and on a GPU a CUDA graph), so only the latest are kept."""
+    from revanon_rt.engines import open_engine
+    from revanon_rt.keys import flip_pattern
+    from revanon_rt.pixels import to_model
+    from revanon_rt.sampler import transform
+
+    backend = open_engine(compiled_zero)
+    x = to_model(np.stack([random_image(32, seed=70), random_image(32, seed=71)]))
+    mask = np.ones((2, 1, 32, 32), np.float32)
+    pattern = np.stack([flip_pattern(bytes(32), bytes([i]) * 16, backend.latent_shape) for i in range(2)])
+    for steps in (2, 3, 4, 2):
+        schedule = backend.schedule(steps)
+        fused = backend.engine.fused_transform(x, mask, pattern, schedule)
+        np.testing.assert_array_equal(fused, transform(backend, x, mask, pattern, schedule))
+        assert len(backend.engine._loops) <= backend.engine.MAX_FUSED_LOOPS
+    assert list(backend.engine._loops) == [tuple(backend.schedule(4).timesteps), tuple(backend.schedule(2).timesteps)]
+
+
 def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, tmp_path):
     from revanon_rt.engines.manifest import manifest_digest
 
