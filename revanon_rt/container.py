@@ -181,7 +181,7 @@ def parse_header(text: str, source: str) -> dict:
     model = header.get("model")
     _require(isinstance(model, dict) and isinstance(model.get("fingerprint"), str)
              and re.fullmatch(r"[0-9a-f]{64}", model["fingerprint"]) is not None
-             and isinstance(model.get("image_size"), int) and 1 <= model["image_size"] <= 65536,
+             and type(model.get("image_size")) is int and 1 <= model["image_size"] <= 65536,
              source, "malformed model record")
     check_kdf(header.get("kdf"), source)
     faces = header.get("faces")

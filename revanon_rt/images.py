@@ -44,7 +44,10 @@ def _icc_is_rgb(icc: bytes | None) -> bool:
     return bool(icc) and len(icc) >= 20 and icc[16:20] == b"RGB "
 
 
-def _sixteen_bit_to_u8(a: np.ndarray) -> np.ndarray:
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def sixteen_bit_to_u8(a: np.ndarray) -> np.ndarray:
     # the high byte, as Pillow reads 16-bit RGB: one image stored as 16-bit grey or RGB reads the same
     return (np.clip(a, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
 
@@ -163,8 +166,8 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
 
 def _split_channels(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
     mode = im.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        gray = _sixteen_bit_to_u8(np.asarray(im))
+    if mode in SIXTEEN_BIT_GREY_MODES:
+        gray = sixteen_bit_to_u8(np.asarray(im))
         return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2)), None
     if mode in ("P", "RGB", "L") and "transparency" in im.info:
         # a colour key (tRNS) would not survive new pixel values: carry it as an explicit alpha channel

@@ -184,6 +184,8 @@ class Secret:
             if self.run_salt is None:
                 self.run_salt = secrets.token_bytes(SALT_BYTES)
             salt = self.run_salt
+        elif not isinstance(salt, bytes) or len(salt) != SALT_BYTES:  # a reader refuses any other: unrecoverable
+            raise UsageError(f"a fixed salt is {SALT_BYTES} bytes, not {quoted(salt)}")
         kdf = {"name": "scrypt", "salt": b64encode(salt), "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P}
         return self._scrypt(salt), kdf
 

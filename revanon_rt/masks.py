@@ -8,7 +8,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .encoding import b64decode, b64encode
-from .errors import InputError, MetadataError, UsageError
+from .errors import InputError, MetadataError, UsageError, quoted
+from .images import SIXTEEN_BIT_GREY_MODES, sixteen_bit_to_u8
 from .pixels import to_unit
 
 FACE_MAP_SIZE = 512
@@ -40,7 +41,7 @@ def unpack_mask(entry: object, source: str) -> np.ndarray:
     except (TypeError, KeyError, ValueError):
         raise MetadataError(f"{source}: malformed mask record") from None
     if type(h) is not int or type(w) is not int:
-        raise MetadataError(f"{source}: the mask shape must be two integers, not {entry['shape']!r}")
+        raise MetadataError(f"{source}: the mask shape must be two integers, not {quoted(entry['shape'])}")
     if not (1 <= h <= MAX_MASK_SIDE and 1 <= w <= MAX_MASK_SIDE):
         raise MetadataError(f"{source}: mask shape {h}x{w} is over the limit of {MAX_MASK_SIDE} per side")
     if len(bits) != (h * w + 7) // 8:
@@ -50,8 +51,17 @@ def unpack_mask(entry: object, source: str) -> np.ndarray:
 
 
 def face_map_from_image(image: Image.Image) -> np.ndarray:
-    """White = face: resize to 512 x 512 with NEAREST, then F = (value >= 128)."""
-    gray = image.convert("L").resize((FACE_MAP_SIZE, FACE_MAP_SIZE), Image.Resampling.NEAREST)
+    """White = face: resize to 512 x 512 with NEAREST, then F = (value >= 128). A 16-bit mask is read by its
+    high byte, as inputs are (Pillow's own conversion clamps, so 128 of 65535 would count as white), and a
+    mask with transparency is laid on black first, so that what is transparent is never face."""
+    if image.mode in SIXTEEN_BIT_GREY_MODES:
+        gray = Image.fromarray(sixteen_bit_to_u8(np.asarray(image)))
+    elif "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        gray = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
+    else:
+        gray = image.convert("L")
+    gray = gray.resize((FACE_MAP_SIZE, FACE_MAP_SIZE), Image.Resampling.NEAREST)
     return (np.asarray(gray) >= 128).astype(np.uint8)
 
 

@@ -16,8 +16,8 @@ from .errors import InputError, MetadataError, UsageError
 from .images import LoadedImage
 from .keys import ZERO_NONCE, Secret, flip_subkey, mac_subkey
 from .masks import latent_mask, pack_mask
-from .pixels import clamped_share, to_u8
-from .pipeline import (Options, Output, clamping_notes, face_mask_or_refuse, face_nonces,
+from .pixels import clamped_share, nonfinite_rows, to_u8
+from .pipeline import (Options, Output, clamping_notes, face_mask_or_refuse, face_nonces, nonfinite_error,
                        check_double_anonymization, transform_crops_float)
 
 
@@ -161,23 +161,35 @@ def crop_landmarks(landmarks: np.ndarray, affine: np.ndarray) -> np.ndarray:
 # -- the transform over a photo ---------------------------------------------------------------
 
 def _run_faces(backend, photo: np.ndarray, affines: list[np.ndarray], masks: list[np.ndarray],
-               nonces: list[bytes], k_flip: bytes, steps: int, order: list[int],
+               nonces: list[bytes], k_flip: bytes, steps: int, order: list[int], source,
                callback=None) -> tuple[np.ndarray, list[float]]:
-    """Transform the faces in `order`, batching runs whose footprints do not overlap. Also returns, per
-    face, the share of its values that 8-bit storage clamped."""
+    """Transform the faces in `order`, batching runs whose footprints do not overlap, at most the backend's
+    batch at a time (a crowd would otherwise go through the model at once). Also returns, per face, the
+    share of its values that 8-bit storage clamped."""
     size = backend.image_size
     current = photo
     clamped = []
     boxes = [footprint(affines[i], size, photo.shape[:2]) for i in order]
-    for group in waves(boxes):
-        chosen = [order[j] for j in group]
-        crops = np.stack([sample_crop(current, affines[i], size) for i in chosen])
-        chosen_masks = np.stack([masks[i] for i in chosen])
-        x = transform_crops_float(backend, crops, chosen_masks, [nonces[i] for i in chosen], k_flip, steps, callback)
-        clamped.extend(clamped_share(x, chosen_masks))
-        for crop, i in zip(to_u8(x), chosen):
-            current = paste_back(current, crop, affines[i], masks[i])
+    for wave in waves(boxes):
+        # the faces of a wave do not overlap, so its parts give what the whole wave gives
+        for part in _parts(wave, backend.batch):
+            chosen = [order[j] for j in part]
+            crops = np.stack([sample_crop(current, affines[i], size) for i in chosen])
+            chosen_masks = np.stack([masks[i] for i in chosen])
+            x = transform_crops_float(backend, crops, chosen_masks, [nonces[i] for i in chosen], k_flip, steps,
+                                      callback)
+            broken = nonfinite_rows(x)
+            if broken.any():
+                raise nonfinite_error(f"{source} (face {chosen[int(np.argmax(broken))]})")
+            clamped.extend(clamped_share(x, chosen_masks))
+            for crop, i in zip(to_u8(x), chosen):
+                current = paste_back(current, crop, affines[i], masks[i])
     return current, clamped
+
+
+def _parts(items: list, size: int) -> list[list]:
+    size = max(1, int(size))
+    return [items[start:start + size] for start in range(0, len(items), size)]
 
 
 # photo mode aligns each face with the 5-point model and draws its region from those same points
@@ -185,13 +197,15 @@ PHOTO_LANDMARKS = ("photo mode finds, aligns and masks faces with dlib's 5-point
                    "aligned crops (--mode crop)")
 
 
-def face_masks_for_crops(masker, crops: np.ndarray, landmarks: list, relative, latent_hw) -> list[np.ndarray]:
+def face_masks_for_crops(masker, crops: np.ndarray, landmarks: list, relative, latent_hw,
+                         per_call: int = 1) -> list[np.ndarray]:
     if getattr(masker, "name", "") == "landmarks":
         if masker.n_landmarks != 5:
             raise UsageError(PHOTO_LANDMARKS)
         maps = [masker.face_map_from_landmarks(lm, crops.shape[1]) for lm in landmarks]
     else:
-        maps = list(masker.face_maps(crops, [relative] * len(crops)))
+        maps = [m for part in _parts(list(range(len(crops))), per_call)
+                for m in masker.face_maps(crops[part], [relative] * len(part))]
     return [latent_mask(m, latent_hw) for m in maps]
 
 
@@ -222,14 +236,15 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, 
     affines = [p.affine for p in planned]
     crops = np.stack([sample_crop(image.rgb, a, size) for a in affines]) if planned else None
     masks = (face_masks_for_crops(masker, crops, [crop_landmarks(p.landmarks, p.affine) if p.landmarks is not None
-                                                  else None for p in planned], relative, backend.latent_shape[1:])
+                                                  else None for p in planned], relative, backend.latent_shape[1:],
+                                        backend.batch)
              if planned else [])
     masks = [face_mask_or_refuse(m, f"{image.path} (face at {p.box})",
                                  "" if p.number is None else f"; --skip {p.number} leaves this face out")
              for m, p in zip(masks, planned)]
     used, stored = face_nonces(opts, len(planned), nonces)
     rgb, clamped = (_run_faces(backend, image.rgb, affines, masks, used, flip_subkey(key), opts.steps,
-                               list(range(len(planned))), callback) if planned else (image.rgb.copy(), []))
+                               list(range(len(planned))), image.path, callback) if planned else (image.rgb.copy(), []))
     notes += clamping_notes(image.path, clamped)
     records = [container.face_record(p.box, p.affine.tolist(), n, pack_mask(m)) for p, n, m in zip(planned, stored, masks)]
     header = container.new_header(steps=opts.steps, mode="photo", masker=masker.name, fingerprint=backend.fingerprint,
@@ -254,7 +269,7 @@ def deanonymize_photo(image: LoadedImage, header: dict, key: bytes, source: str,
         masks.append(mask)
         nonces.append(container.face_nonce(face) or ZERO_NONCE)
     order = list(range(len(affines)))[::-1]
-    rgb = _run_faces(backend, image.rgb, affines, masks, nonces, flip_subkey(key), header["steps"], order,
+    rgb = _run_faces(backend, image.rgb, affines, masks, nonces, flip_subkey(key), header["steps"], order, source,
                      callback)[0] if order else image.rgb.copy()
     return Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile),
                   container.recovered_header(header, verified), notes, detail=f"{len(affines)} face(s)")

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from . import container
-from .errors import AuthError, InputError, MetadataError, ModelMismatchError, StateError
+from .errors import AuthError, InputError, MetadataError, ModelMismatchError, StateError, UsageError, quoted
 from .images import LoadedImage, encode_png, not_a_crop
-from .keys import ZERO_NONCE, Secret, flip_pattern, flip_subkey, mac_subkey, new_nonce
+from .keys import NONCE_BYTES, ZERO_NONCE, Secret, flip_pattern, flip_subkey, mac_subkey, new_nonce
 from .masks import latent_mask, pack_mask
-from .pixels import clamped_share, to_model, to_u8
+from .pixels import clamped_share, nonfinite_rows, to_model, to_u8
 from .sampler import StepCallback, transform
 from .schedule import DEFAULT_STEPS
 
@@ -89,6 +89,16 @@ def clamping_notes(source, shares) -> list[str]:
             "original (README: Train the demo model)"]
 
 
+def _pixels(x: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # rows holding NaN are refused by nonfinite_rows, not stored
+        return to_u8(x)
+
+
+def nonfinite_error(label: str) -> InputError:
+    return InputError(f"{label}: the model gave NaN or Inf values, which 8-bit pixels cannot hold, so nothing was "
+                      "written (an fp16 or bf16 engine can overflow: use an fp32 one)")
+
+
 def face_mask_or_refuse(mask: np.ndarray, label: str, hint: str = "") -> np.ndarray:
     """An empty mask would give back the input labelled anonymized, so it is refused."""
     if not mask.any():
@@ -143,6 +153,9 @@ def face_nonces(opts: Options, count: int, given: list[bytes] | None = None) -> 
     if opts.insecure_key_reuse:
         return [ZERO_NONCE] * count, [None] * count
     used = list(given) if given is not None else [new_nonce() for _ in range(count)]
+    # fixed nonces (tests, spec §9 comparisons): a reader refuses any but 16 bytes, one per face
+    if len(used) != count or not all(isinstance(n, bytes) and len(n) == NONCE_BYTES for n in used):
+        raise UsageError(f"{count} fixed nonce(s) of {NONCE_BYTES} bytes each are needed, not {quoted(given)}")
     return used, list(used)
 
 
@@ -222,7 +235,10 @@ def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Op
     if isinstance(x, Exception):  # the model failed the group: its crops, not those refused above, take the error
         return _failed(results, ready, x)
     shares = clamped_share(x, mask_stack)
-    for i, rgb, nonce_field, share in zip(ready, to_u8(x), stored, shares):
+    for i, rgb, nonce_field, share, broken in zip(ready, _pixels(x), stored, shares, nonfinite_rows(x)):
+        if broken:
+            results[i] = nonfinite_error(crops[i].label)
+            continue
         image = crops[i].image
         header = container.new_header(
             steps=opts.steps, mode="crop", masker=masker.name, fingerprint=backend.fingerprint,
@@ -344,7 +360,10 @@ def deanonymize_crops(crops: list[Crop], backend, secret: Secret, opts: Options,
         if isinstance(x, Exception):
             _failed(results, group, x)
             continue
-        for i, rgb in zip(group, to_u8(x)):
+        for i, rgb, broken in zip(group, _pixels(x), nonfinite_rows(x)):
+            if broken:
+                results[i] = nonfinite_error(crops[i].label)
+                continue
             checked, image = results[i], crops[i].image
             results[i] = Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile),
                                 container.recovered_header(checked.header, checked.verified), checked.notes)

@@ -21,6 +21,12 @@ def to_u8(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(u.astype(np.uint8), -3, -1))
 
 
+def nonfinite_rows(x: np.ndarray) -> np.ndarray:
+    """Per image, whether the model output holds NaN or Inf: to_u8 would store them as 0 or 255, an image
+    that looks like a result and recovers to nothing."""
+    return ~np.isfinite(np.asarray(x).reshape(len(x), -1)).all(axis=1)
+
+
 def pixel_region(mask: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
     """The pixels a latent mask covers: each latent cell (h x w, h dividing H) spread over its block, as bool."""
     cell = np.ones((image_hw[0] // mask.shape[-2], image_hw[1] // mask.shape[-1]), np.uint8)

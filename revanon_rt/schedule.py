@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import UsageError
+from .errors import UsageError, quoted
 
 MAX_STEPS = 1000
 DEFAULT_STEPS = 50
@@ -67,6 +67,13 @@ class NoiseSchedule:
                 if tuple(ddim_timesteps(len(self.alphas_cumprod), count, self.spacing, self.offset)) != kept:
                     raise UsageError(f"the engine stores timesteps for {count} steps that this runtime does not "
                                      f"reproduce for its {self.spacing!r} spacing; use --steps {count}")
+        n = len(self.alphas_cumprod)
+        if len(ts) != steps or not all(0 <= t < n for t in ts):
+            # diffusers gives such lists for a few counts (trailing spacing ends some at t = -1), and indexing
+            # ā with them would silently use another level, or fail without a word
+            raise UsageError(f"{steps} steps give the timesteps {quoted(list(ts))} under this model's "
+                             f"{self.spacing!r} spacing (offset {self.offset}), outside 0..{n - 1} or not {steps} "
+                             "of them; choose another step count")
         levels = np.append(self.alphas_cumprod[list(ts)], np.float32(1.0)).astype(np.float32)
         return Schedule(tuple(ts), levels)
 

@@ -272,6 +272,13 @@ def test_metadata_that_python_parses_loosely_is_refused_cleanly():
     with pytest.raises(MetadataError, match="foreign scrypt parameters") as refused:
         container.parse_header(container.to_text(_header(kdf=huge_scrypt)), "img.png")
     assert len(str(refused.value)) < 300 and "1000025 characters" in str(refused.value)
+    with pytest.raises(MetadataError) as refused:
+        unpack_mask({"shape": ["A" * 100_000, 1], "bits": "AA=="}, "img.png")
+    assert len(str(refused.value)) < 300
+    # JSON's true is no image size, though Python counts a bool as an int
+    with pytest.raises(MetadataError, match="malformed model record"):
+        container.parse_header(container.to_text(_header(model={**_header()["model"], "image_size": True})),
+                               "img.png")
     # planning a run reads one field; metadata that is JSON but no object has none
     for text in ("[]", '"photo"', "null", "{not json"):
         assert container.recorded(text, "mode") is None, text
@@ -307,3 +314,22 @@ def test_values_exactly_at_the_spec_limits_are_accepted():
     header = container.parse_header(container.to_text(_header(steps=1000, faces=[face] * 256)), "img.png")
     assert header["steps"] == 1000 and len(header["faces"]) == 256
     assert unpack_mask(header["faces"][0]["mask"], "img.png").shape == (512, 3)
+
+
+def test_a_file_mask_in_sixteen_bits_or_with_transparency_means_what_it_shows():
+    """White = face (spec §4): a 16-bit mask by its high byte, as 16-bit inputs are read, and what is
+    transparent is never face, whatever colour it hides."""
+    from revanon_rt.masks import face_map_from_file
+
+    levels = np.repeat(np.array([[0, 200, 30000, 33000, 65535]], np.uint16), 5, axis=0)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG")
+    face_map = face_map_from_file(io.BytesIO(buffer.getvalue()), "mask16.png")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    assert face_map[256, [0, 110, 210, 320, 500]].tolist() == [0, 0, 0, 1, 1]
+    drawn_in_alpha = np.full((4, 4, 4), 255, np.uint8)
+    drawn_in_alpha[2:, :, 3] = 0  # white everywhere; the face is where it is opaque
+    buffer = io.BytesIO()
+    Image.fromarray(drawn_in_alpha).save(buffer, format="PNG")
+    face_map = face_map_from_file(io.BytesIO(buffer.getvalue()), "alpha.png")
+    assert face_map[:256].all() and not face_map[256:].any()

@@ -150,3 +150,16 @@ def test_readable_by_others(tmp_path):
     assert not keys.readable_by_others(path)
     path.chmod(0o640)
     assert keys.readable_by_others(path)
+
+
+def test_fixed_nonces_and_salts_of_another_length_are_refused_before_anything_is_written():
+    """A reader refuses any nonce or salt but 16 bytes (spec §5, §7): a library caller fixing one of another
+    length would otherwise get an image that can never be recovered."""
+    from revanon_rt.pipeline import Options, face_nonces
+
+    with pytest.raises(UsageError, match="a fixed salt is 16 bytes"):
+        keys.Secret.from_password("pw").for_anonymize(salt=b"12345678")
+    for given in ([b"12345678"], [bytes(16)] * 2, [bytes(16), None]):
+        with pytest.raises(UsageError, match="fixed nonce"):
+            face_nonces(Options(), 1 if len(given) == 1 else 3, given)
+    assert face_nonces(Options(), 2, [bytes(16), bytes([1]) * 16])[1] == [bytes(16), bytes([1]) * 16]

@@ -162,6 +162,54 @@ def test_a_face_whose_mask_marks_nothing_fails_the_photo(models):
                         FirstFaceEmpty(), Secret.from_key(bytes(32)), Options(steps=2), "two.png", planned=planned)
 
 
+def test_a_crowd_goes_through_the_model_a_batch_at_a_time_and_nan_output_is_never_written(models):
+    """Faces that do not overlap share model calls up to the backend's batch, with the same result; a model
+    that gives NaN (an overflowing fp16 engine) fails the photo instead of storing black pixels as a result."""
+    from revanon_rt.errors import InputError
+    from revanon_rt.images import LoadedImage
+    from revanon_rt.keys import Secret
+    from revanon_rt.photo import PlannedFace, anonymize_photo
+    from revanon_rt.pipeline import Options, anonymize_image
+    from revanon_rt.reference import TorchReference
+
+    class Model:
+        """The real ε ≡ 0 backend with a given batch; it notes the rows of each UNet call, and can give NaN."""
+
+        def __init__(self, batch, nan=False):
+            self.backend, self.batch, self.nan, self.rows = TorchReference(models["zero64"]), batch, nan, []
+
+        def __getattr__(self, name):
+            return getattr(self.backend, name)
+
+        def eps(self, z, t):
+            self.rows.append(len(z))
+            return np.full_like(z, np.nan) if self.nan else self.backend.eps(z, t)
+
+    class FullMask:
+        name = "file"
+
+        def face_maps(self, rgbs, relatives):
+            return np.ones((len(rgbs), 512, 512), np.uint8)
+
+    photo = random_image(300, seed=75)
+    planned = [PlannedFace([x, y, x + 64, y + 64], np.array([[1.0, 0, -x], [0, 1.0, -y]]))
+               for x, y in [(0, 0), (100, 0), (200, 0), (0, 150), (100, 150)]]
+    secret, opts = Secret.from_key(bytes(32)), Options(steps=2)
+
+    def anonymized(model):
+        return anonymize_photo(LoadedImage(Path("crowd.png"), photo, None, None), None, model, FullMask(), secret, opts,
+                               "crowd.png", planned=planned, nonces=[bytes([i]) * 16 for i in range(5)]).image.rgb
+
+    one, two = Model(1), Model(2)
+    assert np.array_equal(anonymized(one), anonymized(two))
+    assert set(one.rows) == {1} and two.rows[:2] == [2, 2] and max(two.rows) == 2
+    with pytest.raises(InputError, match=r"crowd.png \(face 0\): the model gave NaN or Inf values"):
+        anonymized(Model(2, nan=True))
+    face = LoadedImage(Path("face.png"), random_image(64, seed=76), None, None)
+    with pytest.raises(InputError, match="face.png: the model gave NaN or Inf values"):
+        anonymize_image(face, None, Model(1, nan=True), FullMask(), secret, opts, "face.png")
+
+
 def test_group_photo_every_face_found_background_untouched(zero_engines, group, keyfile, tmp_path, no_torch_env):
     """On an edge box: anonymized without the torch stack, recovered without torch or dlib."""
     out, rec = tmp_path / "anon", tmp_path / "rec"

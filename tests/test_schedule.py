@@ -45,3 +45,14 @@ def test_a_runtime_uses_the_stored_timesteps_and_trusts_its_mirror_only_where_it
     assert engine_schedule.for_steps(50).levels[0] == scheduler.alphas_cumprod[981]
     with pytest.raises(UsageError, match="use --steps 50"):
         engine_schedule.for_steps(7)
+
+
+def test_a_step_count_whose_timesteps_leave_the_table_is_refused():
+    """diffusers ends 62 trailing schedules at t = -1, and leading ones with offset 1 reach t = 1000 at 1000
+    steps: ā has no such entry, and indexing would use another level or crash."""
+    alphas = np.linspace(0.9999, 0.005, 1000).astype(np.float32)
+    assert ddim_timesteps(1000, 61, "trailing", 0)[-1] == -1
+    for spacing, offset, steps in (("trailing", 0, 61), ("leading", 1, 1000)):
+        with pytest.raises(UsageError, match=f"{steps} steps give the timesteps .* outside 0..999"):
+            NoiseSchedule(alphas, spacing, offset).for_steps(steps)
+    assert len(NoiseSchedule(alphas, "trailing", 0).for_steps(60).timesteps) == 60
