@@ -18,10 +18,10 @@ fused loop with the plain functions.
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 import logging
 import subprocess
 import sys
+from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path

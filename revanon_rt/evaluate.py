@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import re
 import time
@@ -225,9 +226,9 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
     pool = linkage_pool(images, candidates - 1, seed)
     ranks, ranked, fallbacks, least_candidates = [], [], [], 1 + min(len(pool), candidates - 1)
     if targets:
-        ranks, ranked, fallbacks, least_candidates = _transform_targets(backend, targets, images, out, seed, keys, pool, masker=masker,
-                                              mask_dir=mask_dir, steps=steps, batch=batch, candidates=candidates,
-                                              tick=progress or (lambda phase, n: None), pool_cache=pool_cache)
+        ranks, ranked, fallbacks, least_candidates = _transform_targets(
+            backend, targets, images, out, seed, keys, pool, masker=masker, mask_dir=mask_dir, steps=steps,
+            batch=batch, candidates=candidates, tick=progress or (lambda phase, n: None), pool_cache=pool_cache)
     facts = {"targets": targets, "steps": steps, "model_fingerprint": backend.fingerprint,
              "precision": getattr(backend, "precision", "fp32"), "images_sha256": file_sha256(images.path),
              "pairs_sha256": pairs_sha256,
@@ -553,7 +554,8 @@ def summarize(feature_files: list[Path], threshold: float | None = None, counted
     chunks = [path.parent for path in feature_files]
     _refuse_overlaps([c.name for c in chunks])
     settings = [_setting(c) for c in chunks]
-    if any(settings_differ(s, settings[0]) for s in settings):
+    # every pair: a chunk that records no pairs file agrees with any, so two that do must be compared directly
+    if any(settings_differ(a, b) for a, b in itertools.combinations(settings, 2)):
         raise UsageError("the chunks differ in model, steps, precision, linkage test, pairs or images: "
                          + ", ".join(f"{c.name}: {s}" for c, s in zip(chunks, settings)))
     clean: dict[str, np.ndarray] = {}
