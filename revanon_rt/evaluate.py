@@ -33,7 +33,7 @@ from .images import encode_png, image_members, write_atomic, zip_image_rgb
 from .keys import ZERO_NONCE, flip_subkey
 from .masks import face_map_from_file, latent_mask
 from .pixels import pixel_region, psnr, to_model, to_u8
-from .pipeline import crop_patterns
+from .pipeline import crop_patterns, in_parts
 from .sampler import flipped_and_denoised, inverted
 
 CONDITIONS = ("original", "anonymized", "recovered", "random_key", "one_bit_key", "attack_nonce", "attack_reuse")
@@ -127,11 +127,6 @@ def _load(folder: Path, name: str) -> np.ndarray:
         return np.asarray(im.convert("RGB")).copy()
 
 
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 # -- the transform stage --------------------------------------------------------------------------
 
 def _inverted(backend, rgbs: np.ndarray, steps: int) -> list[np.ndarray]:
@@ -153,7 +148,7 @@ def transform_conditions(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: l
     and the attack, the original once for anonymization, key reuse and the attacker's estimate. The
     outputs are the bits that separate transform_crops calls give, with 41% fewer UNet calls.
     """
-    batches = list(_chunks(list(range(len(rgbs))), batch))
+    batches = in_parts(list(range(len(rgbs))), batch)
     patterns = {name: crop_patterns(backend, nonces, flip_subkey(k)) for name, k in keys.items()}
     reused = crop_patterns(backend, [ZERO_NONCE] * len(rgbs), flip_subkey(keys["key"]))
     out = {name: np.zeros_like(rgbs) for name in
@@ -326,7 +321,7 @@ def _pool_latents(backend, images: ZipImages, pool: list[str], steps: int, batch
                 return stored["z_T"]
     c, h, w = backend.latent_shape
     z_pool = np.zeros((len(pool), c, h, w), np.float32)
-    for idx in _chunks(list(range(len(pool))), batch):
+    for idx in in_parts(list(range(len(pool))), batch):
         z_pool[idx] = _inverted(backend, np.stack([images(pool[i]) for i in idx]), steps)[-1]
         tick("linkage", len(idx))
     if cache is not None:

@@ -17,8 +17,8 @@ from .images import LoadedImage
 from .keys import ZERO_NONCE, Secret, flip_subkey, mac_subkey
 from .masks import latent_mask, pack_mask
 from .pixels import clamped_share, nonfinite_rows, to_u8
-from .pipeline import (Options, Output, clamping_notes, face_mask_or_refuse, face_nonces, nonfinite_error,
-                       check_double_anonymization, transform_crops_float)
+from .pipeline import (Options, Output, clamping_notes, face_mask_or_refuse, face_nonces, in_parts,
+                       nonfinite_error, check_double_anonymization, transform_crops_float)
 
 
 # -- the geometry of §8 -----------------------------------------------------------------------
@@ -172,7 +172,7 @@ def _run_faces(backend, photo: np.ndarray, affines: list[np.ndarray], masks: lis
     boxes = [footprint(affines[i], size, photo.shape[:2]) for i in order]
     for wave in waves(boxes):
         # the faces of a wave do not overlap, so its parts give what the whole wave gives
-        for part in _parts(wave, backend.batch):
+        for part in in_parts(wave, backend.batch):
             chosen = [order[j] for j in part]
             crops = np.stack([sample_crop(current, affines[i], size) for i in chosen])
             chosen_masks = np.stack([masks[i] for i in chosen])
@@ -187,11 +187,6 @@ def _run_faces(backend, photo: np.ndarray, affines: list[np.ndarray], masks: lis
     return current, clamped
 
 
-def _parts(items: list, size: int) -> list[list]:
-    size = max(1, int(size))
-    return [items[start:start + size] for start in range(0, len(items), size)]
-
-
 # photo mode aligns each face with the 5-point model and draws its region from those same points
 PHOTO_LANDMARKS = ("photo mode finds, aligns and masks faces with dlib's 5-point landmarks; --landmarks 68 works on "
                    "aligned crops (--mode crop)")
@@ -204,7 +199,7 @@ def face_masks_for_crops(masker, crops: np.ndarray, landmarks: list, relative, l
             raise UsageError(PHOTO_LANDMARKS)
         maps = [masker.face_map_from_landmarks(lm, crops.shape[1]) for lm in landmarks]
     else:
-        maps = [m for part in _parts(list(range(len(crops))), per_call)
+        maps = [m for part in in_parts(list(range(len(crops))), per_call)
                 for m in masker.face_maps(crops[part], [relative] * len(part))]
     return [latent_mask(m, latent_hw) for m in maps]
 

@@ -193,6 +193,12 @@ def _attempt(call):
         return exc
 
 
+def in_parts(items: list, size: int) -> list[list]:
+    """items in consecutive lists of at most `size` (a backend's or the evaluation's batch)."""
+    size = max(1, int(size))
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
 def _failed(results: list, indices: list[int], error: Exception) -> list:
     for i in indices:
         results[i] = error
@@ -219,11 +225,11 @@ def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Op
         if isinstance(face_map, Exception):
             results[i] = face_map
             continue
-        mask = latent_mask(face_map, backend.latent_shape[1:])
-        try:
-            masks[i] = face_mask_or_refuse(mask, crops[i].label)
-        except InputError as refused:
-            results[i] = refused
+        mask = _attempt(lambda: face_mask_or_refuse(latent_mask(face_map, backend.latent_shape[1:]), crops[i].label))
+        if isinstance(mask, Exception):
+            results[i] = mask
+        else:
+            masks[i] = mask
     ready = sorted(masks)
     if not ready:
         return results
