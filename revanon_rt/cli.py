@@ -746,10 +746,10 @@ def eval_cmd(
         if not chosen:
             raise UsageError(f"--start {start} is past the {len(all_pairs)} pairs of {pairs}")
         end = start + len(chosen)
-        for folder in (out, chunk_folder(out, start, end)):
+        chunk = chunk_folder(out, start, end)
+        for folder in (out, chunk):
             if folder.exists() and not folder.is_dir():
                 raise UsageError(f"--out: {folder} is a file, and the evaluation writes a folder there")
-        chunk = chunk_folder(out, start, end)
         backend = None
         if stage != EvalStage.score:
             backend = open_backend(model, engine, device, parser)
