@@ -99,10 +99,12 @@ def test_trajectory_matches_an_independent_computation(models, pixel_backend):
 
     sched = pixel_backend.schedule(steps)
     keep = invert(pixel_backend.eps, x, sched)
+    # verify's bar. This random UNet amplifies float32 rounding: on an AMD EPYC both float32 paths end
+    # 1e-5 from a float64 run after 20 steps, while evaluating ε at t - 1 instead of t is 2e-3 off at step 1
     for i in range(steps + 1):
-        assert _relative_error(keep[i], kept_ref[i].numpy()) < 1e-5, f"keep[{i}]"
+        assert _relative_error(keep[i], kept_ref[i].numpy()) < 1e-4, f"keep[{i}]"
     z = denoise(pixel_backend.eps, keyed_flip(keep.pop(), mask, pattern), sched, mask, keep)
-    assert _relative_error(z, z_ref) < 1e-5
+    assert _relative_error(z, z_ref) < 1e-4
     # the ε of this random model is far from zero: the check above is not vacuous
     assert np.abs(z - x).max() > 0.05
 
