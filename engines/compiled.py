@@ -41,6 +41,7 @@ from .manifest import EngineManifest, rebuild_hint
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
 CONV_LOWERINGS = ("native", "gemm")
+LOAD_CHECK_SECONDS = 300  # a package of the real UNet loads in seconds; a hung loader must not eat a GPU window
 # on CPU-only machines Inductor's C++ toolchain probe warns about CUDA_HOME on every build
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
@@ -216,7 +217,13 @@ class CompiledEngine:
         """Some torch builds crash loading their own packages; in a child process that shows as a signal
         and a hint, where in this one it would end the build without a word."""
         load = "import sys, torch._inductor as i; i.aoti_load_package(sys.argv[1])"
-        result = subprocess.run([sys.executable, "-c", load, str(package)], capture_output=True, text=True)
+        try:
+            result = subprocess.run([sys.executable, "-c", load, str(package)], capture_output=True, text=True,
+                                    timeout=LOAD_CHECK_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise UsageError(f"torch {torch.__version__} did not finish loading the AOTInductor package it had "
+                             f"just built within {LOAD_CHECK_SECONDS} s; give --compiler jit, which stores exported "
+                             "programs and compiles them when the engine loads") from None
         if result.returncode < 0:
             raise UsageError(f"torch {torch.__version__} crashed (signal {-result.returncode}) loading the "
                              "AOTInductor package it had just built; give --compiler jit, which stores exported "
