@@ -224,6 +224,9 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
     # on a GPU the crops live there and the loss is read back every 100 steps: anything that waits for a
     # step keeps the next one from being queued
     samples_on_device = torch.from_numpy(samples).to(dev)
+    # every step has the same shapes, so cuDNN's timed choice of convolution kernels is made once and paid
+    # back at every step; training needs no deterministic kernels (the card's samples are drawn after)
+    benchmark_before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, dev.type == "cuda"
     started = last_ckpt = time.monotonic()
     window: list = []
     with open(loss_log, "a", newline="") as fh:
@@ -265,6 +268,7 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
             if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
                 _checkpoint(state_path, unet, ema, optimizer, step, rng, dev)
                 last_ckpt = time.monotonic()
+    torch.backends.cudnn.benchmark = benchmark_before
     _checkpoint(state_path, unet, ema, optimizer, step, rng, dev)
     save_model(ema, out)
     seconds = time.monotonic() - started

@@ -113,6 +113,7 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
     (ckpt / CONFIG).write_text(json.dumps(asdict(cfg)))
     (ckpt / DATA_RECORD).write_text(json.dumps(data_identity))
     new_log = not (ckpt / LOSS_LOG).exists()
+    benchmark_before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, dev.type == "cuda"  # as train.py
     started = last_save = time.monotonic()
     window: list = []
     with open(ckpt / LOSS_LOG, "a", newline="") as fh:
@@ -153,6 +154,7 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
             if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
                 _save_state(ckpt / STATE, vae, optimizer, step, rng)
                 last_save = time.monotonic()
+    torch.backends.cudnn.benchmark = benchmark_before
     _save_state(ckpt / STATE, vae, optimizer, step, rng)
     vae.eval()
     scaling_factor = latent_scaling_factor(vae, images, dev)
