@@ -50,6 +50,15 @@ class TensorRTEngine(OnnxRuntimeEngine):
 
     kind = "tensorrt"
 
+    def __init__(self, manifest: EngineManifest, device: str = "cuda"):
+        super().__init__(manifest, device)
+        # a TensorRT EP that cannot start leaves the CUDA EP first, which would pass for this backend
+        for name, session in self.sessions.items():
+            if session.get_providers()[0] != "TensorrtExecutionProvider":
+                raise UsageError(f"{manifest.graph_path(name)}: onnxruntime's TensorRT provider did not start "
+                                 f"(it ran on {session.get_providers()[0]}; check the TensorRT libraries "
+                                 "onnxruntime-gpu needs); the onnxruntime backend runs the same graphs on CUDA")
+
     @classmethod
     def require_available(cls) -> None:
         require_tensorrt()
