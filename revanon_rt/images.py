@@ -19,11 +19,14 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
-from .errors import InputError, UsageError
+from .errors import InputError, RevanonError, UsageError
 
 # A decoded 16k x 16k RGBA image is 1 GiB; anything larger is treated as a decompression bomb.
 MAX_IMAGE_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# The formats of the extensions searched for. Pillow otherwise picks a format by content whatever the name,
+# and some (ICO's embedded PNG) decode while opening, before the size checks below have seen the real size.
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG opens MPO (multi-picture) files too
 
 
 @dataclass
@@ -141,7 +144,7 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
     try:
         _refuse_sixteen_bit_alpha(fh.read(26), name)
         fh.seek(0)
-        with Image.open(fh) as im:
+        with Image.open(fh, formats=READ_FORMATS) as im:
             width, height = im.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise InputError(
@@ -152,8 +155,13 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
                 raise not_a_crop(name, width, height, crop_size, recovering)
             icc = im.info.get("icc_profile")
             im.load()
+            if im.size != (width, height):
+                raise InputError(f"{name}: its header says {width}x{height} pixels and it decodes to "
+                                 f"{im.size[0]}x{im.size[1]}; not a well-formed image")
             im = ImageOps.exif_transpose(im)
             rgb, alpha = _split_channels(im)
+    except RevanonError:
+        raise
     except UnidentifiedImageError:
         raise InputError(f"{name}: not an image format this tool reads") from None
     except Image.DecompressionBombError:
@@ -161,6 +169,8 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
                          "(a decompression bomb, or a photo far larger than needed)") from None
     except (OSError, ValueError, SyntaxError, zlib.error) as exc:
         raise InputError(f"{name}: cannot read the image ({exc})") from None
+    except Exception as exc:  # Pillow's plugins pass on what their parsers meet in a malformed file
+        raise InputError(f"{name}: cannot read the image ({type(exc).__name__}: {exc})") from None
     return LoadedImage(Path(name), rgb, alpha, icc if _icc_is_rgb(icc) else None)
 
 

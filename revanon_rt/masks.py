@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .encoding import b64decode, b64encode
-from .errors import InputError, MetadataError, UsageError, quoted
-from .images import SIXTEEN_BIT_GREY_MODES, sixteen_bit_to_u8
+from .errors import InputError, MetadataError, RevanonError, UsageError, quoted
+from .images import READ_FORMATS, SIXTEEN_BIT_GREY_MODES, sixteen_bit_to_u8
 from .pixels import to_unit
 
 FACE_MAP_SIZE = 512
@@ -69,15 +69,19 @@ def face_map_from_file(source, name=None) -> np.ndarray:
     """F from a mask image: a path, or an open binary file that errors call `name`."""
     name = source if name is None else name
     try:
-        with Image.open(source) as im:
+        with Image.open(source, formats=READ_FORMATS) as im:
             im.load()
             return face_map_from_image(ImageOps.exif_transpose(im))  # a mask lines up with the face as displayed
+    except RevanonError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{name}: mask file not found") from None
     except Image.DecompressionBombError:
         raise InputError(f"{name}: the mask's pixel count is over the limit (a decompression bomb?)") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{name}: cannot read the mask image ({exc})") from None
+    except Exception as exc:  # as images.decode_image
+        raise InputError(f"{name}: cannot read the mask image ({type(exc).__name__}: {exc})") from None
 
 
 class BiSeNetMasker:

@@ -204,6 +204,37 @@ def test_bad_images_name_the_file(tmp_path):
         assert message in str(info.value)
 
 
+def test_files_that_crash_pillow_or_hide_their_size_are_refused_by_name(tmp_path):
+    """An ICO whose embedded PNG is larger than the 32 x 32 its header declares, named .png (Pillow decodes
+    it while opening, before any size check), and two files whose malformed tags Pillow's plugins meet with
+    struct.error and TypeError, which escaped as internal errors."""
+    from revanon_rt.masks import face_map_from_file
+
+    embedded = encode_png(np.zeros((96, 96, 3), np.uint8), None, None, {})
+    ico = tmp_path / "icon.png"
+    ico.write_bytes(struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 32, 32, 0, 0, 1, 32, len(embedded), 22)
+                    + embedded)
+    assert Image.open(ico).format == "ICO", "Pillow reads it, by content"
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Cam"
+    bad_exif = tmp_path / "bad_exif.jpg"  # Make's tag number changed to T6Options, which must be a LONG
+    Image.fromarray(random_image(32)).save(bad_exif, exif=exif.tobytes().replace(b"\x01\x0f\x00\x02", b"\x01\x25\x00\x02"))
+    buffer = io.BytesIO()
+    Image.fromarray(random_image(32)).save(buffer, "TIFF")
+    tiff = bytearray(buffer.getvalue())
+    strip_offsets = tiff.find(struct.pack("<HHI", 273, 4, 1))
+    tiff[strip_offsets + 2:strip_offsets + 4] = struct.pack("<H", 7)  # of type UNDEFINED
+    bad_strip = tmp_path / "bad_strip.tif"
+    bad_strip.write_bytes(bytes(tiff))
+    for path, message in [(ico, "not an image format this tool reads"), (bad_exif, "cannot read the image"),
+                          (bad_strip, "cannot read the image")]:
+        with pytest.raises(InputError, match=path.name) as info:
+            load_image(path, crop_size=32)
+        assert message in str(info.value)
+        with pytest.raises(InputError, match=path.name):
+            face_map_from_file(path)
+
+
 def test_outputs_keep_alpha_and_rgb_icc_and_drop_everything_else(tmp_path):
     rgb = random_image(8)
     alpha = np.full((8, 8), 77, np.uint8)
