@@ -570,8 +570,9 @@ def _write_sidecar(job: Job, result, overwrite: bool, mode: int) -> str | None:
 
 
 def output_mode(header: dict | None) -> int:
-    """Recovered images show the real faces again, so only their owner may read them, as with --mapping."""
-    return 0o600 if header and header.get("state") == "recovered" else 0o644
+    """Only anonymized images are meant to be shared. Recovered images, and --dry-run's drawings (the
+    original photo with boxes), show the real faces, so only their owner may read them, as with --mapping."""
+    return 0o644 if header and header.get("state") == "anonymized" else 0o600
 
 
 def _message(job: Job, exc: Exception) -> str:
