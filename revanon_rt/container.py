@@ -160,6 +160,9 @@ def recorded(text: str | None, field: str) -> object:
 
 def parse_header(text: str, source: str) -> dict:
     """Parse and validate metadata from an untrusted file; errors name the source."""
+    if len(text) > MAX_CHUNK_BYTES:  # the readers' byte limit, for text handed over directly (the API's metadata=)
+        raise MetadataError(f"{source}: the revanon metadata is {len(text)} characters, over the limit of "
+                            f"{MAX_CHUNK_BYTES} bytes")
     try:
         header = json.loads(text, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, a repeated key, an over-long integer

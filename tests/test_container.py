@@ -70,6 +70,11 @@ def test_chunk_limits_and_shapes_are_enforced(tmp_path):
     path.write_bytes(sig_ihdr + struct.pack(">I", container.MAX_CHUNK_BYTES + 1) + b"iTXt" + body)
     with pytest.raises(MetadataError, match="over the limit"):
         container.read_png_chunk(path)
+    # text handed to the parser directly (the API's metadata=) has the same limit, before any JSON is parsed
+    padded = good[:-1] + " " * (container.MAX_CHUNK_BYTES - len(good)) + "}"
+    assert container.parse_header(padded, "api")["format"] == "revanon/1"
+    with pytest.raises(MetadataError, match="api: .* over the limit"):
+        container.parse_header(padded[:-1] + " }", "api")
     assert container.read_png_chunk(_png_with_text(tmp_path, good, name="x.png").with_suffix(".png")) == good
     jpeg = tmp_path / "a.jpg"
     Image.fromarray(random_image(8)).save(jpeg)
