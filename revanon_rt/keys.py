@@ -22,6 +22,7 @@ NONCE_BYTES = 16
 SALT_BYTES = 16
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
 SCRYPT_MAXMEM = 256 * 1024 * 1024
+MAX_PASSWORD_FILE_BYTES = 64 * 1024
 ZERO_NONCE = bytes(NONCE_BYTES)
 
 
@@ -89,6 +90,20 @@ def keygen(path: Path) -> None:
         os.unlink(path)  # an empty or short key file would only fail later, or be backed up by mistake
         raise UsageError(f"{path}: cannot write the key file ({exc.strerror or exc}); nothing was kept") from None
     os.close(fd)
+    _sync_folder(path.parent)  # else a power loss can take the new file's name, after images were made with it
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the file itself is synced
+    finally:
+        os.close(fd)
 
 
 def normalize_password(password: str) -> bytes:
@@ -99,9 +114,12 @@ def read_password_file(path: Path) -> str:
     """The file's UTF-8 text, less exactly one trailing newline (\\n or \\r\\n)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as fh:  # not only regular files: --password-file <(pass show x) is a pipe
+            raw = fh.read(MAX_PASSWORD_FILE_BYTES + 1)
     except OSError as exc:
         raise UsageError(f"{path}: cannot read the password file ({exc.strerror or exc})") from None
+    if len(raw) > MAX_PASSWORD_FILE_BYTES:
+        raise UsageError(f"{path}: over {MAX_PASSWORD_FILE_BYTES} bytes, which is no password file")
     if raw.endswith(b"\r\n"):
         raw = raw[:-2]
     elif raw.endswith(b"\n"):
