@@ -463,7 +463,8 @@ def info_cmd(
               f"model {header['model']['fingerprint'][:16]}… at {header['model']['image_size']}px"
               + (", mask coverage " + ", ".join(f"{c:.0%}" for c in coverage) if coverage else "")
               + (", UNVERIFIED" if header.get("unverified") else ""))
-    typer.echo(json.dumps(header, indent=2, ensure_ascii=False))
+    # escaped: an attacker's metadata could carry terminal controls (C1, DEL, bidi overrides) in unknown keys
+    typer.echo(json.dumps(header, indent=2, ensure_ascii=True))
 
 
 class EngineBackendName(str, Enum):

@@ -601,6 +601,14 @@ def test_info_reads_the_sidecar_of_a_stripped_png_and_keys_readable_by_others_ar
     info = cli("info", stripped, env=no_torch_env)
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["state"] == "anonymized"
+    # anyone can write a sidecar: its text reaches the terminal escaped, a C1 control and a bidi override too
+    sidecar = container.sidecar_path(stripped)
+    forged = json.loads(sidecar.read_text())
+    forged["note"] = "\u009b31m\u202e\x7f"
+    sidecar.write_text(json.dumps(forged, ensure_ascii=False), encoding="utf-8")
+    shown = cli("info", stripped, env=no_torch_env)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["note"] == forged["note"]
+    assert not {"\u009b", "\u202e", "\x7f"} & set(shown.stdout) and shown.stdout.isascii()
     container.sidecar_path(stripped).unlink()
     missing = cli("info", stripped)
     assert missing.returncode == 1 and "no revanon metadata" in missing.stderr
