@@ -188,7 +188,8 @@ def _split_channels(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
         alpha = np.asarray(im.getchannel("A"), dtype=np.uint8).copy()
         rgb = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
         return rgb, alpha
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy(), None
+    # an RGB image as it is: a converted copy would add 4 bytes a pixel to a large photo's peak
+    return np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8), None
 
 
 def encode_png(rgb: np.ndarray, alpha: np.ndarray | None, icc: bytes | None, itxt: dict[str, str]) -> bytes:
