@@ -29,7 +29,17 @@ from .container import sidecar_path
 from .errors import RevanonError, UsageError, one_line
 from .images import write_atomic
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+IMAGE_EXTENSIONS = {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif",
+                    ".avif"}
+
+
+def other_image_extension(name: str) -> str | None:
+    """The extension of a file named as an image of a format the tool does not read (.ico, .psd, .heic)."""
+    from PIL import Image
+
+    suffix = Path(name).suffix.lower()
+    known = set(Image.registered_extensions()) | {".heic", ".heif", ".jxl", ".raw", ".cr2", ".nef", ".dng", ".arw"}
+    return suffix if suffix in known and suffix not in IMAGE_EXTENSIONS else None
 
 
 @dataclass
@@ -79,11 +89,12 @@ def same_file(a: Path, b: Path) -> bool:
     return identity is not None and identity == file_identity(b)
 
 
-def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
+def discover(inputs: list[Path], out_dir: Path, passed_over: list[Path] | None = None) -> list[Job]:
     """Files are taken as given; folders are searched recursively for images, skipping hidden files
     and anything under the output folder. Linked folders are followed once each, after the real ones,
     unless they lead back up to the input folder. An input that is not a regular file (a FIFO, a
-    device, a link loop) fails alone, before anything blocks on it."""
+    device, a link loop) fails alone, before anything blocks on it. Files in the folders named as
+    images of formats the tool does not read go to `passed_over`, so the user can be told."""
     jobs: list[Job] = []
     seen: set[Path] = set()
 
@@ -135,8 +146,12 @@ def discover(inputs: list[Path], out_dir: Path) -> list[Job]:
             dirnames[:] = kept
             for name in sorted(filenames):
                 path = here / name
-                if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+                if name.startswith("."):
+                    continue
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
                     add(path, path.relative_to(given))
+                elif passed_over is not None and other_image_extension(name):
+                    passed_over.append(path)
     return jobs
 
 

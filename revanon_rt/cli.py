@@ -147,16 +147,23 @@ def _prepare(inputs: List[Path], out: Path, rename: bool = False, mapping: Optio
              suffix: str = ".png"):
     """The jobs with their outputs, and the --mapping file. --out is checked before any input is
     processed; a --rename run holds it until the process ends."""
-    from .batch import NameMapping, assign_neutral_outputs, assign_outputs, claim_folder, discover
+    from .batch import IMAGE_EXTENSIONS, NameMapping, assign_neutral_outputs, assign_outputs, claim_folder, discover
 
     try:
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out}: is a file; give the folder the outputs go to")
     except OSError as exc:
         raise UsageError(f"--out {out}: {exc.strerror or exc}") from None
-    jobs = discover(inputs, out)
+    passed_over: list[Path] = []
+    jobs = discover(inputs, out, passed_over)
+    if passed_over:
+        kinds = ", ".join(sorted({p.suffix.lower() for p in passed_over}))
+        err.print(f"[yellow]note[/yellow]: passed over {len(passed_over)} file(s) in the input folders of formats "
+                  f"this tool does not read ({escape(kinds)}), such as {escape(one_line(str(passed_over[0])))}; "
+                  "convert them to PNG to include them")
     if not jobs:
-        raise UsageError("no input images found")
+        raise UsageError("no input images found (folders are searched for "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
     if mapping is not None and not rename:
         raise UsageError("--mapping records the names --rename gives; it needs --rename")
     names = NameMapping(mapping) if mapping is not None else None
@@ -458,11 +465,11 @@ def info_cmd(
         _fail(exc)
     faces = header["faces"]
     coverage = [float(unpack_mask(f["mask"], "").mean()) for f in faces]
-    say(f"{image}: {header['state']}, {header['mode']} mode, {len(faces)} face(s), masker {header['masker']}, "
+    say(one_line(f"{image}: {header['state']}, {header['mode']} mode, {len(faces)} face(s), masker {header['masker']}, "
               f"{header['steps']} steps, kdf {header['kdf']['name']}, "
               f"model {header['model']['fingerprint'][:16]}… at {header['model']['image_size']}px"
               + (", mask coverage " + ", ".join(f"{c:.0%}" for c in coverage) if coverage else "")
-              + (", UNVERIFIED" if header.get("unverified") else ""))
+              + (", UNVERIFIED" if header.get("unverified") else "")))
     # escaped: an attacker's metadata could carry terminal controls (C1, DEL, bidi overrides) in unknown keys
     typer.echo(json.dumps(header, indent=2, ensure_ascii=True))
 

@@ -26,7 +26,13 @@ MAX_IMAGE_PIXELS = 16384 * 16384
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 # The formats of the extensions searched for. Pillow otherwise picks a format by content whatever the name,
 # and some (ICO's embedded PNG) decode while opening, before the size checks below have seen the real size.
-READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")  # JPEG opens MPO (multi-picture) files too
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "AVIF")  # JPEG opens MPO (multi-picture) files too
+
+
+def read_formats() -> tuple[str, ...]:
+    """READ_FORMATS less those this Pillow lacks (AVIF came in Pillow 11.2)."""
+    Image.init()
+    return tuple(f for f in READ_FORMATS if f in Image.OPEN)
 
 
 @dataclass
@@ -59,12 +65,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_TYPES_WITH_ALPHA = (4, 6)  # grey + alpha, RGB + alpha
 
 
+def _sixteen_bit_png(head: bytes) -> bool:
+    return len(head) == 26 and head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16
+
+
 def _refuse_sixteen_bit_alpha(head: bytes, name) -> None:
     """Pillow reads a 16-bit alpha channel as 8 bits, and outputs are 8-bit PNGs: carrying it through
     untouched (spec §2) is impossible, so such an input is refused rather than silently changed.
     `head` is the file's first 26 bytes."""
-    if len(head) == 26 and head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16 \
-            and head[25] in PNG_COLOUR_TYPES_WITH_ALPHA:
+    if _sixteen_bit_png(head) and head[25] in PNG_COLOUR_TYPES_WITH_ALPHA:
         raise InputError(f"{name}: its alpha channel has 16 bits, and revanon writes 8-bit PNGs, so the alpha "
                          "could not be kept as it is; convert the image to 8 bits per channel first")
 
@@ -142,9 +151,12 @@ def load_image(path: Path, crop_size: int | None = None, recovering: bool = Fals
 def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recovering: bool = False) -> LoadedImage:
     """load_image on an open binary file (or io.BytesIO); `name` is what errors and the result call it."""
     try:
-        _refuse_sixteen_bit_alpha(fh.read(26), name)
+        head = fh.read(26)
+        if not head:
+            raise InputError(f"{name}: the file is empty (0 bytes); an interrupted copy or download?")
+        _refuse_sixteen_bit_alpha(head, name)
         fh.seek(0)
-        with Image.open(fh, formats=READ_FORMATS) as im:
+        with Image.open(fh, formats=read_formats()) as im:
             width, height = im.size
             if width * height > MAX_IMAGE_PIXELS:
                 raise InputError(
@@ -153,6 +165,15 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
                 )
             if crop_size is not None and (width, height) != (crop_size, crop_size):
                 raise not_a_crop(name, width, height, crop_size, recovering)
+            frames = getattr(im, "n_frames", 1)
+            if frames > 1 and im.format != "MPO":  # a phone's MPO: the photo, then a depth map or preview
+                unit = "pages" if im.format == "TIFF" else "frames"
+                raise InputError(f"{name}: has {frames} {unit}, and the output would keep only the first; "
+                                 f"save each of the {unit} as an image of its own first")
+            if _sixteen_bit_png(head) and "transparency" in im.info:
+                raise InputError(f"{name}: its transparency is a 16-bit colour key, which Pillow matches "
+                                 "against 8-bit pixels, so the alpha would come out wrong; convert the image to "
+                                 "8 bits per channel first")
             icc = im.info.get("icc_profile")
             im.load()
             if im.size != (width, height):

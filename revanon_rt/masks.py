@@ -9,7 +9,7 @@ from PIL import Image, ImageOps
 
 from .encoding import b64decode, b64encode
 from .errors import InputError, MetadataError, RevanonError, UsageError, quoted
-from .images import READ_FORMATS, SIXTEEN_BIT_GREY_MODES, sixteen_bit_to_u8
+from .images import SIXTEEN_BIT_GREY_MODES, read_formats, sixteen_bit_to_u8
 from .pixels import to_unit
 
 FACE_MAP_SIZE = 512
@@ -69,7 +69,7 @@ def face_map_from_file(source, name=None) -> np.ndarray:
     """F from a mask image: a path, or an open binary file that errors call `name`."""
     name = source if name is None else name
     try:
-        with Image.open(source, formats=READ_FORMATS) as im:
+        with Image.open(source, formats=read_formats()) as im:
             im.load()
             return face_map_from_image(ImageOps.exif_transpose(im))  # a mask lines up with the face as displayed
     except RevanonError:

@@ -408,18 +408,26 @@ def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyf
     full = (inputs / "good.png").read_bytes()
     (inputs / "truncated.png").write_bytes(full[: len(full) // 2])
     (inputs / "header_only.png").write_bytes(full[:25])  # shorter than the header the 16-bit alpha check reads
+    (inputs / "empty.png").write_bytes(b"")
+    frames = [Image.fromarray(random_image(32, seed=s)) for s in (8, 9)]
+    frames[0].save(inputs / "animated.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(inputs / "pages.tif", save_all=True, append_images=frames[1:])
+    frames[0].save(inputs / "icon.ico")  # a format the tool does not read: passed over, and said so
     mask = save_png(tmp_path / "mask.png", box_mask(32))
     before = tree_digest(inputs)
     result = cli("run", "anonymize", inputs, tmp_path / "missing.png", "--out", tmp_path / "out",
                  "--engine", zero_engines["zero"], "--mask", mask, "--key", keyfile)
     assert result.returncode == 1
-    assert "1 done, 0 skipped, 6 failed" in result.stderr
+    assert "1 done, 0 skipped, 9 failed" in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 6
+    assert len(lines) == 9
+    assert "passed over 1 file(s) in the input folders of formats this tool does not read (.ico)" in result.stderr
     expectations = {"wrong_size.png": "48x48 is not an aligned face crop of the model's 32x32",
                     "not_square.png": "--mode photo", "garbage.png": "not an image format this tool reads",
                     "truncated.png": "cannot read the image", "header_only.png": "cannot read the image",
-                    "missing.png": "no such file"}
+                    "missing.png": "no such file", "empty.png": "the file is empty (0 bytes)",
+                    "animated.gif": "has 2 frames, and the output would keep only the first",
+                    "pages.tif": "has 2 pages"}
     for name, message in expectations.items():
         assert any(name in line and message in line for line in lines), (name, lines)
     assert tree_digest(inputs) == before

@@ -189,6 +189,15 @@ def test_colour_key_transparency_becomes_alpha_and_sixteen_bit_alpha_is_refused(
     assert Image.open(deep_alpha).mode == "RGBA", "a valid 16-bit RGBA PNG, which Pillow reads as 8 bits"
     with pytest.raises(InputError, match="deep_alpha.png: its alpha channel has 16 bits"):
         load_image(deep_alpha)
+    # a 16-bit colour key: Pillow compares it with the 8-bit pixels it makes, so it would mark the wrong ones
+    rows = b"".join(b"\0" + np.full((4, 3), 0x1234, ">u2").tobytes() for _ in range(4))
+    deep_key = tmp_path / "deep_key.png"
+    deep_key.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0))
+                         + _png_chunk(b"tRNS", struct.pack(">HHH", 0x1234, 0x1234, 0x1234))
+                         + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
+    assert "transparency" in Image.open(deep_key).info
+    with pytest.raises(InputError, match="deep_key.png: its transparency is a 16-bit colour key"):
+        load_image(deep_key)
 
 
 def test_bad_images_name_the_file(tmp_path):

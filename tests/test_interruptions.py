@@ -117,21 +117,23 @@ def test_files_that_are_not_images_fail_alone_and_linked_folders_are_followed(ze
     os.symlink("self.png", folder / "self.png")
     save_png(folder / ("e" * 245 + ".png"), random_image(32, seed=4))  # its sidecar's name is over 255 bytes
     save_png(folder / "new\nline.png", random_image(32, seed=5))
+    save_png(folder / "evil\u202egnp.png", random_image(32, seed=6))  # shown as "evilpng.png" unescaped
     mask = save_png(tmp_path / "mask.png", box_mask(32))
     run = cli("run", "anonymize", folder, "--out", tmp_path / "anon", "--engine", zero_engines["zero"], "--mask", mask,
               "--key", keyfile, "--sidecar")
     assert run.returncode == 1, run.stderr
-    assert "3 done, 0 skipped, 5 failed" in run.stderr, run.stderr
+    assert "4 done, 0 skipped, 5 failed" in run.stderr, run.stderr
     assert "up: a link to a folder that holds" in run.stderr and "back: a link to a folder that holds" in run.stderr
     assert "fifo.png: not a regular file" in run.stderr
     assert "self.png: cannot read it" in run.stderr
     assert "is over the file system's 255 bytes" in run.stderr
     assert "Traceback" not in run.stderr
     assert {p.relative_to(tmp_path / "anon").as_posix() for p in (tmp_path / "anon").rglob("*.png")} == \
-        {"a.png", "linked/b.png", "new\nline.png"}
+        {"a.png", "linked/b.png", "new\nline.png", "evil\u202egnp.png"}
     errors = [line for line in run.stderr.splitlines() if line.startswith("error")]
     assert len(errors) == 5, "one line per failure"
     assert any("new\\x0aline.png" in line for line in run.stderr.splitlines()), "control characters are escaped"
+    assert "evil\\u202egnp.png" in run.stderr and "\u202e" not in run.stderr, "so is a bidi override"
 
 
 def test_an_image_without_its_sidecar_is_reported_not_skipped(zero_engines, keyfile, tmp_path):
