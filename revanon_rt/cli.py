@@ -335,7 +335,7 @@ def _dry_run(inputs: List[Path], out: Path, selection, detector: str, overwrite:
     """Detect and draw, nothing else: no key, no model."""
     from .batch import one_at_a_time, run_jobs
     from .images import LoadedImage, load_image
-    from .photo import draw_faces
+    from .photo import describe_faces, draw_faces
     from .pipeline import Output
 
     jobs, _ = _prepare(inputs, out, suffix=".faces.png")
@@ -345,6 +345,7 @@ def _dry_run(inputs: List[Path], out: Path, selection, detector: str, overwrite:
         image = load_image(job.source)
         found = finder.detect(image.rgb)
         drawn = draw_faces(image.rgb, found, selection)
+        say(one_line(f"{job.source}: {describe_faces(found, selection)}"))  # the numbers --skip takes
         return Output(LoadedImage(job.source, drawn, None, None), {}, detail=f"{len(found)} face(s)")
 
     return run_jobs(jobs, one_at_a_time(process), verb="detect", overwrite=overwrite, sidecar=False, console=err)

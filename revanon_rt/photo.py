@@ -272,12 +272,16 @@ def deanonymize_photo(image: LoadedImage, header: dict, key: bytes, source: str,
 
 def draw_faces(rgb: np.ndarray, found, selection: Selection) -> np.ndarray:
     """--dry-run: every detected face boxed and numbered as --skip counts them; skipped ones in grey."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     im = Image.fromarray(rgb).convert("RGB")
     draw = ImageDraw.Draw(im)
     eligible, kept = selection.apply(found, check=False)  # the drawing is how the user finds the numbers
     width = max(2, rgb.shape[1] // 300)
+    try:  # numbers readable on a photo fitted to a screen; the built-in bitmap font is 10 px at any size
+        font = ImageFont.load_default(size=max(14, rgb.shape[1] // 50))
+    except (ImportError, OSError, TypeError):  # a Pillow without FreeType
+        font = ImageFont.load_default()
     for i, face in enumerate(found):
         if i not in eligible:
             draw.rectangle(face.box, outline=(150, 150, 150), width=1)
@@ -286,5 +290,17 @@ def draw_faces(rgb: np.ndarray, found, selection: Selection) -> np.ndarray:
         colour = (255, 40, 40) if i in kept else (150, 150, 150)
         box = found[i].box
         draw.rectangle(box, outline=colour, width=width)
-        draw.text((box[0] + width, box[1] + width), str(number), fill=colour)
+        label = draw.textbbox((box[0] + width, box[1] + width), str(number), font=font)
+        draw.rectangle(label, fill=colour)
+        draw.text((box[0] + width, box[1] + width), str(number), fill=(255, 255, 255), font=font)
     return np.asarray(im)
+
+
+def describe_faces(found, selection: Selection) -> str:
+    """--dry-run's line per photo: each numbered face's size and place, and which are left out."""
+    eligible, kept = selection.apply(found, check=False)
+    parts = [f"{number}: {found[i].size:.0f} px at {found[i].box[0]:.0f},{found[i].box[1]:.0f}"
+             + ("" if i in kept else " (left out)") for number, i in enumerate(eligible)]
+    small = len(found) - len(eligible)
+    return (f"{len(found)} face(s)" + (f"; {', '.join(parts)}" if parts else "")
+            + (f"; {small} under --min-face" if small else ""))

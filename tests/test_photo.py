@@ -275,8 +275,10 @@ def test_no_faces_tampering_and_wrong_key(zero_engines, group, keyfile, other_ke
 
 
 def test_photo_options(zero_engines, group, keyfile, tmp_path, no_torch_env):
-    dry = cli("run", "anonymize", group, "--mode", "photo", "--dry-run", "--out", tmp_path / "dry", env=no_torch_env)
+    dry = cli("run", "anonymize", group, "--mode", "photo", "--dry-run", "--skip", "1", "--out", tmp_path / "dry",
+              env=no_torch_env)
     assert dry.returncode == 0 and (tmp_path / "dry" / "group.faces.png").exists()
+    assert "group.png: 3 face(s); 0: " in dry.stderr and dry.stderr.count("(left out)") == 1, dry.stderr
     assert stat.S_IMODE((tmp_path / "dry" / "group.faces.png").stat().st_mode) == 0o600, "it shows the real faces"
     assert sorted(p.name for p in (tmp_path / "dry").iterdir()) == ["group.faces.png"]
     common = ("--mode", "photo", "--engine", zero_engines["zero64"], "--masker", "landmarks", "--key", keyfile)
