@@ -873,5 +873,8 @@ def version_cmd() -> None:
 
 
 def main() -> None:
+    from .images import use_pixel_limit
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    use_pixel_limit()
     app()

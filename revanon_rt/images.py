@@ -21,9 +21,21 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InputError, RevanonError, UsageError
 
-# A decoded 16k x 16k RGBA image is 1 GiB; anything larger is treated as a decompression bomb.
+# A decoded 16k x 16k RGBA image is 1 GiB; anything larger is treated as a decompression bomb. Pillow's own
+# guard (a warning over PIL.Image.MAX_IMAGE_PIXELS, an error over twice that) is process-wide: the command
+# line raises it to this limit (use_pixel_limit), while a program importing the library keeps its own.
 MAX_IMAGE_PIXELS = 16384 * 16384
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def use_pixel_limit() -> None:
+    """Let Pillow open what MAX_IMAGE_PIXELS allows, in a process that is this tool's alone."""
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+def pixel_limit() -> int:
+    """The most pixels an image may have here: this tool's limit, or Pillow's if a host set it lower."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    return MAX_IMAGE_PIXELS if pillow is None else min(MAX_IMAGE_PIXELS, 2 * pillow)
 # The formats of the extensions searched for. Pillow otherwise picks a format by content whatever the name,
 # and some (ICO's embedded PNG) decode while opening, before the size checks below have seen the real size.
 READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "AVIF")  # JPEG opens MPO (multi-picture) files too
@@ -186,7 +198,7 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
     except UnidentifiedImageError:
         raise InputError(f"{name}: not an image format this tool reads") from None
     except Image.DecompressionBombError:
-        raise InputError(f"{name}: its pixel count is over the limit of {MAX_IMAGE_PIXELS} "
+        raise InputError(f"{name}: its pixel count is over the limit of {pixel_limit()} "
                          "(a decompression bomb, or a photo far larger than needed)") from None
     except (OSError, ValueError, SyntaxError, zlib.error) as exc:
         raise InputError(f"{name}: cannot read the image ({exc})") from None

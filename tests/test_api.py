@@ -190,3 +190,16 @@ def test_photo_mode_through_the_api_recovers_as_the_cli_does(zero_engines, keyfi
     assert np.abs(by_api.image.rgb.astype(int) - photo).mean() < np.abs(anonymized.image.rgb.astype(int) - photo).mean() / 2
     with pytest.raises(InputError, match="no faces found, so nothing was anonymized"):
         anonymizer.anonymize_photo(random_image(200, seed=90))
+
+
+def test_importing_the_library_leaves_pillows_bomb_limit_to_the_host(tmp_path):
+    """The command line raises Pillow's process-wide limit to its own; a host program keeps the one it set,
+    and the tool refuses what that limit refuses, by its number."""
+    bomb = tmp_path / "wide.png"
+    Image.new("1", (20000, 100)).save(bomb)  # 2 M pixels in a few hundred bytes
+    check = ("import sys, PIL.Image as I; I.MAX_IMAGE_PIXELS = 500_000; from revanon_rt.api import Anonymizer; "
+             "from revanon_rt.images import load_image; assert I.MAX_IMAGE_PIXELS == 500_000\n"
+             "try: load_image(sys.argv[1])\nexcept Exception as e: print(e)")
+    result = subprocess.run([sys.executable, "-c", check, str(bomb)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "wide.png: its pixel count is over the limit of 1000000" in result.stdout, result.stdout
