@@ -130,6 +130,9 @@ def _face_map(mask: MaskInput, name: str) -> np.ndarray:
         if mask.ndim != 2 or mask.dtype not in (np.bool_, np.uint8):
             raise InputError(f"{name}: a mask array is H x W, bool or uint8 (white = face), not {mask.shape} "
                              f"{mask.dtype}")
+        if mask.dtype == np.uint8 and mask.max() == 1:  # would read as no face at all
+            raise InputError(f"{name}: a uint8 mask array marks face with 255 (white), and this one holds only 0 "
+                             "and 1; pass mask.astype(bool) or mask * 255")
         return face_map_from_image(Image.fromarray(mask.astype(np.uint8) * 255 if mask.dtype == np.bool_ else mask))
     if isinstance(mask, BYTES_LIKE):
         return face_map_from_file(io.BytesIO(bytes(mask)), name)
@@ -302,8 +305,10 @@ def _load(image: ImageInput, name: str, crop_size: int | None, recovering: bool 
         return LoadedImage(Path(name), np.ascontiguousarray(image), None, None)
     if isinstance(image, (str, os.PathLike)):
         return load_image(Path(image), crop_size, recovering)
+    hint = (" (a file object: its .read())" if hasattr(image, "read") else
+            " (a PIL image: np.asarray(image.convert('RGB')))" if hasattr(image, "convert") else "")
     raise InputError(f"{name}: an image is encoded bytes, a path or an H x W x 3 uint8 array, not "
-                     f"{type(image).__name__} (a PIL image: np.asarray(image.convert('RGB')))")
+                     f"{type(image).__name__}{hint}")
 
 
 def _metadata_of(image: ImageInput, name: str, required: bool) -> str | None:

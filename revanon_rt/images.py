@@ -128,7 +128,7 @@ def not_a_crop(path: Path, width: int, height: int, image_size: int, recovering:
                           "image was resized or cropped after anonymization, which cannot be recovered; use the "
                           "file the tool wrote")
     return InputError(f"{path}: {width}x{height} is not an aligned face crop of the model's {image_size}x{image_size}; "
-                      "resize or crop it, or use --mode photo for photos")
+                      "resize or crop it, or use --mode photo (anonymize_photo in Python) for photos")
 
 
 def open_regular(path: Path):

@@ -116,7 +116,8 @@ def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_
     with pytest.raises(UsageError, match="no masker"):
         anonymizer.anonymize(random_image(32))
     crop = random_image(32, seed=60)
-    with pytest.raises(InputError, match="image 0: 48x48 is not an aligned face crop of the model's 32x32"):
+    with pytest.raises(InputError, match="image 0: 48x48 is not an aligned face crop of the model's 32x32.*"
+                                         r"anonymize_photo in Python"):
         anonymizer.anonymize(png_bytes(random_image(48)), mask=box_mask(48))
 
     anonymized = anonymizer.anonymize(crop, mask=box_mask(32)).png_bytes()
@@ -154,6 +155,8 @@ def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_
         Anonymizer(engine=zero_engines["zero"], key_file=keyfile, masker=None, steps=True)
     # a mask that marks nothing would return the face untouched, labelled anonymized
     with pytest.raises(InputError, match="its mask marks no face"):
+        anonymizer.anonymize(crop, mask=np.zeros((32, 32), np.uint8))
+    with pytest.raises(InputError, match="marks face with 255 .* holds only 0 and 1; pass mask.astype"):
         anonymizer.anonymize(crop, mask=(box_mask(32) > 0).astype(np.uint8))  # 0/1, not white
     with pytest.raises(InputError, match="bool or uint8"):
         anonymizer.anonymize(crop, mask=box_mask(32).astype(np.float32))
@@ -166,9 +169,11 @@ def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_
 
     # every way of giving a mask gives the same record, and a bad item fails alone
     white = save_png(tmp_path / "white.png", box_mask(32))
-    batch = anonymizer.anonymize_batch([memoryview(png_bytes(crop)), face, crop, Image.fromarray(crop)],
-                                       masks=[box_mask(32) > 0, white, white.read_bytes(), box_mask(32)])
+    batch = anonymizer.anonymize_batch([memoryview(png_bytes(crop)), face, crop, Image.fromarray(crop),
+                                        io.BytesIO(png_bytes(crop))],
+                                       masks=[box_mask(32) > 0, white, white.read_bytes(), box_mask(32), white])
     assert isinstance(batch[3], InputError) and "np.asarray(image.convert('RGB'))" in str(batch[3])
+    assert isinstance(batch[4], InputError) and str(batch[4]).endswith("not BytesIO (a file object: its .read())")
     assert len({json.dumps(output.header["faces"][0]["mask"]) for output in batch[:3]}) == 1
 
 
