@@ -181,7 +181,8 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
             log(f"from here on: {changes}")
     else:
         if (out / "unet").exists():
-            raise UsageError(f"{out}: already holds a model; --resume continues it, or choose another --out")
+            resumable = "--resume continues it, or " if state_path.exists() else ""  # a committed model has no checkpoint
+            raise UsageError(f"{out}: already holds a model; {resumable}choose another --out")
         check_new_run(out, state_path, {"vae", "checkpoint"})  # vae/: train-autoencoder's, for a latent model
     data_identity = training_data_identity(out / "checkpoint" / DATA_RECORD, data, resume)
     dev = training_device(device)

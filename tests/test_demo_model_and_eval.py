@@ -32,6 +32,10 @@ def test_train_resume_and_load(tmp_path):
     assert first.returncode == 0, first.stderr
     again = cli(*args, "--max-steps", "30")
     assert again.returncode == 2 and "--resume" in again.stderr, "never overwrite a trained model"
+    committed = tmp_path / "committed"  # as a model is committed: without its checkpoint, which cannot resume
+    shutil.copytree(out, committed, ignore=shutil.ignore_patterns("checkpoint"))
+    refused = cli("train", "--data", data, "--out", committed, *args[5:], "--max-steps", "30")
+    assert refused.returncode == 2 and "already holds a model; choose another --out" in refused.stderr, refused.stderr
     changed = cli("train", "--data", data, "--out", out, "--batch", "8", "--resume", "--device", "cpu")
     assert changed.returncode == 2 and "--batch 8: the checkpoint was trained with --batch 4" in changed.stderr
     other = crops_zip(tmp_path / "other.zip", {f"Q{i}/Q{i}_0001.jpg": random_image(40, seed=90 + i) for i in range(12)},
