@@ -48,6 +48,9 @@ def inverse_affine(affine: np.ndarray) -> np.ndarray:
     return np.hstack([inv, (-inv @ shift)[:, None]])
 
 
+# A record's affine is only known to be finite: under --skip-auth a forged one may overflow the geometry,
+# which then samples nothing, and numpy's warnings about it would only clutter the one-line report.
+@np.errstate(all="ignore")
 def sample_crop(photo: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
     """The size x size crop whose pixel (u, v) is the photo's bilinear sample at affine⁻¹(u, v)."""
     inv = inverse_affine(affine)
@@ -57,6 +60,7 @@ def sample_crop(photo: np.ndarray, affine: np.ndarray, size: int) -> np.ndarray:
     return _round_to_u8(_bilinear(photo, x, y))
 
 
+@np.errstate(all="ignore")  # as sample_crop
 def footprint(affine: np.ndarray, size: int, shape: tuple[int, int]) -> tuple[int, int, int, int]:
     """The photo pixel box (x0, y0, x1, y1), end-exclusive, that can land inside the crop."""
     inv = inverse_affine(affine)
@@ -68,6 +72,7 @@ def footprint(affine: np.ndarray, size: int, shape: tuple[int, int]) -> tuple[in
     return max(0, x0), max(0, y0), min(w, x1), min(h, y1)
 
 
+@np.errstate(all="ignore")  # as sample_crop
 def paste_back(photo: np.ndarray, crop: np.ndarray, affine: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """A copy of the photo where pixel p is replaced iff affine(p) lands inside the crop on a crop
     pixel whose mask cell is face; the new value is the crop's bilinear sample at affine(p)."""

@@ -430,3 +430,16 @@ def test_rotated_scaled_crop_and_paste_follow_spec_8_beyond_the_photo_edge():
     changed = (pasted != photo).any(axis=2)
     assert not changed[~replaced].any(), "only the pixels §8 names may change"
     _agree(pasted[replaced], np.rint(_bilinear_by_padding(crop, cu[replaced], cv[replaced])).astype(np.uint8))
+
+
+def test_a_forged_affine_samples_nothing_without_numpy_warnings():
+    """Under --skip-auth a record's affine is only known to be finite; overflowing geometry must not print
+    numpy's multi-line warnings around the one-line report."""
+    import warnings
+
+    photo = random_image(40)
+    for affine in (np.array([[1e300, 0, 0], [0, 1e300, 0]]), np.array([[1e-300, 0, 1e300], [0, 1e-300, 0]])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sample_crop(photo, affine, 16)
+            assert np.array_equal(paste_back(photo, random_image(16), affine, np.ones((4, 4), np.uint8)), photo)
