@@ -872,9 +872,19 @@ def version_cmd() -> None:
     typer.echo(__version__)
 
 
+def _warning_on_one_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (Pillow on a corrupt EXIF block, torch while exporting) as the tool's own warnings:
+    one line each, not a source location and the line of code that raised them."""
+    err.print(f"[yellow]warning[/yellow]: {escape(one_line(f'{category.__name__}: {message}'))}")
+
+
 def main() -> None:
     from .images import use_pixel_limit
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     use_pixel_limit()
+    if not os.environ.get("REVANON_DEBUG"):
+        import warnings
+
+        warnings.showwarning = _warning_on_one_line
     app()

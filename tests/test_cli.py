@@ -413,12 +413,15 @@ def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyf
     frames[0].save(inputs / "animated.gif", save_all=True, append_images=frames[1:])
     frames[0].save(inputs / "pages.tif", save_all=True, append_images=frames[1:])
     frames[0].save(inputs / "icon.ico")  # a format the tool does not read: passed over, and said so
+    # a crop whose EXIF block is cut short, as some editors leave it: Pillow warns, the crop is done
+    frames[0].save(inputs / "short_exif.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12")
     mask = save_png(tmp_path / "mask.png", box_mask(32))
     before = tree_digest(inputs)
     result = cli("run", "anonymize", inputs, tmp_path / "missing.png", "--out", tmp_path / "out",
                  "--engine", zero_engines["zero"], "--mask", mask, "--key", keyfile)
     assert result.returncode == 1
-    assert "1 done, 0 skipped, 9 failed" in result.stderr
+    assert "2 done, 0 skipped, 9 failed" in result.stderr
+    assert "warning: UserWarning: Corrupt EXIF data" in result.stderr and "warnings.warn" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 9
     assert "passed over 1 file(s) in the input folders of formats this tool does not read (.ico)" in result.stderr
@@ -431,7 +434,7 @@ def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyf
     for name, message in expectations.items():
         assert any(name in line and message in line for line in lines), (name, lines)
     assert tree_digest(inputs) == before
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", "short_exif.png"]
 
 
 @pytest.mark.parametrize("case", ["missing_model", "corrupt_weights", "short_key", "no_key", "mask_with_bisenet",
