@@ -130,7 +130,7 @@ def _face_map(mask: MaskInput, name: str) -> np.ndarray:
         if mask.ndim != 2 or mask.dtype not in (np.bool_, np.uint8):
             raise InputError(f"{name}: a mask array is H x W, bool or uint8 (white = face), not {mask.shape} "
                              f"{mask.dtype}")
-        if mask.dtype == np.uint8 and mask.max() == 1:  # would read as no face at all
+        if mask.dtype == np.uint8 and mask.size and mask.max() == 1:  # would read as no face at all
             raise InputError(f"{name}: a uint8 mask array marks face with 255 (white), and this one holds only 0 "
                              "and 1; pass mask.astype(bool) or mask * 255")
         return face_map_from_image(Image.fromarray(mask.astype(np.uint8) * 255 if mask.dtype == np.bool_ else mask))

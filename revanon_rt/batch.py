@@ -29,17 +29,29 @@ from .container import sidecar_path
 from .errors import RevanonError, UsageError, one_line
 from .images import write_atomic
 
-IMAGE_EXTENSIONS = {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif",
-                    ".avif"}
+IMAGE_EXTENSIONS = {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".webp", ".bmp", ".tif", ".tiff",
+                    ".gif", ".avif"}
+# pictures a user may expect to be read, which the tool does not read (no .pdf or .eps: not photos)
+OTHER_PICTURE_EXTENSIONS = {".ico", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".psd", ".tga", ".ppm", ".pgm",
+                            ".pbm", ".pcx", ".dds", ".svg", ".raw", ".cr2", ".cr3", ".nef", ".dng", ".arw", ".orf",
+                            ".rw2", ".raf"}
+
+
+def searched_extension(name: str) -> bool:
+    suffix = Path(name).suffix.lower()
+    return suffix in IMAGE_EXTENSIONS and (suffix != ".avif" or avif_readable())
 
 
 def other_image_extension(name: str) -> str | None:
-    """The extension of a file named as an image of a format the tool does not read (.ico, .psd, .heic)."""
-    from PIL import Image
-
+    """The extension of a file named as a picture of a format the tool does not read (.ico, .psd, .heic)."""
     suffix = Path(name).suffix.lower()
-    known = set(Image.registered_extensions()) | {".heic", ".heif", ".jxl", ".raw", ".cr2", ".nef", ".dng", ".arw"}
-    return suffix if suffix in known and suffix not in IMAGE_EXTENSIONS else None
+    return suffix if suffix in OTHER_PICTURE_EXTENSIONS or (suffix == ".avif" and not avif_readable()) else None
+
+
+def avif_readable() -> bool:
+    from .images import read_formats
+
+    return "AVIF" in read_formats()
 
 
 @dataclass
@@ -148,7 +160,7 @@ def discover(inputs: list[Path], out_dir: Path, passed_over: list[Path] | None =
                 path = here / name
                 if name.startswith("."):
                     continue
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                if searched_extension(name):
                     add(path, path.relative_to(given))
                 elif passed_over is not None and other_image_extension(name):
                     passed_over.append(path)

@@ -48,7 +48,7 @@ def new_header(*, steps: int, mode: str, masker: str, fingerprint: str, image_si
 
 
 def pixel_digest(rgb: np.ndarray) -> bytes:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(rgb, dtype=np.uint8)).cast("B")).digest()  # no copy
+    return hashlib.sha256(np.ascontiguousarray(rgb, dtype=np.uint8)).digest()  # the array's buffer, not a copy
 
 
 def compute_auth(k_mac: bytes, header: dict, rgb: np.ndarray) -> str:

@@ -77,6 +77,26 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_TYPES_WITH_ALPHA = (4, 6)  # grey + alpha, RGB + alpha
 
 
+def _image_count(im: Image.Image) -> int:
+    """The images a file holds beyond previews: frames, or TIFF pages that are not reduced-resolution
+    copies (NewSubfileType bit 0). Damage after the first image counts as none, since that image reads."""
+    try:
+        count = getattr(im, "n_frames", 1)
+        if im.format == "TIFF" and count > 1:
+            full = 0
+            for page in range(count):
+                im.seek(page)
+                full += not im.tag_v2.get(254, 0) & 1
+            count = full
+    except Exception:
+        count = 1
+    try:
+        im.seek(0)
+    except EOFError:
+        pass
+    return count
+
+
 def _sixteen_bit_png(head: bytes) -> bool:
     return len(head) == 26 and head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR" and head[24] == 16
 
@@ -177,15 +197,15 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
                 )
             if crop_size is not None and (width, height) != (crop_size, crop_size):
                 raise not_a_crop(name, width, height, crop_size, recovering)
-            frames = getattr(im, "n_frames", 1)
+            frames = _image_count(im)
             if frames > 1 and im.format != "MPO":  # a phone's MPO: the photo, then a depth map or preview
                 unit = "pages" if im.format == "TIFF" else "frames"
                 raise InputError(f"{name}: has {frames} {unit}, and the output would keep only the first; "
                                  f"save each of the {unit} as an image of its own first")
             if _sixteen_bit_png(head) and "transparency" in im.info:
-                raise InputError(f"{name}: its transparency is a 16-bit colour key, which Pillow matches "
-                                 "against 8-bit pixels, so the alpha would come out wrong; convert the image to "
-                                 "8 bits per channel first")
+                raise InputError(f"{name}: its transparency is a 16-bit colour key, which 8-bit pixels cannot "
+                                 "match exactly, so the alpha would come out wrong; convert the image to 8 bits "
+                                 "per channel first")
             icc = im.info.get("icc_profile")
             im.load()
             if im.size != (width, height):
@@ -202,6 +222,8 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
                          "(a decompression bomb, or a photo far larger than needed)") from None
     except (OSError, ValueError, SyntaxError, zlib.error) as exc:
         raise InputError(f"{name}: cannot read the image ({exc})") from None
+    except MemoryError:
+        raise  # the machine's, not the file's: reported as out of memory
     except Exception as exc:  # Pillow's plugins pass on what their parsers meet in a malformed file
         raise InputError(f"{name}: cannot read the image ({type(exc).__name__}: {exc})") from None
     return LoadedImage(Path(name), rgb, alpha, icc if _icc_is_rgb(icc) else None)

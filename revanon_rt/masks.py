@@ -80,6 +80,8 @@ def face_map_from_file(source, name=None) -> np.ndarray:
         raise InputError(f"{name}: the mask's pixel count is over the limit (a decompression bomb?)") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{name}: cannot read the mask image ({exc})") from None
+    except MemoryError:
+        raise
     except Exception as exc:  # as images.decode_image
         raise InputError(f"{name}: cannot read the mask image ({type(exc).__name__}: {exc})") from None
 

@@ -412,6 +412,9 @@ def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyf
     frames = [Image.fromarray(random_image(32, seed=s)) for s in (8, 9)]
     frames[0].save(inputs / "animated.gif", save_all=True, append_images=frames[1:])
     frames[0].save(inputs / "pages.tif", save_all=True, append_images=frames[1:])
+    preview = frames[0].resize((8, 8))
+    preview.encoderinfo = {"tiffinfo": {254: 1}}  # NewSubfileType: a reduced-resolution copy, as scanners add
+    frames[0].save(inputs / "with_preview.tif", save_all=True, append_images=[preview])
     frames[0].save(inputs / "icon.ico")  # a format the tool does not read: passed over, and said so
     # a crop whose EXIF block is cut short, as some editors leave it: Pillow warns, the crop is done
     frames[0].save(inputs / "short_exif.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12")
@@ -420,7 +423,7 @@ def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyf
     result = cli("run", "anonymize", inputs, tmp_path / "missing.png", "--out", tmp_path / "out",
                  "--engine", zero_engines["zero"], "--mask", mask, "--key", keyfile)
     assert result.returncode == 1
-    assert "2 done, 0 skipped, 9 failed" in result.stderr
+    assert "3 done, 0 skipped, 9 failed" in result.stderr
     assert "warning: UserWarning: Corrupt EXIF data" in result.stderr and "warnings.warn" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 9
@@ -434,7 +437,7 @@ def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyf
     for name, message in expectations.items():
         assert any(name in line and message in line for line in lines), (name, lines)
     assert tree_digest(inputs) == before
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", "short_exif.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png", "short_exif.png", "with_preview.png"]
 
 
 @pytest.mark.parametrize("case", ["missing_model", "corrupt_weights", "short_key", "no_key", "mask_with_bisenet",
