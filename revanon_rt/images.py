@@ -36,6 +36,8 @@ def pixel_limit() -> int:
     """The most pixels an image may have here: this tool's limit, or Pillow's if a host set it lower."""
     pillow = Image.MAX_IMAGE_PIXELS
     return MAX_IMAGE_PIXELS if pillow is None else min(MAX_IMAGE_PIXELS, 2 * pillow)
+
+
 # The formats of the extensions searched for. Pillow otherwise picks a format by content whatever the name,
 # and some (ICO's embedded PNG) decode while opening, before the size checks below have seen the real size.
 READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "AVIF")  # JPEG opens MPO (multi-picture) files too
@@ -213,7 +215,7 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
                                  f"{im.size[0]}x{im.size[1]}; not a well-formed image")
             im = ImageOps.exif_transpose(im)
             rgb, alpha = _split_channels(im)
-    except RevanonError:
+    except (RevanonError, MemoryError):  # MemoryError: the machine's, not the file's
         raise
     except UnidentifiedImageError:
         raise InputError(f"{name}: not an image format this tool reads") from None
@@ -222,8 +224,6 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
                          "(a decompression bomb, or a photo far larger than needed)") from None
     except (OSError, ValueError, SyntaxError, zlib.error) as exc:
         raise InputError(f"{name}: cannot read the image ({exc})") from None
-    except MemoryError:
-        raise  # the machine's, not the file's: reported as out of memory
     except Exception as exc:  # Pillow's plugins pass on what their parsers meet in a malformed file
         raise InputError(f"{name}: cannot read the image ({type(exc).__name__}: {exc})") from None
     return LoadedImage(Path(name), rgb, alpha, icc if _icc_is_rgb(icc) else None)

@@ -72,7 +72,7 @@ def face_map_from_file(source, name=None) -> np.ndarray:
         with Image.open(source, formats=read_formats()) as im:
             im.load()
             return face_map_from_image(ImageOps.exif_transpose(im))  # a mask lines up with the face as displayed
-    except RevanonError:
+    except (RevanonError, MemoryError):
         raise
     except FileNotFoundError:
         raise InputError(f"{name}: mask file not found") from None
@@ -80,8 +80,6 @@ def face_map_from_file(source, name=None) -> np.ndarray:
         raise InputError(f"{name}: the mask's pixel count is over the limit (a decompression bomb?)") from None
     except (OSError, ValueError) as exc:
         raise InputError(f"{name}: cannot read the mask image ({exc})") from None
-    except MemoryError:
-        raise
     except Exception as exc:  # as images.decode_image
         raise InputError(f"{name}: cannot read the mask image ({type(exc).__name__}: {exc})") from None
 

@@ -8,6 +8,7 @@ from the model itself.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -225,12 +226,9 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
     # on a GPU the crops live there and the loss is read back every 100 steps: anything that waits for a
     # step keeps the next one from being queued
     samples_on_device = torch.from_numpy(samples).to(dev)
-    # every step has the same shapes, so cuDNN's timed choice of convolution kernels is made once and paid
-    # back at every step; training needs no deterministic kernels (the card's samples are drawn after)
-    benchmark_before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, dev.type == "cuda"
     started = last_ckpt = time.monotonic()
     window: list = []
-    with open(loss_log, "a", newline="") as fh:
+    with open(loss_log, "a", newline="") as fh, timed_conv_kernels(dev):
         writer = csv.writer(fh)
         if new_log:
             writer.writerow(["step", "loss", "lr", "seconds"])
@@ -269,7 +267,6 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
             if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
                 _checkpoint(state_path, unet, ema, optimizer, step, rng, dev)
                 last_ckpt = time.monotonic()
-    torch.backends.cudnn.benchmark = benchmark_before
     _checkpoint(state_path, unet, ema, optimizer, step, rng, dev)
     save_model(ema, out)
     seconds = time.monotonic() - started
@@ -280,6 +277,20 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
                              "torch": torch.__version__}) + "\n")
     log(f"{step} steps; weights in {out / 'unet'}")
     return {"steps": step, "seconds": seconds, "crops": len(images)}
+
+
+@contextlib.contextmanager
+def timed_conv_kernels(dev):
+    """On a GPU, cuDNN's timed choice of convolution kernels: every training step has the same shapes, so it
+    is made once and paid back at every step, and training needs no deterministic kernels (the card's
+    samples, drawn after, do)."""
+    import torch
+
+    before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, dev.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def to_device_without_waiting(array: np.ndarray, dev):

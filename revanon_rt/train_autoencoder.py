@@ -21,7 +21,8 @@ import numpy as np
 
 from .errors import UsageError
 from .train import (MAX_WEIGHTS_BYTES, _cpu_name, _lr_at, check_new_run, load_crops, resumed_config,
-                    to_device_without_waiting, training_data_identity, training_device, trim_loss_log)
+                    timed_conv_kernels, to_device_without_waiting, training_data_identity, training_device,
+                    trim_loss_log)
 
 STATE = "autoencoder-state.pt"
 CONFIG = "autoencoder-config.json"
@@ -113,10 +114,9 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
     (ckpt / CONFIG).write_text(json.dumps(asdict(cfg)))
     (ckpt / DATA_RECORD).write_text(json.dumps(data_identity))
     new_log = not (ckpt / LOSS_LOG).exists()
-    benchmark_before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, dev.type == "cuda"  # as train.py
     started = last_save = time.monotonic()
     window: list = []
-    with open(ckpt / LOSS_LOG, "a", newline="") as fh:
+    with open(ckpt / LOSS_LOG, "a", newline="") as fh, timed_conv_kernels(dev):
         writer = csv.writer(fh)
         if new_log:
             writer.writerow(["step", "reconstruction_mse", "consistency", "kl", "lr", "seconds"])
@@ -154,7 +154,6 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
             if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
                 _save_state(ckpt / STATE, vae, optimizer, step, rng)
                 last_save = time.monotonic()
-    torch.backends.cudnn.benchmark = benchmark_before
     _save_state(ckpt / STATE, vae, optimizer, step, rng)
     vae.eval()
     scaling_factor = latent_scaling_factor(vae, images, dev)
