@@ -19,10 +19,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import SHARED_CONFIGS, WORK, machine, timed, write_results  # noqa: E402
 
-GRAPHS = ("unet", "encoder", "decoder", "parser")
 # name in the results: (backend, the manifest facts that pick its engine class), in column order
 ENGINES = {"onnxruntime": ("onnxruntime", {}), "compiled": ("compiled", {}),
-           "compiled_gemm": ("compiled", {"compiled": {"conv_lowering": "gemm"}})}
+           "compiled_gemm": ("compiled", {"conv_lowering": "gemm"})}
 LABELS = {"onnxruntime": "ONNX Runtime", "compiled": "compiled", "compiled_gemm": "compiled, convs as GEMM"}
 
 
@@ -34,6 +33,7 @@ def main() -> None:
     from flop_count import count_gflop
 
     from revanon_rt.engines import engine_class, open_engine
+    from revanon_rt.engines.manifest import GRAPHS
     from revanon_rt.export.build import build_engine
     from revanon_rt.export.descriptors import descriptors_for
     from revanon_rt.reference import TorchReference
@@ -63,11 +63,11 @@ def main() -> None:
         results["graphs"][name] = {"eager_s": timed(eager, args.repeats)["median_s"]}
         print(f"{name}: eager {results['graphs'][name]['eager_s']:.2f} s", flush=True)
 
-    for backend, (kind, facts) in ENGINES.items():
+    for backend, (kind, options) in ENGINES.items():
         engine_dir = WORK / f"cpu-{backend}-engine"
         if not (engine_dir / "engine.json").exists():
             start = time.perf_counter()
-            build_engine(engine_class(kind, facts), model, engine_dir, parser=bisenet, batch=1, overwrite=True,
+            build_engine(engine_class(kind, **options), model, engine_dir, parser=bisenet, batch=1, overwrite=True,
                          device="cpu", log=lambda m: print(m, flush=True))
             results["build_seconds"][backend] = time.perf_counter() - start
         engine = open_engine(engine_dir, device="cpu").engine

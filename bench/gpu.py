@@ -243,7 +243,7 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
             print(f"rebuilding {engine_dir}: {exc}", flush=True)
     if backend is None:
         start = time.perf_counter()
-        chosen = engine_class("compiled", {"compiled": {"compiler": compiler, "conv_lowering": conv_lowering}})
+        chosen = engine_class("compiled", compiler=compiler, conv_lowering=conv_lowering)
         build_engine(chosen, model, engine_dir, parser=parser,
                      batch=batch, overwrite=True, device=device, precision=precision,
                      log=lambda m: print(m, flush=True))

@@ -6,12 +6,15 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .backend import EngineBackend
-from .manifest import read_manifest
+from .manifest import EngineManifest, read_manifest
 
 BACKENDS = ("onnxruntime", "tensorrt", "compiled")
 
 
-def engine_class(backend: str, manifest_data: dict | None = None):
+def engine_class(backend: str, *, compiler: str = "aot", conv_lowering: str = "native",
+                 native_tensorrt: bool = False):
+    """The class of an engine with these options: build's flags, or what a manifest records (engine_class_for).
+    A tensorrt build always starts from TensorRTEngine, which chooses the runtime it can build for."""
     if backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeEngine
 
@@ -19,15 +22,23 @@ def engine_class(backend: str, manifest_data: dict | None = None):
     if backend == "tensorrt":
         from .tensorrt import NativeTensorRTEngine, TensorRTEngine
 
-        native = (manifest_data or {}).get("tensorrt", {}).get("runtime") == "native"
-        return NativeTensorRTEngine if native else TensorRTEngine
+        return NativeTensorRTEngine if native_tensorrt else TensorRTEngine
     if backend == "compiled":
         from .compiled import CompiledEngine, EagerKernelEngine, JitCompiledEngine
 
-        facts = (manifest_data or {}).get("compiled", {})
-        by_compiler = {"jit": JitCompiledEngine, "eager": EagerKernelEngine}.get(facts.get("compiler"), CompiledEngine)
-        return by_compiler.with_conv_lowering(facts.get("conv_lowering", "native"))
+        by_compiler = {"aot": CompiledEngine, "jit": JitCompiledEngine, "eager": EagerKernelEngine}
+        if compiler not in by_compiler:
+            raise UsageError(f"compiler {compiler!r}: this revanon-rt knows {', '.join(by_compiler)}")
+        return by_compiler[compiler].with_conv_lowering(conv_lowering)
     raise UsageError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def engine_class_for(manifest: EngineManifest):
+    """The class that runs the engine this manifest describes."""
+    compiled = manifest.data.get("compiled", {})
+    return engine_class(manifest.backend, compiler=compiled.get("compiler", "aot"),
+                        conv_lowering=compiled.get("conv_lowering", "native"),
+                        native_tensorrt=manifest.data.get("tensorrt", {}).get("runtime") == "native")
 
 
 def load_engine(engine_dir: Path, device: str = "cpu"):
@@ -37,7 +48,7 @@ def load_engine(engine_dir: Path, device: str = "cpu"):
             import onnxruntime  # noqa: F401
         except ImportError:
             raise UsageError("running this engine needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from None
-    return engine_class(manifest.backend, manifest.data)(manifest, device)
+    return engine_class_for(manifest)(manifest, device)
 
 
 def open_engine(engine_dir: Path, device: str = "cpu") -> EngineBackend:

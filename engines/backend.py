@@ -5,13 +5,43 @@ Engines have static shapes for a fixed batch; this pads or splits the faces of a
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
 import numpy as np
 
 from ..errors import UsageError
 
 
+class Engine(Protocol):
+    """What every engine class gives a loaded engine. One with a `fused_transform(x, mask, pattern, schedule)`
+    runs the whole transform itself, and `verify` proves it equal to sampler.transform."""
+
+    manifest: Any  # engines.manifest.EngineManifest
+    device: str
+
+    def __init__(self, manifest, device: str): ...
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray: ...
+
+
+class EngineBuilder(Protocol):
+    """What export.build.build_engine needs of an engine class, called on the class before any engine exists."""
+
+    kind: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def require_available(cls) -> None: ...
+    @classmethod
+    def reference_device(cls, device: str) -> str: ...
+    @classmethod
+    def export_graph(cls, descriptor, staging_dir: Path, precision: str) -> list[Path]: ...
+    @classmethod
+    def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict: ...
+
+
 class EngineBackend:
-    def __init__(self, engine):
+    def __init__(self, engine: Engine):
         manifest = engine.manifest
         self.engine = engine
         self.name = manifest.backend

@@ -17,7 +17,7 @@ from ..schedule import NoiseSchedule
 
 FORMAT = "revanon-engine/1"
 MANIFEST = "engine.json"
-GRAPHS = ("unet", "encoder", "decoder", "parser")
+GRAPHS = ("unet", "encoder", "decoder", "parser")  # what every engine holds, in build order
 
 
 def file_sha256(path: Path) -> str:
@@ -99,7 +99,7 @@ def write_manifest(engine_dir: Path, data: dict) -> None:
     (engine_dir / MANIFEST).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
-def read_manifest(engine_dir: Path, verify_files: bool = True) -> EngineManifest:
+def read_manifest(engine_dir: Path) -> EngineManifest:
     """Refuse anything that is not exactly what `build` wrote, saying how to rebuild."""
     engine_dir = Path(engine_dir)
     path = engine_dir / MANIFEST
@@ -120,13 +120,12 @@ def read_manifest(engine_dir: Path, verify_files: bool = True) -> EngineManifest
     if data.get("digest") != manifest_digest(data):
         raise UsageError(f"{path}: the manifest was edited or is corrupt; {rebuild_hint(engine_dir, data)}")
     manifest = EngineManifest(engine_dir, data)
-    if verify_files:
-        for entry in manifest.graphs.values():
-            for file_entry in [entry] + entry.get("extra_files", []):
-                file_path = engine_dir / file_entry["file"]
-                if not file_path.is_file():
-                    raise UsageError(f"{file_path}: missing from the engine; {rebuild_hint(engine_dir, data)}")
-                if file_sha256(file_path) != file_entry["sha256"]:
-                    raise UsageError(f"{file_path}: altered since the build (sha256 differs); "
-                                     f"{rebuild_hint(engine_dir, data)}")
+    for entry in manifest.graphs.values():
+        for file_entry in [entry] + entry.get("extra_files", []):
+            file_path = engine_dir / file_entry["file"]
+            if not file_path.is_file():
+                raise UsageError(f"{file_path}: missing from the engine; {rebuild_hint(engine_dir, data)}")
+            if file_sha256(file_path) != file_entry["sha256"]:
+                raise UsageError(f"{file_path}: altered since the build (sha256 differs); "
+                                 f"{rebuild_hint(engine_dir, data)}")
     return manifest

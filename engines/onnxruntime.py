@@ -113,9 +113,7 @@ class OnnxRuntimeEngine:
         """fp32 ONNX; returns the files written, the graph first."""
         from ..export.onnx import export_onnx
 
-        path = staging_dir / f"{descriptor.name}.onnx"
-        export_onnx(descriptor, path)
-        return [path] + sorted(staging_dir.glob(f"{descriptor.name}.onnx.data"))
+        return export_onnx(descriptor, staging_dir / f"{descriptor.name}.onnx")
 
     @classmethod
     def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict:

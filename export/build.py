@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..engines.backend import EngineBuilder
 from ..engines.manifest import FORMAT, MANIFEST, file_sha256, read_manifest, write_manifest
 from ..batch import is_within
 from ..errors import UsageError
@@ -51,7 +52,7 @@ def _reference_run(reference, descriptor) -> np.ndarray:
         return descriptor.module(*descriptor.torch_args(reference.device)).cpu().numpy()
 
 
-def build_engine(engine_cls, model_dir: Path, out_dir: Path, *, parser: Path | None = None, batch: int = 1,
+def build_engine(engine_cls: EngineBuilder, model_dir: Path, out_dir: Path, *, parser: Path | None = None, batch: int = 1,
                  overwrite: bool = False, device: str = "cpu", precision: str = "fp32", log=print) -> Path:
     from ..reference import TorchReference
 

@@ -14,7 +14,8 @@ OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 
 
-def export_onnx(descriptor, path: Path) -> None:
+def export_onnx(descriptor, path: Path) -> list[Path]:
+    """Returns the files written, the graph first."""
     args = descriptor.torch_args(torch.device("cpu"))
     module = descriptor.module.to("cpu").eval()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False), \
@@ -25,9 +26,7 @@ def export_onnx(descriptor, path: Path) -> None:
             input_names=[s.name for s in descriptor.inputs], output_names=[s.name for s in descriptor.outputs],
             external_data=False, report=False,
         )
-    model = program.model_proto
-    model = fold_and_clean(model)
-    save(model, path)
+    return save(fold_and_clean(program.model_proto), path)
 
 
 def fold_and_clean(model):

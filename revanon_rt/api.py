@@ -215,12 +215,11 @@ class Anonymizer:
         """Anonymize every face dlib finds in a photo of any size (--mode photo); pixels off the faces'
         masks stay byte-identical. The masker must be bisenet or landmarks."""
         from .faces import DlibFaces
-        from .photo import PHOTO_LANDMARKS, Selection, anonymize_photo
+        from .photo import Selection, anonymize_photo, require_five_landmarks
 
         if self.masker is None:
             raise UsageError("photo mode masks faces with the bisenet or landmarks masker")
-        if getattr(self.masker, "n_landmarks", 5) != 5:
-            raise UsageError(PHOTO_LANDMARKS)
+        require_five_landmarks(getattr(self.masker, "n_landmarks", 5))
         if faces not in ("all", "largest"):
             raise UsageError(f"faces is all or largest, not {faces!r}")
         name = _names([image])[0]

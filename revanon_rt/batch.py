@@ -27,10 +27,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .container import sidecar_path
 from .errors import RevanonError, UsageError, one_line
-from .images import write_atomic
+from .images import EXTENSION_FORMATS, write_atomic
 
-IMAGE_EXTENSIONS = {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".webp", ".bmp", ".tif", ".tiff",
-                    ".gif", ".avif"}
+IMAGE_EXTENSIONS = set(EXTENSION_FORMATS)
 # pictures a user may expect to be read, which the tool does not read (no .pdf or .eps: not photos)
 OTHER_PICTURE_EXTENSIONS = {".ico", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".psd", ".tga", ".ppm", ".pgm",
                             ".pbm", ".pcx", ".dds", ".svg", ".raw", ".cr2", ".cr3", ".nef", ".dng", ".arw", ".orf",
@@ -67,7 +66,6 @@ class Summary:
     done: int = 0
     skipped: int = 0
     failed: int = 0
-    failures: list[str] = field(default_factory=list)
     rows: list[tuple[Job, str, str]] = field(default_factory=list)  # job, status, detail
 
     @property
@@ -346,11 +344,9 @@ def run_jobs(jobs: list[Job], process: Callable, *, verb: str, overwrite: bool, 
     replaced only when its metadata records that state: anything else there (a user's original, say)
     fails that input instead."""
     summary = Summary()
-    show = console.is_terminal
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with _Interrupts().installed() as interrupts:
         try:
-            with Progress(*columns, console=console, transient=True, disable=not show) as progress:
+            with progress_bars(console) as progress:
                 images = progress.add_task(verb, total=len(jobs))
                 steps = progress.add_task("steps", total=1, visible=False)
 
@@ -496,7 +492,6 @@ def _print_table(summary: Summary, console: Console) -> None:
 def _fail(job: Job, message: str, summary: Summary, console: Console) -> None:
     message = one_line(message)
     summary.failed += 1
-    summary.failures.append(message)
     summary.rows.append((job, "failed", message.split(": ", 1)[-1]))
     console.print(f"[red]error[/red]: {escape(message)}", highlight=False, soft_wrap=True)
 
@@ -619,12 +614,16 @@ def _plain_png(result) -> bytes:
     return encode_png(result.image.rgb, result.image.alpha, None, {})
 
 
+def progress_bars(console: Console) -> Progress:
+    """Bars on a terminal, gone when the run ends; nothing where the output is a file or a pipe."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+
+
 class ProgressLines:
     """Progress as plain lines: one when a phase starts or ends, and at most one a minute in between."""
 
     def __init__(self, write, every_seconds: float = 60.0):
-        import time
-
         self._clock, self._write, self._every = time.monotonic, write, every_seconds
         self._started = self._last = self._clock()
         self._phase, self._done = None, 0

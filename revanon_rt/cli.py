@@ -260,10 +260,10 @@ def anonymize_cmd(
         secret = _secret(key, password_file)
         jobs, names = _prepare(inputs, out, rename, mapping)
         masker_name = _masker_name(masker, mask, parser, engine, mode, landmarks)
-        if mode == Mode.photo and masker_name == MaskerName.landmarks and landmarks != 5:
-            from .photo import PHOTO_LANDMARKS
+        if mode == Mode.photo and masker_name == MaskerName.landmarks:
+            from .photo import require_five_landmarks
 
-            raise UsageError(PHOTO_LANDMARKS)
+            require_five_landmarks(landmarks)
         backend = open_backend(model, engine, device, parser)
         chosen = _choose_masker(backend, masker_name, mask, landmarks)
         face_finder = _detector(detector) if mode == Mode.photo else None
@@ -537,8 +537,7 @@ def build_cmd(
                                          ("--conv-lowering", conv_lowering, ConvLowering.native)):
                 if value is not default:
                     raise UsageError(f"{flag} {value.value} is for --backend compiled")
-        chosen = engine_class(backend.value, {"compiled": {"compiler": compiler.value,
-                                                           "conv_lowering": conv_lowering.value}})
+        chosen = engine_class(backend.value, compiler=compiler.value, conv_lowering=conv_lowering.value)
         path = build_engine(chosen, model, out, parser=parser, batch=batch, overwrite=overwrite, device=device,
                             precision=precision.value, log=say)
     except ImportError as exc:
@@ -742,9 +741,7 @@ def eval_cmd(
     device: str = DEVICE,
 ) -> None:
     """Identity evaluation on LFW pairs: TAR@FAR=0.1% for anonymized, recovered and wrong-key images, and attacks."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .batch import ProgressLines
+    from .batch import ProgressLines, progress_bars
     from .engines.manifest import file_sha256
     from .evaluate import (ZipImages, chunk_folder, markdown, read_pairs, run_score, run_transform,
                            transformed_image_size, write_chunk_summary)
@@ -776,8 +773,7 @@ def eval_cmd(
             recognizer = Recognizer()
     except RevanonError as exc:
         _fail(exc)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
+    with progress_bars(err) as progress:
         tasks = {}
         # a long run logged to a file (nohup, a GPU job) gets lines instead of a bar
         log_lines = None if err.is_terminal else ProgressLines(say)

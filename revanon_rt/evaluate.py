@@ -269,7 +269,7 @@ def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path
     transformed, z_orig, z_anon = transform_conditions(backend, rgbs, masks, nonces, keys, steps, batch, tick)
     results = {"original": rgbs, **transformed}
 
-    # Key-free linkage: rank 100 candidate originals by the correlation of |z_T| inside the mask.
+    # Key-free linkage: rank `candidates` originals by the correlation of |z_T| inside the mask.
     z_pool = _pool_latents(backend, images, pool, steps, batch, pool_cache, tick)
     ranks, ranked, least = [], [], candidates
     for i, name in enumerate(targets):

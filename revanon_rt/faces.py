@@ -26,8 +26,8 @@ LICENSE_68 = ("the 68-point landmark model was trained on iBUG 300-W, whose lice
 # Where dlib's 5 landmarks sit in an aligned crop, as fractions of the crop side, pixel centres
 # at (i + 0.5) / side. Measured: the mean of dlib's landmarks over 591 of the LFW training crops
 # (train-128.zip, centre 196 of 250 px: hair, ears and some background, FFHQ-like), made
-# left-right symmetric. Order is dlib's: right-eye outer, right-eye inner, left-eye outer,
-# left-eye inner (image left/right as seen), nose base.
+# left-right symmetric. Order is dlib's: the outer and inner corners of the eye on the image's right,
+# then of the eye on the image's left, then the nose base. "Right" and "left" here always mean the image's.
 TEMPLATE_5 = np.array([[0.6451, 0.4424], [0.5634, 0.4444], [0.3549, 0.4424], [0.4366, 0.4444], [0.5000, 0.6049]])
 
 
@@ -117,16 +117,18 @@ class DlibFaces:
         return sorted(faces, key=lambda f: (f.box[1], f.box[0]))
 
     def landmarks(self, rgb: np.ndarray, box) -> np.ndarray:
-        rect = self.dlib.rectangle(*(int(round(v)) for v in box))
-        shape = self._predictor(rgb, rect)
-        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+        return np.array([[p.x, p.y] for p in self.shape(rgb, box).parts()], dtype=np.float64)
+
+    def shape(self, rgb: np.ndarray, box):
+        """dlib's landmark object for the face in box (left, top, right, bottom), as its recognizer takes it."""
+        return self._predictor(rgb, self.dlib.rectangle(*(int(round(v)) for v in box)))
 
 
 def five_points(landmarks: np.ndarray) -> np.ndarray:
     """dlib's 5-point order from 5 or 68 landmarks (eye corners and nose base)."""
     if len(landmarks) == 5:
         return landmarks
-    # 68-point indices: 36..41 right eye (image left), 42..47 left eye, 33 nose base
+    # 68-point indices: 36..41 the eye on the image's left, 42..47 the one on its right, 33 the nose base
     return landmarks[[45, 42, 36, 39, 33]]
 
 
@@ -237,6 +239,5 @@ class Recognizer:
         else:
             s = rgb.shape[0]
             box = (s * 0.2, s * 0.2, s * 0.8, s * 0.8)
-        shape = self.faces._predictor(rgb, self.faces.dlib.rectangle(*(int(round(v)) for v in box)))
-        descriptor = np.asarray(self._net.compute_face_descriptor(rgb, shape), dtype=np.float64)
+        descriptor = np.asarray(self._net.compute_face_descriptor(rgb, self.faces.shape(rgb, box)), dtype=np.float64)
         return descriptor / (np.linalg.norm(descriptor) + 1e-12), bool(found)

@@ -38,9 +38,14 @@ def pixel_limit() -> int:
     return MAX_IMAGE_PIXELS if pillow is None else min(MAX_IMAGE_PIXELS, 2 * pillow)
 
 
-# The formats of the extensions searched for. Pillow otherwise picks a format by content whatever the name,
-# and some (ICO's embedded PNG) decode while opening, before the size checks below have seen the real size.
-READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "AVIF")  # JPEG opens MPO (multi-picture) files too
+# The file names searched for as images and masks, in the order a mask is looked for, and the Pillow
+# formats they are opened as. Pillow otherwise picks a format by content whatever the name, and some (ICO's
+# embedded PNG) decode while opening, before the size checks below have seen the real size.
+EXTENSION_FORMATS = {".png": "PNG", ".apng": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP",
+                     ".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG",
+                     ".mpo": "JPEG",  # JPEG opens MPO (multi-picture) files too
+                     ".gif": "GIF", ".avif": "AVIF"}
+READ_FORMATS = tuple(dict.fromkeys(EXTENSION_FORMATS.values()))
 
 
 def read_formats() -> tuple[str, ...]:
@@ -249,8 +254,6 @@ def _split_channels(im: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
 
 def encode_png(rgb: np.ndarray, alpha: np.ndarray | None, icc: bytes | None, itxt: dict[str, str]) -> bytes:
     """PNG bytes holding only the pixels, the ICC profile and the given uncompressed iTXt chunks."""
-    import io
-
     if alpha is not None:
         im = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
     else:

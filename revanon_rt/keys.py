@@ -26,13 +26,16 @@ MAX_PASSWORD_FILE_BYTES = 64 * 1024
 ZERO_NONCE = bytes(NONCE_BYTES)
 
 
+def _without_final_newline(text: bytes) -> bytes:
+    """Exactly one trailing \\n or \\r\\n removed, as editors and `echo` leave it: any other whitespace is content."""
+    if text.endswith(b"\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith(b"\n") else text
+
+
 def parse_key_text(text: bytes, source: str) -> bytes:
     """64 hex characters, optionally followed by one newline."""
-    body = text
-    if body.endswith(b"\r\n"):
-        body = body[:-2]
-    elif body.endswith(b"\n"):
-        body = body[:-1]
+    body = _without_final_newline(text)
     if len(body) != 2 * KEY_BYTES:
         raise UsageError(
             f"{source}: a key file holds exactly {2 * KEY_BYTES} hexadecimal characters "
@@ -120,12 +123,8 @@ def read_password_file(path: Path) -> str:
         raise UsageError(f"{path}: cannot read the password file ({exc.strerror or exc})") from None
     if len(raw) > MAX_PASSWORD_FILE_BYTES:
         raise UsageError(f"{path}: over {MAX_PASSWORD_FILE_BYTES} bytes, which is no password file")
-    if raw.endswith(b"\r\n"):
-        raw = raw[:-2]
-    elif raw.endswith(b"\n"):
-        raw = raw[:-1]
     try:
-        password = raw.decode("utf-8")
+        password = _without_final_newline(raw).decode("utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{path}: the password file is not UTF-8 text") from None
     if not password:

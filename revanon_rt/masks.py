@@ -9,7 +9,7 @@ from PIL import Image, ImageOps
 
 from .encoding import b64decode, b64encode
 from .errors import InputError, MetadataError, RevanonError, UsageError, quoted
-from .images import SIXTEEN_BIT_GREY_MODES, read_formats, sixteen_bit_to_u8
+from .images import EXTENSION_FORMATS, SIXTEEN_BIT_GREY_MODES, read_formats, sixteen_bit_to_u8
 from .pixels import to_unit
 
 FACE_MAP_SIZE = 512
@@ -17,7 +17,7 @@ MAX_MASK_SIDE = 512
 # facexlib BiSeNet labels inside the face: skin, brows, eyes, eyeglasses, ears, nose, mouth, lips, neck.
 BISENET_FACE_LABELS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14)
 BISENET_CLASSES = 19
-MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".webp", ".jpg", ".jpeg", ".gif")
+MASK_EXTENSIONS = tuple(EXTENSION_FORMATS)
 
 
 def latent_mask(face_map: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:

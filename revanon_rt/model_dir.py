@@ -15,7 +15,6 @@ from .masks import FACE_MAP_SIZE
 class ModelLayout:
     root: Path
     autoencoder: str | None  # "vqvae", "vae" or None for a pixel-space model
-    unet_config: dict
     scheduler_config: dict
     autoencoder_config: dict | None
     image_size: int
@@ -119,4 +118,4 @@ def inspect_model_dir(root: Path) -> ModelLayout:
                              f"the UNet takes {in_ch} channels")
     elif in_ch != 3:
         raise UsageError(f"{root / 'unet'}: a pixel-space model needs 3 input channels, not {in_ch}")
-    return ModelLayout(root, autoencoder, unet, scheduler, ae_config, sample * factor, (in_ch, sample, sample))
+    return ModelLayout(root, autoencoder, scheduler, ae_config, sample * factor, (in_ch, sample, sample))

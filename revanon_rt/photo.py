@@ -19,6 +19,7 @@ from .masks import latent_mask, pack_mask
 from .pixels import clamped_share, nonfinite_rows, to_u8
 from .pipeline import (Options, Output, clamping_notes, face_mask_or_refuse, face_nonces, in_parts,
                        nonfinite_error, check_double_anonymization, transform_crops_float)
+from .sampler import ModelBackend
 
 
 # -- the geometry of §8 -----------------------------------------------------------------------
@@ -165,7 +166,7 @@ def crop_landmarks(landmarks: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 # -- the transform over a photo ---------------------------------------------------------------
 
-def _run_faces(backend, photo: np.ndarray, affines: list[np.ndarray], masks: list[np.ndarray],
+def _run_faces(backend: ModelBackend, photo: np.ndarray, affines: list[np.ndarray], masks: list[np.ndarray],
                nonces: list[bytes], k_flip: bytes, steps: int, order: list[int], source,
                callback=None) -> tuple[np.ndarray, list[float]]:
     """Transform the faces in `order`, batching runs whose footprints do not overlap, at most the backend's
@@ -192,16 +193,17 @@ def _run_faces(backend, photo: np.ndarray, affines: list[np.ndarray], masks: lis
     return current, clamped
 
 
-# photo mode aligns each face with the 5-point model and draws its region from those same points
-PHOTO_LANDMARKS = ("photo mode finds, aligns and masks faces with dlib's 5-point landmarks; --landmarks 68 works on "
-                   "aligned crops (--mode crop)")
+def require_five_landmarks(n_landmarks: int) -> None:
+    """Photo mode aligns each face with the 5-point model and draws its region from those same points."""
+    if n_landmarks != 5:
+        raise UsageError("photo mode finds, aligns and masks faces with dlib's 5-point landmarks; --landmarks 68 "
+                         "works on aligned crops (--mode crop)")
 
 
 def face_masks_for_crops(masker, crops: np.ndarray, landmarks: list, relative, latent_hw,
                          per_call: int = 1) -> list[np.ndarray]:
     if getattr(masker, "name", "") == "landmarks":
-        if masker.n_landmarks != 5:
-            raise UsageError(PHOTO_LANDMARKS)
+        require_five_landmarks(masker.n_landmarks)
         maps = [masker.face_map_from_landmarks(lm, crops.shape[1]) for lm in landmarks]
     else:
         maps = [m for part in in_parts(list(range(len(crops))), per_call)
@@ -209,7 +211,7 @@ def face_masks_for_crops(masker, crops: np.ndarray, landmarks: list, relative, l
     return [latent_mask(m, latent_hw) for m in maps]
 
 
-def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, masker, secret: Secret,
+def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend: ModelBackend, masker, secret: Secret,
                     opts: Options, relative, *, detector=None, selection: Selection | None = None,
                     planned: list[PlannedFace] | None = None, nonces: list[bytes] | None = None,
                     salt: bytes | None = None, callback=None, allow_no_faces: bool = False) -> Output:
@@ -226,27 +228,16 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, 
     if len(planned) > container.MAX_FACES:  # readers refuse more: its faces could never be recovered
         raise InputError(f"{image.path}: {len(planned)} faces selected, and a revanon v1 image records at most "
                          f"{container.MAX_FACES}; select fewer (--min-face, --skip) or split the photo")
-    if not planned:
+    if planned:
+        rgb, records = _anonymize_faces(image, planned, backend, masker, key, opts, relative, nonces, callback, notes)
+    else:
         why = (f"{len(found)} face(s) found and none selected (--min-face, --skip, --faces)" if found else
                "no faces found")
         if not allow_no_faces:
             raise InputError(f"{image.path}: {why}, so nothing was anonymized (--allow-no-faces, or "
                              "allow_no_faces=True, writes such a photo unchanged, with its record)")
         notes.append(f"{image.path}: {why}; the pixels pass through unchanged")
-    affines = [p.affine for p in planned]
-    crops = np.stack([sample_crop(image.rgb, a, size) for a in affines]) if planned else None
-    masks = (face_masks_for_crops(masker, crops, [crop_landmarks(p.landmarks, p.affine) if p.landmarks is not None
-                                                  else None for p in planned], relative, backend.latent_shape[1:],
-                                        backend.batch)
-             if planned else [])
-    masks = [face_mask_or_refuse(m, f"{image.path} (face at {p.box})",
-                                 "" if p.number is None else f"; --skip {p.number} leaves this face out")
-             for m, p in zip(masks, planned)]
-    used, stored = face_nonces(opts, len(planned), nonces)
-    rgb, clamped = (_run_faces(backend, image.rgb, affines, masks, used, flip_subkey(key), opts.steps,
-                               list(range(len(planned))), image.path, callback) if planned else (image.rgb.copy(), []))
-    notes += clamping_notes(image.path, clamped)
-    records = [container.face_record(p.box, p.affine.tolist(), n, pack_mask(m)) for p, n, m in zip(planned, stored, masks)]
+        rgb, records = image.rgb.copy(), []
     header = container.new_header(steps=opts.steps, mode="photo", masker=masker.name, fingerprint=backend.fingerprint,
                                   image_size=size, kdf=kdf, faces=records)
     header["auth"] = container.compute_auth(mac_subkey(key), header, rgb)
@@ -254,10 +245,29 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend, 
                   detail=f"{len(planned)} face(s)")
 
 
-def deanonymize_photo(image: LoadedImage, header: dict, key: bytes, source: str, backend, opts: Options,
+def _anonymize_faces(image: LoadedImage, planned: list[PlannedFace], backend: ModelBackend, masker, key: bytes,
+                     opts: Options, relative, nonces: list[bytes] | None, callback, notes: list[str]):
+    """The photo with its planned faces anonymized, and their records; notes gets what the user should hear."""
+    size = backend.image_size
+    affines = [p.affine for p in planned]
+    crops = np.stack([sample_crop(image.rgb, a, size) for a in affines])
+    landmarks = [crop_landmarks(p.landmarks, p.affine) if p.landmarks is not None else None for p in planned]
+    masks = face_masks_for_crops(masker, crops, landmarks, relative, backend.latent_shape[1:], backend.batch)
+    masks = [face_mask_or_refuse(m, f"{image.path} (face at {p.box})",
+                                 "" if p.number is None else f"; --skip {p.number} leaves this face out")
+             for m, p in zip(masks, planned)]
+    used, stored = face_nonces(opts, len(planned), nonces)
+    rgb, clamped = _run_faces(backend, image.rgb, affines, masks, used, flip_subkey(key), opts.steps,
+                              list(range(len(planned))), image.path, callback)
+    notes += clamping_notes(image.path, clamped)
+    records = [container.face_record(p.box, p.affine.tolist(), n, pack_mask(m)) for p, n, m in zip(planned, stored, masks)]
+    return rgb, records
+
+
+def deanonymize_photo(image: LoadedImage, header: dict, key: bytes, source: str, backend: ModelBackend, opts: Options,
                       verified: bool, notes: list[str], callback=None) -> Output:
     """Recover the faces of a photo from its records, in reverse order. The caller has already
-    checked auth, state and model (pipeline.deanonymize_image)."""
+    checked auth, state and model (pipeline.check_metadata)."""
     latent_hw = tuple(backend.latent_shape[1:])
     affines, masks, nonces = [], [], []
     for index, face in enumerate(header["faces"]):

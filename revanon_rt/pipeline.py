@@ -1,6 +1,8 @@
-"""Crop-mode anonymization and recovery of one image, top to bottom:
+"""Anonymization and recovery of aligned crops, in groups that fill the model's batch, top to bottom:
 
     image -> mask -> encode -> invert -> keyed flip -> denoise -> decode -> container
+
+Recovery reads each image's record first and hands a photo's to photo.py.
 
 Everything here works on decoded images and metadata text; reading inputs and writing
 outputs is the caller's business (see batch.py), so the same code serves the CLI,
@@ -21,7 +23,7 @@ from .images import LoadedImage, encode_png, not_a_crop
 from .keys import NONCE_BYTES, ZERO_NONCE, Secret, flip_pattern, flip_subkey, mac_subkey, new_nonce
 from .masks import latent_mask, pack_mask
 from .pixels import clamped_share, nonfinite_rows, to_model, to_u8
-from .sampler import StepCallback, transform
+from .sampler import ModelBackend, StepCallback, transform
 from .schedule import DEFAULT_STEPS
 
 
@@ -54,26 +56,26 @@ class Output:
 CLAMPED_SHARE_WARN_ABOVE = 0.005
 
 
-def crop_patterns(backend, nonces: list[bytes], k_flip: bytes) -> np.ndarray:
+def crop_patterns(backend: ModelBackend, nonces: list[bytes], k_flip: bytes) -> np.ndarray:
     """The ±1 flip pattern of every face in a batch (spec §5), N x C x h x w."""
     return np.stack([flip_pattern(k_flip, nonce, tuple(backend.latent_shape)) for nonce in nonces])
 
 
-def transform_crops_float(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], k_flip: bytes,
-                          steps: int, callback: StepCallback | None = None) -> np.ndarray:
+def transform_crops_float(backend: ModelBackend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes],
+                          k_flip: bytes, steps: int, callback: StepCallback | None = None) -> np.ndarray:
     """T on a batch of aligned crops: N x H x W x 3 uint8 and N x h x w latent masks -> N x 3 x H x W float32."""
     return _transform_with_patterns(backend, rgbs, masks, crop_patterns(backend, nonces, k_flip), steps, callback)
 
 
-def _transform_with_patterns(backend, rgbs: np.ndarray, masks: np.ndarray, patterns: np.ndarray, steps: int,
-                             callback: StepCallback | None = None) -> np.ndarray:
+def _transform_with_patterns(backend: ModelBackend, rgbs: np.ndarray, masks: np.ndarray, patterns: np.ndarray,
+                             steps: int, callback: StepCallback | None = None) -> np.ndarray:
     x, m, schedule = to_model(rgbs), masks[:, None].astype(np.float32), backend.schedule(steps)
     if backend.supports_fused:
         return backend.fused_transform(x, m, patterns, schedule)
     return transform(backend, x, m, patterns, schedule, callback)
 
 
-def transform_crops(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], k_flip: bytes,
+def transform_crops(backend: ModelBackend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], k_flip: bytes,
                     steps: int, callback: StepCallback | None = None) -> np.ndarray:
     """T on a batch of aligned crops, as the uint8 crops that are stored (spec §2)."""
     return to_u8(transform_crops_float(backend, rgbs, masks, nonces, k_flip, steps, callback))
@@ -205,7 +207,7 @@ def _failed(results: list, indices: list[int], error: Exception) -> list:
     return results
 
 
-def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Options, *,
+def anonymize_crops(crops: list[Crop], backend: ModelBackend, masker, secret: Secret, opts: Options, *,
                     nonces: list[bytes] | None = None, salt: bytes | None = None,
                     callback: StepCallback | None = None) -> list[Output | Exception]:
     """Anonymize aligned crops together, so that an engine built for a batch gets full batches. Each
@@ -256,7 +258,7 @@ def anonymize_crops(crops: list[Crop], backend, masker, secret: Secret, opts: Op
     return results
 
 
-def anonymize_image(image: LoadedImage, existing_metadata: str | None, backend, masker, secret: Secret,
+def anonymize_image(image: LoadedImage, existing_metadata: str | None, backend: ModelBackend, masker, secret: Secret,
                     opts: Options, relative, *, nonce: bytes | None = None, salt: bytes | None = None,
                     callback: StepCallback | None = None) -> Output:
     """Anonymize one aligned crop."""
@@ -274,7 +276,7 @@ class Authentic:
     notes: list[str]
 
 
-def check_metadata(crop: Crop, backend, secret: Secret, opts: Options) -> Authentic:
+def check_metadata(crop: Crop, backend: ModelBackend, secret: Secret, opts: Options) -> Authentic:
     """Parse the metadata and check the auth MAC before anything else is done with the image, then the
     state and the model."""
     source, image = crop.label, crop.image
@@ -306,7 +308,7 @@ def check_metadata(crop: Crop, backend, secret: Secret, opts: Options) -> Authen
     return Authentic(header, key, verified, notes)
 
 
-def _recovery_mask(crop: Crop, checked: Authentic, backend, maskers: dict | None) -> np.ndarray:
+def _recovery_mask(crop: Crop, checked: Authentic, backend: ModelBackend, maskers: dict | None) -> np.ndarray:
     """The crop's latent mask: the stored one, or under --recompute-mask the named masker's."""
     source, header = crop.label, checked.header
     check_crop(crop.image, backend.image_size, recovering=True)
@@ -334,19 +336,25 @@ def _recovery_mask(crop: Crop, checked: Authentic, backend, maskers: dict | None
     return recomputed
 
 
-def deanonymize_crops(crops: list[Crop], backend, secret: Secret, opts: Options, maskers: dict | None = None,
-                      callback: StepCallback | None = None) -> list[Output | Exception]:
+def deanonymize_crops(crops: list[Crop], backend: ModelBackend, secret: Secret, opts: Options,
+                      maskers: dict | None = None, callback: StepCallback | None = None) -> list[Output | Exception]:
     """Recover images together. Each one's metadata and auth tag are checked first; a photo is then
     recovered on its own (its faces go in waves), and the crops that share a step count go through the
     model as one group, each with its own key and nonce. Each image gets its Output or its own error."""
     from .photo import deanonymize_photo
 
     recompute = (maskers or {}) if opts.recompute_mask else None
-    results: list = [_attempt(lambda c=c: check_metadata(c, backend, secret, opts)) for c in crops]
-    masks: dict[int, np.ndarray] = {}
-    for i, (crop, checked) in enumerate(zip(crops, results)):
+    results: list[Output | Exception | None] = [None] * len(crops)
+    authentic: dict[int, Authentic] = {}
+    for i, crop in enumerate(crops):
+        checked = _attempt(lambda: check_metadata(crop, backend, secret, opts))
         if isinstance(checked, Exception):
-            continue
+            results[i] = checked
+        else:
+            authentic[i] = checked
+    masks: dict[int, np.ndarray] = {}
+    for i, checked in authentic.items():
+        crop = crops[i]
         if checked.header["mode"] == "photo":
             results[i] = _attempt(lambda: deanonymize_photo(crop.image, checked.header, checked.key, crop.label,
                                                             backend, opts, checked.verified, checked.notes, callback))
@@ -356,11 +364,13 @@ def deanonymize_crops(crops: list[Crop], backend, secret: Secret, opts: Options,
             results[i] = mask
         else:
             masks[i] = mask
-    groups = {steps: [i for i in masks if results[i].header["steps"] == steps]
-              for steps in sorted({results[i].header["steps"] for i in masks})}
-    for steps, group in groups.items():
-        patterns = np.stack([crop_patterns(backend, [container.face_nonce(results[i].header["faces"][0]) or ZERO_NONCE],
-                                           flip_subkey(results[i].key))[0] for i in group])
+    by_steps: dict[int, list[int]] = {}
+    for i in masks:
+        by_steps.setdefault(authentic[i].header["steps"], []).append(i)
+    for steps, group in sorted(by_steps.items()):
+        patterns = np.stack([flip_pattern(flip_subkey(authentic[i].key),
+                                          container.face_nonce(authentic[i].header["faces"][0]) or ZERO_NONCE,
+                                          tuple(backend.latent_shape)) for i in group])
         x = _attempt(lambda: _transform_with_patterns(backend, np.stack([crops[i].image.rgb for i in group]),
                                                       np.stack([masks[i] for i in group]), patterns, steps, callback))
         if isinstance(x, Exception):
@@ -370,13 +380,13 @@ def deanonymize_crops(crops: list[Crop], backend, secret: Secret, opts: Options,
             if broken:
                 results[i] = nonfinite_error(crops[i].label)
                 continue
-            checked, image = results[i], crops[i].image
+            checked, image = authentic[i], crops[i].image
             results[i] = Output(LoadedImage(image.path, rgb, image.alpha, image.icc_profile),
                                 container.recovered_header(checked.header, checked.verified), checked.notes)
     return results
 
 
-def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backend, secret: Secret,
+def deanonymize_image(image: LoadedImage, metadata_text: str, source: str, backend: ModelBackend, secret: Secret,
                       opts: Options, relative, maskers: dict | None = None, callback: StepCallback | None = None) -> Output:
     """Recover one image (crop or photo mode, as its metadata says)."""
     return single(deanonymize_crops([Crop(image, metadata_text, relative, source)], backend, secret, opts, maskers,

@@ -191,7 +191,6 @@ class TorchReference:
             vae = _from_pretrained(AutoencoderKL, self.layout.root, "vae").to(self.device)
             sf = self.layout.scaling_factor
             self.encoder, self.decoder = nets.KLEncoder(vae, sf).eval(), nets.KLDecoder(vae, sf).eval()
-        self.parser_path = Path(parser) if parser else None
         self.face_map_net = nets.FaceMapNet(load_bisenet(parser)).to(self.device).eval() if parser else None
 
     @property

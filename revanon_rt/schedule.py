@@ -77,12 +77,12 @@ class NoiseSchedule:
         levels = np.append(self.alphas_cumprod[list(ts)], np.float32(1.0)).astype(np.float32)
         return Schedule(tuple(ts), levels)
 
-    def to_manifest(self, stored_steps: tuple[int, ...] = (DEFAULT_STEPS,)) -> dict:
+    def to_manifest(self) -> dict:
         return {
             "alphas_cumprod": [float(v) for v in self.alphas_cumprod],
             "timestep_spacing": self.spacing,
             "steps_offset": self.offset,
-            **{f"timesteps_{steps}": list(self.for_steps(steps).timesteps) for steps in stored_steps},
+            f"timesteps_{DEFAULT_STEPS}": list(self.for_steps(DEFAULT_STEPS).timesteps),
         }
 
     @classmethod

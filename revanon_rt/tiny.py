@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .fingerprint import public_config
+
 # The published CompVis/ldm-celebahq-256 scheduler config, legacy keys included.
 COMPVIS_SCHEDULER = {
     "_class_name": "DDIMScheduler", "_diffusers_version": "0.0.4", "beta_end": 0.0195,
@@ -121,7 +123,7 @@ def save_compvis_architecture(model_dir: Path, config_dir: Path, seed: int = 0) 
     model_dir, config_dir = Path(model_dir), Path(config_dir)
 
     def public(name: str) -> dict:
-        return {k: v for k, v in json.loads((config_dir / name).read_text()).items() if not k.startswith("_")}
+        return public_config(json.loads((config_dir / name).read_text()))
 
     torch.manual_seed(seed)
     UNet2DModel.from_config(public("unet_config.json")).save_pretrained(model_dir / "unet")

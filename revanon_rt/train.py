@@ -1,9 +1,9 @@
-"""`revanon-rt train`: a small unconditional ε-prediction face model in pixel space, trained on a
-zip of aligned crops, in time-boxed pieces that resume from local checkpoints.
+"""`revanon-rt train`: a small unconditional ε-prediction face model, trained on a zip of aligned crops
+in time-boxed pieces that resume from local checkpoints. It works in pixel space, or in the latent space of
+the vae/ that `train-autoencoder` left in the same folder.
 
-The result is a diffusers folder (unet/ in fp16 safetensors, scheduler/) that the core engine
-loads as a pixel-space model (spec §1), with a model card, the loss curve and samples drawn
-from the model itself.
+The result is a diffusers folder (unet/ in fp16 safetensors, scheduler/, and vae/ for a latent model) that
+the core engine loads (spec §1), with a model card, the loss curve and samples drawn from the model itself.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UsageError
+from .fingerprint import public_config
 from .images import image_members, zip_image_rgb
 from .pixels import to_model
 
@@ -84,7 +85,7 @@ def load_crops(zip_path: Path, resolution: int) -> np.ndarray:
     return out
 
 
-def _lr_at(step: int, cfg) -> float:
+def lr_at(step: int, cfg) -> float:
     """Linear warm-up to cfg.lr (a TrainConfig or an AutoencoderConfig), then constant."""
     return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
 
@@ -198,25 +199,14 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
     ema.requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
-    scheduler = DDIMScheduler.from_config({k: v for k, v in SCHEDULER.items() if not k.startswith("_")})
+    scheduler = DDIMScheduler.from_config(public_config(SCHEDULER))
     abar = scheduler.alphas_cumprod.to(dev)
-    step, rng_state = 0, None
+    rng = np.random.default_rng(cfg.seed)
+    step = 0
     if resume:
-        # on the CPU: AdamW keeps each "step" where it was loaded, and on a GPU it would read them back
-        # with a sync per parameter per step; load_state_dict moves weights and moments to the model's device
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        unet.load_state_dict(state["unet"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, rng_state = state["step"], state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if dev.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
+        step = restore_training_state(state_path, {"unet": unet, "ema": ema}, optimizer, rng, dev)
         log(f"resumed at step {step}")
         trim_loss_log(out / "checkpoint" / "loss.csv", step)
-    rng = np.random.default_rng(cfg.seed)
-    if rng_state is not None:
-        rng.bit_generator.state = rng_state
     (out / "checkpoint").mkdir(parents=True, exist_ok=True)
     (out / "checkpoint" / "config.json").write_text(json.dumps(asdict(cfg)))
     (out / "checkpoint" / DATA_RECORD).write_text(json.dumps(data_identity))
@@ -245,7 +235,7 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
             a = abar[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, cfg)
+                group["lr"] = lr_at(step, cfg)
             with autocast:
                 pred = unet(xt, t).sample
             loss = torch.nn.functional.mse_loss(pred.float(), noise)
@@ -260,21 +250,17 @@ def train(data: Path, out: Path, minutes: float, resume: bool, cfg: TrainConfig,
             window.append(loss.detach())
             if step % 100 == 0 or step == max_steps:
                 mean_loss = torch.stack(window).double().mean().item()
-                writer.writerow([step, round(mean_loss, 5), _lr_at(step, cfg), round(time.monotonic() - started, 1)])
+                writer.writerow([step, round(mean_loss, 5), lr_at(step, cfg), round(time.monotonic() - started, 1)])
                 fh.flush()
                 log(f"step {step}: loss {mean_loss:.4f}")
                 window = []
             if time.monotonic() - last_ckpt > cfg.checkpoint_minutes * 60:
-                _checkpoint(state_path, unet, ema, optimizer, step, rng, dev)
+                save_training_state(state_path, {"unet": unet, "ema": ema}, optimizer, step, rng, dev)
                 last_ckpt = time.monotonic()
-    _checkpoint(state_path, unet, ema, optimizer, step, rng, dev)
+    save_training_state(state_path, {"unet": unet, "ema": ema}, optimizer, step, rng, dev)
     save_model(ema, out)
     seconds = time.monotonic() - started
-    hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
-    with open(out / "checkpoint" / "pieces.jsonl", "a") as fh:
-        fh.write(json.dumps({"device": dev.type, "hardware": hardware, "steps_to": step,
-                             "seconds": round(seconds, 1), "lr": cfg.lr, "ema_decay": cfg.ema_decay,
-                             "torch": torch.__version__}) + "\n")
+    record_piece(out / "checkpoint" / "pieces.jsonl", dev, step, seconds, lr=cfg.lr, ema_decay=cfg.ema_decay)
     log(f"{step} steps; weights in {out / 'unet'}")
     return {"steps": step, "seconds": seconds, "crops": len(images)}
 
@@ -308,10 +294,10 @@ def training_samples(images: np.ndarray, out: Path, dev, log=print) -> np.ndarra
     of `train-autoencoder`, the float32 latents E(x) of spec §1, computed once here, not at every step."""
     import torch
 
-    mirrored = np.ascontiguousarray(np.stack([images, images[:, :, ::-1]], axis=1).transpose(0, 1, 4, 2, 3))
+    with_mirrors = np.stack([images, images[:, :, ::-1]], axis=1)
     if not (Path(out) / "vae").is_dir():
-        return mirrored
-    pixels = to_model(np.stack([images, images[:, :, ::-1]], axis=1))
+        return np.ascontiguousarray(with_mirrors.transpose(0, 1, 4, 2, 3))
+    pixels = to_model(with_mirrors)
     from diffusers import AutoencoderKL
 
     from .nets import KLEncoder
@@ -332,7 +318,7 @@ def training_samples(images: np.ndarray, out: Path, dev, log=print) -> np.ndarra
     return latents.reshape(len(images), 2, *latents.shape[1:])
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     import os
 
     try:
@@ -347,33 +333,71 @@ def training_pieces(out: Path, log_name: str = "pieces.jsonl") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _checkpoint(path: Path, unet, ema, optimizer, step: int, rng, dev) -> None:
+def save_training_state(path: Path, modules: dict, optimizer, step: int, rng, dev) -> None:
+    """What the next piece resumes from, replaced whole: the modules' and the optimizer's state, the step and
+    every random generator (without the GPU's, a resumed piece would replay the first piece's noise)."""
     import torch
 
     tmp = path.with_suffix(".tmp")
-    torch.save({"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if dev.type == "cuda" else None}, tmp)
+    torch.save({**{name: module.state_dict() for name, module in modules.items()},
+                "optimizer": optimizer.state_dict(), "step": step, "numpy_rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}, tmp)
     tmp.replace(path)
 
 
-def save_model(ema, out: Path) -> None:
-    """The EMA weights in fp16 safetensors (one file under 15 MB) and the DDIM scheduler config."""
+def restore_training_state(path: Path, modules: dict, optimizer, rng, dev) -> int:
+    """save_training_state's state put back into the modules, the optimizer and the generators; returns the step."""
+    import torch
+
+    # loaded on the CPU: AdamW keeps each "step" where it was loaded, and on a GPU it would read them back with a
+    # sync per parameter per step; load_state_dict moves weights and moments to the model's device
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    optimizer.load_state_dict(state["optimizer"])
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if dev.type == "cuda" and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), dev)
+    return state["step"]
+
+
+def record_piece(path: Path, dev, step: int, seconds: float, **settings) -> None:
+    """One line of the pieces log that the model card sums up: where a piece ran, to which step, how long."""
+    import torch
+
+    hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"device": dev.type, "hardware": hardware, "steps_to": step, "seconds": round(seconds, 1),
+                             **settings, "torch": torch.__version__}) + "\n")
+
+
+def save_fp16(model, folder: Path, **config) -> None:
+    """A diffusers model's weights in fp16 safetensors, one file under the 15 MB a committed demo model may take;
+    the engine computes in fp32 from these exact values. `config` is added to its config.json."""
     import copy
 
-    model = copy.deepcopy(ema).to("cpu").half()
-    model.save_pretrained(out / "unet", safe_serialization=True)
-    weights = out / "unet" / "diffusion_pytorch_model.safetensors"
+    half = copy.deepcopy(model).to("cpu").half()
+    if config:
+        half.register_to_config(**config)
+    half.save_pretrained(folder, safe_serialization=True)
+    weights = Path(folder) / "diffusion_pytorch_model.safetensors"
     if weights.stat().st_size > MAX_WEIGHTS_BYTES:
         raise UsageError(f"{weights}: {weights.stat().st_size} bytes, over the 15 MB a demo model may take")
+
+
+def save_model(ema, out: Path) -> None:
+    """The EMA weights and the DDIM scheduler config."""
+    save_fp16(ema, out / "unet")
     (out / "scheduler").mkdir(parents=True, exist_ok=True)
     (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER, indent=2) + "\n")
 
 
 def sample_faces(backend, count: int, steps: int = 50, seed: int = 0, clip: bool = True) -> np.ndarray:
-    """Faces sampled from a pixel-space model with DDIM (η = 0), as uint8 images: never training images.
+    """Faces sampled from the model with DDIM (η = 0), decoded to uint8 images: never training images.
 
-    `clip` bounds each predicted x0 to the pixel range, as diffusers' `clip_sample` does. A small or
+    `clip` bounds each predicted x0 of a pixel-space model to the pixel range, as diffusers' `clip_sample` does. A small or
     short-trained model predicts ε poorly at low noise, and without the bound its samples drift into
     saturated colour noise. This is for generating faces only: the transform never clips, because
     clipping cannot be inverted."""

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .train import (MAX_WEIGHTS_BYTES, _cpu_name, _lr_at, check_new_run, load_crops, resumed_config,
-                    timed_conv_kernels, to_device_without_waiting, training_data_identity, training_device,
-                    trim_loss_log)
+from .train import (check_new_run, load_crops, lr_at, record_piece, restore_training_state, resumed_config,
+                    save_fp16, save_training_state, timed_conv_kernels, to_device_without_waiting,
+                    training_data_identity, training_device, trim_loss_log)
 
 STATE = "autoencoder-state.pt"
 CONFIG = "autoencoder-config.json"
@@ -100,14 +100,7 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
     rng = np.random.default_rng(cfg.seed)
     step = 0
     if resume:
-        state = torch.load(ckpt / STATE, map_location="cpu", weights_only=False)  # as train.py, for AdamW's step
-        vae.load_state_dict(state["vae"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if dev.type == "cuda" and state.get("cuda_rng") is not None:  # else a piece replays the first's noise
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu())
+        step = restore_training_state(ckpt / STATE, {"vae": vae}, optimizer, rng, dev)
         log(f"resumed at step {step}")
         trim_loss_log(ckpt / LOSS_LOG, step)
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -136,7 +129,7 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
             kl = posterior.kl().mean() / mean[0].numel()
             loss = rec_loss + cfg.consistency_weight * cons_loss + cfg.kl_weight * kl
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, cfg)
+                group["lr"] = lr_at(step, cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -145,24 +138,21 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
             window.append(torch.stack([rec_loss.detach(), cons_loss.detach(), kl.detach()]))
             if step % 50 == 0 or step == max_steps:  # one read-back per log line, not three per step
                 rec, cons, kl_mean = torch.stack(window).double().mean(dim=0).tolist()
-                writer.writerow([step, round(rec, 6), round(cons, 6), round(kl_mean, 4), _lr_at(step, cfg),
+                writer.writerow([step, round(rec, 6), round(cons, 6), round(kl_mean, 4), lr_at(step, cfg),
                                  round(time.monotonic() - started, 1)])
                 fh.flush()
                 log(f"step {step}: reconstruction {10 * np.log10(4 / max(rec, 1e-12)):.2f} dB, "
                     f"consistency {cons:.4f}")
                 window = []
             if time.monotonic() - last_save > cfg.checkpoint_minutes * 60:
-                _save_state(ckpt / STATE, vae, optimizer, step, rng)
+                save_training_state(ckpt / STATE, {"vae": vae}, optimizer, step, rng, dev)
                 last_save = time.monotonic()
-    _save_state(ckpt / STATE, vae, optimizer, step, rng)
+    save_training_state(ckpt / STATE, {"vae": vae}, optimizer, step, rng, dev)
     vae.eval()
     scaling_factor = latent_scaling_factor(vae, images, dev)
     save_autoencoder(vae, scaling_factor, out)
     seconds = time.monotonic() - started
-    hardware = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
-    with open(ckpt / PIECES, "a") as fh:
-        fh.write(json.dumps({"device": dev.type, "hardware": hardware, "steps_to": step, "seconds": round(seconds, 1),
-                             "lr": cfg.lr, "scaling_factor": scaling_factor, "torch": torch.__version__}) + "\n")
+    record_piece(ckpt / PIECES, dev, step, seconds, lr=cfg.lr, scaling_factor=scaling_factor)
     log(f"{step} steps; autoencoder in {out / 'vae'} (scaling factor {scaling_factor:.4f})")
     return {"steps": step, "seconds": seconds, "scaling_factor": scaling_factor, "resolution": cfg.resolution}
 
@@ -179,23 +169,5 @@ def latent_scaling_factor(vae, images: np.ndarray, dev, count: int = 2048) -> fl
     return float(1.0 / torch.cat(means).std())
 
 
-def _save_state(path: Path, vae, optimizer, step: int, rng) -> None:
-    import torch
-
-    tmp = path.with_suffix(".tmp")
-    torch.save({"vae": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}, tmp)
-    tmp.replace(path)
-
-
 def save_autoencoder(vae, scaling_factor: float, out: Path) -> None:
-    """fp16 safetensors like the UNet; the engine computes in fp32 from these exact values."""
-    import copy
-
-    model = copy.deepcopy(vae).to("cpu").half()
-    model.register_to_config(scaling_factor=scaling_factor)
-    model.save_pretrained(Path(out) / "vae", safe_serialization=True)
-    weights = Path(out) / "vae" / "diffusion_pytorch_model.safetensors"
-    if weights.stat().st_size > MAX_WEIGHTS_BYTES:
-        raise UsageError(f"{weights}: {weights.stat().st_size} bytes, over the 15 MB a demo model may take")
+    save_fp16(vae, Path(out) / "vae", scaling_factor=scaling_factor)

@@ -13,7 +13,7 @@ from .errors import UsageError
 from .keys import flip_pattern, flip_subkey
 from .masks import face_map_from_image, latent_mask
 from .pixels import psnr, to_model, to_u8, to_unit
-from .sampler import denoise, invert, keyed_flip
+from .sampler import ModelBackend, denoise, invert, keyed_flip
 
 VERIFY_KEY = bytes(range(32))
 VERIFY_NONCE = bytes(range(100, 116))
@@ -34,11 +34,20 @@ def differences(reference: np.ndarray, other: np.ndarray) -> dict:
     return {"max_abs": float(np.abs(a - b).max()), "rel_l2": float(np.linalg.norm(a - b) / norm) if norm else 0.0}
 
 
-def _anonymize_tracked(backend, rgb: np.ndarray, mask: np.ndarray, steps: int, probe: tuple[int, ...]):
+def _verify_pattern(latent_shape) -> np.ndarray:
+    return flip_pattern(flip_subkey(VERIFY_KEY), VERIFY_NONCE, tuple(latent_shape))[None]
+
+
+def _eight_bit_row(reference_rgb: np.ndarray, other_rgb: np.ndarray) -> dict:
+    return {"identical_fraction": float(np.mean(reference_rgb == other_rgb)),
+            "max_level_difference": int(np.abs(reference_rgb.astype(int) - other_rgb).max())}
+
+
+def _anonymize_tracked(backend: ModelBackend, rgb: np.ndarray, mask: np.ndarray, steps: int, probe: tuple[int, ...]):
     """The spec's transform with its intermediate values kept for comparison."""
     sched = backend.schedule(steps)
     m = mask[None, None].astype(np.float32)
-    pattern = flip_pattern(flip_subkey(VERIFY_KEY), VERIFY_NONCE, backend.latent_shape)[None]
+    pattern = _verify_pattern(backend.latent_shape)
     z0 = backend.encode(to_model(rgb[None]))
     keep = invert(backend.eps, z0, sched)
     probe_steps = {sched.timesteps[i]: i for i in probe}
@@ -54,7 +63,7 @@ def _anonymize_tracked(backend, rgb: np.ndarray, mask: np.ndarray, steps: int, p
     return {"z0": z0, "probes": probes, "z_final": z, "decoded": decoded, "rgb": to_u8(decoded)[0]}
 
 
-def _recover(backend, anonymized_rgb: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
+def _recover(backend: ModelBackend, anonymized_rgb: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:
     from .pipeline import transform_crops
 
     return transform_crops(backend, anonymized_rgb[None], mask[None], [VERIFY_NONCE], flip_subkey(VERIFY_KEY), steps)[0]
@@ -82,7 +91,7 @@ def _fused_rows(engine, rgb: np.ndarray, mask: np.ndarray, steps: int, replays: 
 
     sched = engine.schedule(steps)
     x, m = to_model(rgb[None]), mask[None, None].astype(np.float32)
-    pattern = flip_pattern(flip_subkey(VERIFY_KEY), VERIFY_NONCE, engine.latent_shape)[None]
+    pattern = _verify_pattern(engine.latent_shape)
     plain = transform(engine, x, m, pattern, sched)
     runs = [engine.fused_transform(x, m, pattern, sched) for _ in range(max(1, replays))]
     rows = {"fused loop vs plain functions": {**differences(plain, runs[0]),
@@ -126,8 +135,7 @@ def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
                       "timestep": sched.timesteps[i]}
     rows["final latent"] = differences(ref["z_final"], eng["z_final"])
     rows["decoded image"] = differences(ref["decoded"], eng["decoded"])
-    rows["anonymized 8-bit"] = {"identical_fraction": float(np.mean(ref["rgb"] == eng["rgb"])),
-                                "max_level_difference": int(np.abs(ref["rgb"].astype(int) - eng["rgb"]).max())}
+    rows["anonymized 8-bit"] = _eight_bit_row(ref["rgb"], eng["rgb"])
 
     engine_anonymized = eng["rgb"]
     if engine.supports_fused:
@@ -135,9 +143,7 @@ def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
         fused_rows, engine_anonymized = _fused_rows(engine, rgb, mask, steps, replays)
         rows.update(fused_rows)
         # what `run` writes is the fused loop's image: compared with PyTorch's directly, not only through the plain path
-        rows["fused anonymized 8-bit"] = {
-            "identical_fraction": float(np.mean(ref["rgb"] == engine_anonymized)),
-            "max_level_difference": int(np.abs(ref["rgb"].astype(int) - engine_anonymized).max())}
+        rows["fused anonymized 8-bit"] = _eight_bit_row(ref["rgb"], engine_anonymized)
     log("verify: recovering within and across backends")
     recovery = {
         "pytorch -> pytorch": _recover(reference, ref["rgb"], mask, steps),
