@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import SHARED_CONFIGS, WORK, machine, timed, write_results  # noqa: E402
 
-# name in the results: (backend, the manifest facts that pick its engine class), in column order
+# name in the results: (backend, engine_class's options), in column order
 ENGINES = {"onnxruntime": ("onnxruntime", {}), "compiled": ("compiled", {}),
            "compiled_gemm": ("compiled", {"conv_lowering": "gemm"})}
 LABELS = {"onnxruntime": "ONNX Runtime", "compiled": "compiled", "compiled_gemm": "compiled, convs as GEMM"}

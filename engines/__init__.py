@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from .backend import EngineBackend
-from .manifest import EngineManifest, read_manifest
+from .manifest import EngineManifest, read_manifest, rebuild_hint
 
 BACKENDS = ("onnxruntime", "tensorrt", "compiled")
 
@@ -36,9 +36,12 @@ def engine_class(backend: str, *, compiler: str = "aot", conv_lowering: str = "n
 def engine_class_for(manifest: EngineManifest):
     """The class that runs the engine this manifest describes."""
     compiled = manifest.data.get("compiled", {})
-    return engine_class(manifest.backend, compiler=compiled.get("compiler", "aot"),
-                        conv_lowering=compiled.get("conv_lowering", "native"),
-                        native_tensorrt=manifest.data.get("tensorrt", {}).get("runtime") == "native")
+    try:
+        return engine_class(manifest.backend, compiler=compiled.get("compiler", "aot"),
+                            conv_lowering=compiled.get("conv_lowering", "native"),
+                            native_tensorrt=manifest.data.get("tensorrt", {}).get("runtime") == "native")
+    except UsageError as exc:  # an engine from another revanon-rt: say where, and how to make one for this
+        raise UsageError(f"{manifest.engine_dir}: {exc}; {rebuild_hint(manifest.engine_dir, manifest.data)}") from None
 
 
 def load_engine(engine_dir: Path, device: str = "cpu"):

@@ -237,6 +237,7 @@ def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend: 
             raise InputError(f"{image.path}: {why}, so nothing was anonymized (--allow-no-faces, or "
                              "allow_no_faces=True, writes such a photo unchanged, with its record)")
         notes.append(f"{image.path}: {why}; the pixels pass through unchanged")
+        face_nonces(opts, 0, nonces)  # fixed nonces for faces that are not there are a caller's mistake
         rgb, records = image.rgb.copy(), []
     header = container.new_header(steps=opts.steps, mode="photo", masker=masker.name, fingerprint=backend.fingerprint,
                                   image_size=size, kdf=kdf, faces=records)

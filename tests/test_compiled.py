@@ -105,7 +105,20 @@ def test_eager_kernel_engine_gives_pytorchs_numbers_bit_for_bit(models, bisenet_
 def test_a_fast_precision_builds_runs_and_verify_reports_its_cost(models, tmp_path):
     """bf16 on the CPU: the opt-in fast mode builds and runs, and verify prints what it costs against the
     strict reference (recovery across backends included) instead of passing it off as exact. The precision is
-    set at export, the same for every compiler; eager kernels spare this test an Inductor compile."""
+    set at export, the same for every compiler, so the verified engine runs eager kernels; Inductor compiling
+    bf16 programs (the default build) is checked on the smallest model, whose engine has only a UNet."""
+    from revanon_rt.engines import open_engine
+
+    aot = tmp_path / "bf16-aot"
+    built = cli("build", "--backend", "compiled", "--model", models["pixel"], "--out", aot, "--precision", "bf16")
+    assert built.returncode == 0, built.stderr
+    facts = json.loads((aot / "engine.json").read_text())
+    assert facts["precision"] == "bf16" and facts["compiled"]["compiler"] == "aot"
+    backend = open_engine(aot)
+    z = np.random.default_rng(0).standard_normal((1, *backend.latent_shape)).astype(np.float32)
+    eps = backend.eps(z, 500)
+    assert eps.dtype == np.float32 and np.isfinite(eps).all() and eps.std() > 0
+
     engine = tmp_path / "bf16"
     built = cli("build", "--backend", "compiled", "--compiler", "eager", "--model", models["ldm"], "--out", engine,
                 "--device", "cpu", "--precision", "bf16")
@@ -155,6 +168,21 @@ def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, t
                  "--key", keyfile)
     assert result.returncode == 2 and "tied to their torch version" in result.stderr
     assert "revanon-rt build" in result.stderr
+
+
+def test_an_engine_of_an_unknown_compiler_is_refused_with_how_to_rebuild(compiled_zero, tmp_path):
+    """A manifest from a later revanon-rt may name a compiler this one lacks: not run as some other engine."""
+    from revanon_rt.engines import open_engine
+    from revanon_rt.engines.manifest import manifest_digest
+    from revanon_rt.errors import UsageError
+
+    engine = shutil.copytree(compiled_zero, tmp_path / "engine")
+    manifest = json.loads((engine / "engine.json").read_text())
+    manifest["compiled"]["compiler"] = "future"
+    manifest["digest"] = manifest_digest(manifest)
+    (engine / "engine.json").write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match=r"engine: compiler 'future'.*revanon-rt build"):
+        open_engine(engine)
 
 
 def test_onnxruntime_refuses_fast_precisions_and_a_compiler(models, tmp_path):
@@ -365,6 +393,12 @@ def test_an_aot_engine_built_under_other_inductor_settings_is_another_engine(tmp
     # a jit engine compiles when it loads, under the loading run's settings: the same folder serves
     assert gpu.engine_folder(tmp_path, "fp32-b8", "jit", {"force_layout_optimization": True}) == \
         gpu.engine_folder(tmp_path, "fp32-b8", "jit", {})
+    # each compiler is its own engine, and an AOT row is the plain one in the table
+    assert len({gpu.engine_folder(tmp_path, "fp32-b8", c, {}) for c in ("aot", "jit", "eager")}) == 3
+    row = {"stage": "compiled", "precision": "fp32", "batch": 8, "compiler": "aot", "seconds_per_batch": 1.0,
+           "seconds_per_face": 0.125, "faces_per_second": 8.0, "fraction_of_fp32_floor": 0.5}
+    table = gpu.markdown([row, {**row, "compiler": "jit"}])
+    assert "| compiled fp32, batch 8 |" in table and "| compiled fp32 jit, batch 8 |" in table
 
 
 def test_a_tf32_engine_runs_its_parser_with_tf32_off(models, bisenet_pth, tmp_path):

@@ -137,6 +137,27 @@ def test_a_photo_with_more_faces_than_a_reader_accepts_is_refused(models):
                         None, Secret.from_key(bytes(32)), Options(), "crowd.png", planned=planned)
 
 
+def test_fixed_nonces_must_match_the_faces_even_when_there_are_none(models):
+    """Fixed nonces are for bit-for-bit comparisons: a count that does not match the faces is a caller's
+    mistake, refused on a photo with no faces too rather than ignored."""
+    from types import SimpleNamespace
+
+    from revanon_rt.errors import UsageError
+    from revanon_rt.images import LoadedImage
+    from revanon_rt.keys import Secret
+    from revanon_rt.photo import anonymize_photo
+    from revanon_rt.pipeline import Options
+    from revanon_rt.reference import TorchReference
+
+    photo, backend = random_image(160, seed=74), TorchReference(models["zero64"])
+    args = (LoadedImage(Path("empty.png"), photo, None, None), None, backend, SimpleNamespace(name="file"),
+            Secret.from_key(bytes(32)), Options(), "empty.png")
+    with pytest.raises(UsageError, match="0 fixed nonce"):
+        anonymize_photo(*args, planned=[], nonces=[bytes(16)], allow_no_faces=True)
+    unchanged = anonymize_photo(*args, planned=[], nonces=[], allow_no_faces=True)
+    assert np.array_equal(unchanged.image.rgb, photo) and unchanged.header["faces"] == []
+
+
 def test_a_face_whose_mask_marks_nothing_fails_the_photo(models):
     """A face the parser finds nothing in would pass through unchanged, labelled anonymized: refused,
     as in crop mode, naming the --skip number that leaves it out."""
