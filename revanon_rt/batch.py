@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .container import sidecar_path
 from .errors import RevanonError, UsageError, one_line
-from .images import EXTENSION_FORMATS, write_atomic
+from .images import EXTENSION_FORMATS, read_formats, write_atomic
 
 IMAGE_EXTENSIONS = set(EXTENSION_FORMATS)
 # pictures a user may expect to be read, which the tool does not read (no .pdf or .eps: not photos)
@@ -37,20 +37,15 @@ OTHER_PICTURE_EXTENSIONS = {".ico", ".heic", ".heif", ".jxl", ".jp2", ".j2k", ".
 
 
 def searched_extension(name: str) -> bool:
-    suffix = Path(name).suffix.lower()
-    return suffix in IMAGE_EXTENSIONS and (suffix != ".avif" or avif_readable())
+    """Named as a format this Pillow reads (AVIF only since Pillow 11.2)."""
+    return EXTENSION_FORMATS.get(Path(name).suffix.lower()) in read_formats()
 
 
 def other_image_extension(name: str) -> str | None:
     """The extension of a file named as a picture of a format the tool does not read (.ico, .psd, .heic)."""
     suffix = Path(name).suffix.lower()
-    return suffix if suffix in OTHER_PICTURE_EXTENSIONS or (suffix == ".avif" and not avif_readable()) else None
-
-
-def avif_readable() -> bool:
-    from .images import read_formats
-
-    return "AVIF" in read_formats()
+    unread = suffix in OTHER_PICTURE_EXTENSIONS or (suffix in EXTENSION_FORMATS and not searched_extension(name))
+    return suffix if unread else None
 
 
 @dataclass
