@@ -33,7 +33,7 @@ from . import container
 from .errors import (AuthError, InputError, MetadataError, ModelMismatchError, RevanonError, StateError,
                      UsageError)
 from .images import MAX_IMAGE_PIXELS, LoadedImage, decode_image, load_image
-from .keys import Secret, exposure_warning, read_key_file
+from .keys import DERIVED_KEYS_KEPT, Secret, exposure_warning, read_key_file
 from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
 from .pipeline import Crop, Options, Output, anonymize_crops, deanonymize_crops, recovery_crop_size, single
 from .schedule import DEFAULT_STEPS, MAX_STEPS
@@ -259,7 +259,19 @@ class Anonymizer:
                 crops[i] = Crop(_load(image, name, crop_size, recovering=True), text, name, name)
             except (InputError, MetadataError, ModelMismatchError) as exc:
                 results[i] = exc
+        self._stretch_passwords(list(crops.values()))
         return self._fill(results, crops, lambda ready: deanonymize_crops(ready, self.backend, self.secret, Options()))
+
+    def _stretch_passwords(self, crops: list[Crop]) -> None:
+        """Derives the keys of password-made images before the model lock: a tag cannot be checked before
+        its salt's scrypt (0.5 s and 128 MiB), so images with unseen salts, a stranger's included, would
+        otherwise hold up every caller's model work. The pipeline then finds them derived; a record this
+        cannot read is reported there, as that crop's error."""
+        for crop in crops[:DERIVED_KEYS_KEPT]:  # more would push the first out before the pipeline reads them
+            try:
+                self.secret.for_header(container.parse_header(crop.metadata, crop.label)["kdf"], crop.label)
+            except RevanonError:
+                pass
 
     def _fill(self, results: list, crops: dict[int, Crop], run) -> list:
         """The results of the inputs that loaded, put in their places among those that failed to load."""

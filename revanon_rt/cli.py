@@ -470,9 +470,22 @@ def info_cmd(
               f"{header['steps']} steps, kdf {header['kdf']['name']}, "
               f"model {header['model']['fingerprint'][:16]}… at {header['model']['image_size']}px"
               + (", mask coverage " + ", ".join(f"{c:.0%}" for c in coverage) if coverage else "")
-              + (", UNVERIFIED" if header.get("unverified") else "")))
+              + "".join(f", {flag}" for flag in _info_flags(header))))
     # escaped: an attacker's metadata could carry terminal controls (C1, DEL, bidi overrides) in unknown keys
     typer.echo(json.dumps(header, indent=2, ensure_ascii=True))
+
+
+def _info_flags(header: dict) -> list[str]:
+    """What a reader should know before trusting the record; info has no key, so it checks no tag."""
+    flags = []
+    if header.get("unverified"):
+        flags.append("UNVERIFIED")
+    if "auth" not in header:
+        flags.append("no auth tag (nothing shows who made this record, or that an unverified mark was not removed)"
+                     if header["state"] == "recovered" else "no auth tag")
+    if any(face["nonce"] is None for face in header["faces"]):
+        flags.append("key reused (--insecure-key-reuse: treat the key as exposed)")
+    return flags
 
 
 class EngineBackendName(str, Enum):

@@ -8,6 +8,7 @@ import re
 import secrets
 import stat
 import struct
+import threading
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,7 @@ class Secret:
     password: str | None = field(default=None, repr=False)
     run_salt: bytes | None = None
     _derived: dict[bytes, bytes] = field(default_factory=dict, repr=False)
+    _derived_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def from_key(cls, key: bytes) -> "Secret":
@@ -217,11 +219,15 @@ class Secret:
         return self._scrypt(b64decode(kdf["salt"]))
 
     def _scrypt(self, salt: bytes) -> bytes:
-        if salt not in self._derived:
-            if len(self._derived) >= DERIVED_KEYS_KEPT:  # a long-lived service meets a new salt per file
-                del self._derived[next(iter(self._derived))]
-            self._derived[salt] = scrypt_key(self.password, salt)
-        return self._derived[salt]
+        with self._derived_lock:
+            key = self._derived.get(salt)
+        if key is None:
+            key = scrypt_key(self.password, salt)  # unlocked: a library's threads stretch other salts meanwhile
+            with self._derived_lock:
+                if salt not in self._derived and len(self._derived) >= DERIVED_KEYS_KEPT:
+                    del self._derived[next(iter(self._derived))]  # a long-lived service meets a new salt per file
+                self._derived[salt] = key
+        return key
 
 
 def check_kdf(kdf: object, source: str) -> dict:

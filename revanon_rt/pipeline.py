@@ -158,6 +158,10 @@ def face_nonces(opts: Options, count: int, given: list[bytes] | None = None) -> 
     # fixed nonces (tests, spec §9 comparisons): a reader refuses any but 16 bytes, one per face
     if len(used) != count or not all(isinstance(n, bytes) and len(n) == NONCE_BYTES for n in used):
         raise UsageError(f"{count} fixed nonce(s) of {NONCE_BYTES} bytes each are needed, not {quoted(given)}")
+    # a repeated or zero nonce reuses a flip pattern, which only --insecure-key-reuse may do, and records as null
+    if len(set(used)) != count or ZERO_NONCE in used:
+        raise UsageError("fixed nonces must differ from each other and from the zero nonce; key reuse is "
+                         "--insecure-key-reuse, whose records say so")
     return used, list(used)
 
 
@@ -271,7 +275,7 @@ class Authentic:
     """An image's metadata once its auth tag, state and model have been checked."""
 
     header: dict
-    key: bytes
+    key: bytes = field(repr=False)
     verified: bool
     notes: list[str]
 
@@ -296,6 +300,10 @@ def check_metadata(crop: Crop, backend: ModelBackend, secret: Secret, opts: Opti
         notes.append(f"{source}: auth check failed and was skipped (--skip-auth); the output is marked unverified")
     # spec §7: an output made under --skip-auth is marked unverified even where this image's check passed
     verified = authentic and not opts.skip_auth
+    if any(face["nonce"] is None for face in header["faces"]):
+        notes.append(f"{source}: made with --insecure-key-reuse (its nonce is null): every face made so with this "
+                     "key has one flip pattern, so anyone holding one original/anonymized pair can undo the others; "
+                     "treat the key as exposed")
     if header["model"]["fingerprint"] != backend.fingerprint:
         if not opts.ignore_model_mismatch:
             raise ModelMismatchError(

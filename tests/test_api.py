@@ -1,10 +1,13 @@
 """The library API (revanon_rt.api): one loaded engine serving many calls, interchangeable with the CLI."""
 
+import base64
 import io
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -195,6 +198,30 @@ def test_photo_mode_through_the_api_recovers_as_the_cli_does(zero_engines, keyfi
     assert np.abs(by_api.image.rgb.astype(int) - photo).mean() < np.abs(anonymized.image.rgb.astype(int) - photo).mean() / 2
     with pytest.raises(InputError, match="no faces found, so nothing was anonymized"):
         anonymizer.anonymize_photo(random_image(200, seed=90))
+
+
+def test_a_password_is_stretched_before_the_model_lock_is_taken(zero_engines, tmp_path):
+    """A service recovering a password-made image whose salt it has not seen runs scrypt (0.5 s, before any tag
+    can be checked) while another caller holds the model: a stranger's fresh salts must not stall that caller."""
+    from revanon_rt.api import Anonymizer
+
+    crop = random_image(32, seed=62)
+    owner = Anonymizer(engine=zero_engines["zero"], password="correct horse", masker=None)
+    made = owner.anonymize(crop, mask=box_mask(32)).png_bytes()
+    salt = base64.b64decode(json.loads(container.png_chunk_text(io.BytesIO(made), "x"))["kdf"]["salt"])
+    service = owner.with_key(password="correct horse")  # the same model and lock, a secret with no salt seen yet
+    results = []
+    with service._model_lock:  # another caller's model work
+        worker = threading.Thread(target=lambda: results.append(service.deanonymize(made)))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while salt not in service.secret._derived and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stretched_meanwhile = salt in service.secret._derived
+        assert not results, "the model work waits for the lock"
+    worker.join(60)
+    assert stretched_meanwhile
+    assert np.array_equal(results[0].image.rgb, crop)
 
 
 def test_importing_the_library_leaves_pillows_bomb_limit_to_the_host(tmp_path):

@@ -115,6 +115,10 @@ def test_zero_eps_round_trip_is_bit_exact_and_outputs_are_clean(models, keyfile,
     shown = json.loads(info.stdout)
     assert shown["state"] == "anonymized" and shown["masker"] == "file"
     assert read_key_file(keyfile).hex() not in info.stdout + info.stderr
+    assert "no auth tag" not in info.stderr and "key reused" not in info.stderr
+    info = cli("info", tmp_path / "rec" / "face.png")
+    assert info.returncode == 0 and "recovered" in info.stderr
+    assert "no auth tag (nothing shows who made this record, or that an unverified mark" in info.stderr
 
 
 def test_values_that_8_bit_storage_clamps_are_reported_and_do_not_recover(keyfile, tmp_path):
@@ -669,6 +673,10 @@ def test_recovery_uses_the_stored_step_count_null_nonce_and_sidecar_beside_the_i
     rec = cli("run", "deanonymize", anonymized_path, "--out", tmp_path / "rec", "--model", models["pixel"],
               "--key", keyfile)
     assert rec.returncode == 0, rec.stderr
+    assert "made with --insecure-key-reuse (its nonce is null)" in rec.stderr and "treat the key as exposed" in rec.stderr
+    shown = cli("info", anonymized_path)
+    assert shown.returncode == 0 and "key reused (--insecure-key-reuse" in shown.stderr
+    assert "no auth tag" not in shown.stderr
     recovered = read_rgb(tmp_path / "rec" / "face.png")
     assert np.array_equal(recovered, spec_transform(anonymized, 7))
     assert not np.array_equal(recovered, spec_transform(anonymized, 50)), "the count must matter on this model"

@@ -6,8 +6,10 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from conftest import box_mask, random_image, save_png
+from revanon_rt.errors import UsageError
 
 SCRIPT = textwrap.dedent("""
     import hashlib, sys
@@ -50,5 +52,9 @@ def test_fixed_nonce_and_salt_give_identical_bytes(models, tmp_path):
                                  Options(steps=20), "face.png", nonce=bytes.fromhex(nonce), salt=bytes.fromhex(salt))
     assert hashlib.sha256(in_process.png_bytes()).hexdigest() == first
     other_nonce = anonymize_image(load_image(image), None, backend, FileMasker(mask), Secret.from_password("pw"),
-                                  Options(steps=20), "face.png", nonce=bytes(16), salt=bytes.fromhex(salt))
+                                  Options(steps=20), "face.png", nonce=bytes([7]) * 16, salt=bytes.fromhex(salt))
     assert not np.array_equal(other_nonce.image.rgb, in_process.image.rgb)
+    # the zero nonce is --insecure-key-reuse's, which records null: as a fixed nonce it would hide the reuse
+    with pytest.raises(UsageError, match="must differ from each other and from the zero nonce"):
+        anonymize_image(load_image(image), None, backend, FileMasker(mask), Secret.from_password("pw"),
+                        Options(steps=20), "face.png", nonce=bytes(16), salt=bytes.fromhex(salt))

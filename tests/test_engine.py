@@ -150,6 +150,7 @@ def test_crops_of_a_group_share_engine_calls_and_keep_their_own_nonces_and_error
     from revanon_rt.engines import open_engine
     from revanon_rt.images import LoadedImage
     from revanon_rt.keys import Secret, read_key_file
+    from revanon_rt.errors import UsageError
     from revanon_rt.pipeline import Crop, Options, anonymize_crops, anonymize_image, deanonymize_crops
 
     class CountingRows:
@@ -171,7 +172,9 @@ def test_crops_of_a_group_share_engine_calls_and_keep_their_own_nonces_and_error
     crops = [Crop(LoadedImage(Path(f"{i}.png"), random_image(64, seed=80 + i), None, None), None, f"{i}.png")
              for i in range(3)]
     crops.insert(1, Crop(LoadedImage(Path("small.png"), random_image(32, seed=79), None, None), None, "small.png"))
-    nonces = [bytes([i]) * 16 for i in range(4)]
+    nonces = [bytes([i + 1]) * 16 for i in range(4)]
+    with pytest.raises(UsageError, match="must differ from each other"):  # one pattern twice is key reuse
+        anonymize_crops(crops, backend, masker, secret, opts, nonces=[nonces[0], nonces[1], nonces[2], nonces[0]])
     together = anonymize_crops(crops, backend, masker, secret, opts, nonces=nonces)
     assert backend.rows == [3] * 6, "3 inversion and 3 denoising calls, each carrying the three good crops"
     assert "not an aligned face crop" in str(together[1])

@@ -179,4 +179,9 @@ def test_fixed_nonces_and_salts_of_another_length_are_refused_before_anything_is
     for given in ([b"12345678"], [bytes(16)] * 2, [bytes(16), None]):
         with pytest.raises(UsageError, match="fixed nonce"):
             face_nonces(Options(), 1 if len(given) == 1 else 3, given)
-    assert face_nonces(Options(), 2, [bytes(16), bytes([1]) * 16])[1] == [bytes(16), bytes([1]) * 16]
+    # a repeated nonce, or the zero one, is a reused pattern that the record would not show (only null does)
+    for given in ([bytes([1]) * 16] * 2, [bytes(16), bytes([1]) * 16]):
+        with pytest.raises(UsageError, match="must differ from each other and from the zero nonce"):
+            face_nonces(Options(), 2, given)
+    assert face_nonces(Options(), 2, [bytes([2]) * 16, bytes([1]) * 16])[1] == [bytes([2]) * 16, bytes([1]) * 16]
+    assert face_nonces(Options(insecure_key_reuse=True), 2) == ([bytes(16)] * 2, [None, None])
