@@ -23,7 +23,7 @@ import subprocess
 import sys
 from collections import OrderedDict
 from contextlib import contextmanager, nullcontext
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -348,9 +348,7 @@ class FusedLoop:
         self.inv_t = [torch.full((b,), schedule.timesteps[i], dtype=torch.int64, device=dev)
                       for i in range(steps - 1, -1, -1)]
         self.den_t = [torch.full((b,), t, dtype=torch.int64, device=dev) for t in schedule.timesteps]
-        options = eager_numerics_options()
-        self.invert_update = torch.compile(_invert_update, fullgraph=True, dynamic=False, options=options)
-        self.denoise_update = torch.compile(_denoise_update, fullgraph=True, dynamic=False, options=options)
+        self.invert_update, self.denoise_update = _compiled_updates()
         self.graph = None
 
     def _body(self) -> None:
@@ -385,8 +383,9 @@ class FusedLoop:
             self._body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        # captured on the warm-up's stream, so per-stream workspaces (cuBLAS) already exist
-        with torch.cuda.graph(graph, stream=side):
+        # captured on the warm-up's stream, so per-stream workspaces (cuBLAS) already exist; other threads'
+        # CUDA work (a host's own, another engine's) must not make this capture fail, as "global" mode would
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             self._body()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = graph
@@ -395,6 +394,15 @@ class FusedLoop:
 def _call(runners: dict, graph: str, *tensors):
     out = runners[graph](*tensors)
     return out[0] if isinstance(out, (list, tuple)) else out
+
+
+@cache
+def _compiled_updates():
+    """The two update kernels, compiled once per process: each torch.compile call registers a backend that
+    torch keeps until a reset, and a service that meets many step counts rebuilds its loops."""
+    options = eager_numerics_options()
+    return (torch.compile(_invert_update, fullgraph=True, dynamic=False, options=options),
+            torch.compile(_denoise_update, fullgraph=True, dynamic=False, options=options))
 
 
 def _invert_update(z, eps, coeffs):

@@ -33,7 +33,7 @@ from . import container
 from .errors import (AuthError, InputError, MetadataError, ModelMismatchError, RevanonError, StateError,
                      UsageError)
 from .images import MAX_IMAGE_PIXELS, LoadedImage, decode_image, load_image
-from .keys import DERIVED_KEYS_KEPT, Secret, exposure_warning, read_key_file
+from .keys import Secret, exposure_warning, read_key_file
 from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
 from .pipeline import Crop, Options, Output, anonymize_crops, deanonymize_crops, recovery_crop_size, single
 from .schedule import DEFAULT_STEPS, MAX_STEPS
@@ -207,6 +207,7 @@ class Anonymizer:
                                 i if masks is not None else name, name)
             except (InputError, MetadataError) as exc:
                 results[i] = exc
+        self.secret.for_anonymize()  # a password's scrypt, once per secret, before the model lock
         return self._fill(results, crops, lambda ready: anonymize_crops(ready, self.backend, masker, self.secret,
                                                                         Options(steps=self.steps)))
 
@@ -224,6 +225,7 @@ class Anonymizer:
             raise UsageError(f"faces is all or largest, not {faces!r}")
         name = _names([image])[0]
         loaded, metadata = _load(image, name, None), _metadata_of(image, name, required=False)
+        self.secret.for_anonymize()  # a password's scrypt, once per secret, before the model lock
         with self._model_lock:
             if detector not in self._detectors:
                 self._detectors[detector] = DlibFaces(detector=detector)
@@ -259,19 +261,21 @@ class Anonymizer:
                 crops[i] = Crop(_load(image, name, crop_size, recovering=True), text, name, name)
             except (InputError, MetadataError, ModelMismatchError) as exc:
                 results[i] = exc
-        self._stretch_passwords(list(crops.values()))
-        return self._fill(results, crops, lambda ready: deanonymize_crops(ready, self.backend, self.secret, Options()))
+        secret = self._stretched(list(crops.values()))
+        return self._fill(results, crops, lambda ready: deanonymize_crops(ready, self.backend, secret, Options()))
 
-    def _stretch_passwords(self, crops: list[Crop]) -> None:
-        """Derives the keys of password-made images before the model lock: a tag cannot be checked before
-        its salt's scrypt (0.5 s and 128 MiB), so images with unseen salts, a stranger's included, would
-        otherwise hold up every caller's model work. The pipeline then finds them derived; a record this
-        cannot read is reported there, as that crop's error."""
-        for crop in crops[:DERIVED_KEYS_KEPT]:  # more would push the first out before the pipeline reads them
+    def _stretched(self, crops: list[Crop]) -> Secret:
+        """The secret with the keys of password-made images derived before the model lock: a tag cannot be
+        checked before its salt's scrypt (0.5 s and 128 MiB), so images with unseen salts, a stranger's
+        included, would otherwise hold up every caller's model work. A record that does not parse is
+        reported by the pipeline, as that crop's error."""
+        kdfs = []
+        for crop in crops:
             try:
-                self.secret.for_header(container.parse_header(crop.metadata, crop.label)["kdf"], crop.label)
+                kdfs.append(container.parse_header(crop.metadata, crop.label)["kdf"])
             except RevanonError:
                 pass
+        return self.secret.stretched_for(kdfs)
 
     def _fill(self, results: list, crops: dict[int, Crop], run) -> list:
         """The results of the inputs that loaded, put in their places among those that failed to load."""

@@ -200,8 +200,9 @@ class Secret:
         if self.raw_key is not None:
             return self.raw_key, {"name": "raw"}
         if salt is None:
-            if self.run_salt is None:
-                self.run_salt = secrets.token_bytes(SALT_BYTES)
+            with self._derived_lock:  # threads sharing this secret share its one salt
+                if self.run_salt is None:
+                    self.run_salt = secrets.token_bytes(SALT_BYTES)
             salt = self.run_salt
         elif not isinstance(salt, bytes) or len(salt) != SALT_BYTES:  # a reader refuses any other: unrecoverable
             raise UsageError(f"a fixed salt is {SALT_BYTES} bytes, not {quoted(salt)}")
@@ -218,6 +219,15 @@ class Secret:
             raise InputError(f"{source}: this image was made with a password; give --password-file")
         return self._scrypt(b64decode(kdf["salt"]))
 
+    def stretched_for(self, kdfs: list[dict]) -> "Secret":
+        """This secret in a copy that holds the keys of these (validated) records, derived now: a library
+        caller stretches before its turn on the model, and no other caller's salts can evict them meanwhile."""
+        ready = Secret(raw_key=self.raw_key, password=self.password, run_salt=self.run_salt)
+        if self.password is not None:
+            salts = {b64decode(kdf["salt"]) for kdf in kdfs if kdf["name"] == "scrypt"}
+            ready._derived = {salt: self._scrypt(salt) for salt in salts}
+        return ready
+
     def _scrypt(self, salt: bytes) -> bytes:
         with self._derived_lock:
             key = self._derived.get(salt)
@@ -225,7 +235,8 @@ class Secret:
             key = scrypt_key(self.password, salt)  # unlocked: a library's threads stretch other salts meanwhile
             with self._derived_lock:
                 if salt not in self._derived and len(self._derived) >= DERIVED_KEYS_KEPT:
-                    del self._derived[next(iter(self._derived))]  # a long-lived service meets a new salt per file
+                    # a long-lived service meets a new salt per file; its own salt's key stays
+                    del self._derived[next(s for s in self._derived if s != self.run_salt)]
                 self._derived[salt] = key
         return key
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,17 +48,23 @@ def tf32_off():
     return tf32_mode(False)
 
 
+# TF32 is one switch for the whole process: models in other threads (a library's Anonymizers each have
+# their own lock) take turns here, so that none runs under another's setting or leaves it set.
+_TF32_SWITCH = threading.RLock()
+
+
 @contextmanager
 def tf32_mode(allowed: bool):
     """TF32 as one caller needs it, whatever the process-wide switch says, restored afterwards."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    set_tf32(allowed)
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
+    with _TF32_SWITCH:
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                 torch.get_float32_matmul_precision())
+        set_tf32(allowed)
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+            torch.set_float32_matmul_precision(saved[2])
 
 
 def torch_device(name: str) -> torch.device:

@@ -200,9 +200,25 @@ def test_photo_mode_through_the_api_recovers_as_the_cli_does(zero_engines, keyfi
         anonymizer.anonymize_photo(random_image(200, seed=90))
 
 
+def _done_while_the_model_is_busy(lock, call, done) -> tuple[bool, list]:
+    """Runs call in a thread while another caller holds the model lock: whether done() came true meanwhile."""
+    results = []
+    with lock:
+        worker = threading.Thread(target=lambda: results.append(call()))
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        happened = done()
+        assert not results, "the model work waits for the lock"
+    worker.join(60)
+    return happened, results
+
+
 def test_a_password_is_stretched_before_the_model_lock_is_taken(zero_engines, tmp_path):
     """A service recovering a password-made image whose salt it has not seen runs scrypt (0.5 s, before any tag
-    can be checked) while another caller holds the model: a stranger's fresh salts must not stall that caller."""
+    can be checked) while another caller holds the model: a stranger's fresh salts must not stall that caller.
+    The same holds for a new password's first anonymization."""
     from revanon_rt.api import Anonymizer
 
     crop = random_image(32, seed=62)
@@ -210,18 +226,18 @@ def test_a_password_is_stretched_before_the_model_lock_is_taken(zero_engines, tm
     made = owner.anonymize(crop, mask=box_mask(32)).png_bytes()
     salt = base64.b64decode(json.loads(container.png_chunk_text(io.BytesIO(made), "x"))["kdf"]["salt"])
     service = owner.with_key(password="correct horse")  # the same model and lock, a secret with no salt seen yet
-    results = []
-    with service._model_lock:  # another caller's model work
-        worker = threading.Thread(target=lambda: results.append(service.deanonymize(made)))
-        worker.start()
-        deadline = time.monotonic() + 60
-        while salt not in service.secret._derived and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stretched_meanwhile = salt in service.secret._derived
-        assert not results, "the model work waits for the lock"
-    worker.join(60)
-    assert stretched_meanwhile
-    assert np.array_equal(results[0].image.rgb, crop)
+    stretched, recovered = _done_while_the_model_is_busy(service._model_lock, lambda: service.deanonymize(made),
+                                                         lambda: salt in service.secret._derived)
+    assert stretched
+    assert np.array_equal(recovered[0].image.rgb, crop)
+
+    newcomer = owner.with_key(password="battery staple")
+    secret = newcomer.secret
+    stretched, anonymized = _done_while_the_model_is_busy(
+        newcomer._model_lock, lambda: newcomer.anonymize(crop, mask=box_mask(32)),
+        lambda: secret.run_salt is not None and secret.run_salt in secret._derived)
+    assert stretched
+    assert base64.b64decode(anonymized[0].header["kdf"]["salt"]) == secret.run_salt
 
 
 def test_importing_the_library_leaves_pillows_bomb_limit_to_the_host(tmp_path):

@@ -146,12 +146,16 @@ def test_an_engine_keeps_a_bounded_number_of_fused_loops(compiled_zero):
     x = to_model(np.stack([random_image(32, seed=70), random_image(32, seed=71)]))
     mask = np.ones((2, 1, 32, 32), np.float32)
     pattern = np.stack([flip_pattern(bytes(32), bytes([i]) * 16, backend.latent_shape) for i in range(2)])
+    updates = set()
     for steps in (2, 3, 4, 2):
         schedule = backend.schedule(steps)
         fused = backend.engine.fused_transform(x, mask, pattern, schedule)
         np.testing.assert_array_equal(fused, transform(backend, x, mask, pattern, schedule))
         assert len(backend.engine._loops) <= backend.engine.MAX_FUSED_LOOPS
+        updates.update((id(loop.invert_update), id(loop.denoise_update)) for loop in backend.engine._loops.values())
     assert list(backend.engine._loops) == [tuple(backend.schedule(4).timesteps), tuple(backend.schedule(2).timesteps)]
+    # each torch.compile registers a backend that torch keeps for the process's life: a rebuilt loop reuses them
+    assert len(updates) == 1
 
 
 def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, tmp_path):
@@ -346,6 +350,41 @@ def test_update_kernels_ask_for_eager_numerics_and_the_reference_stays_strict_be
         assert torch.backends.cuda.matmul.allow_tf32, "the engine's own setting is restored"
     finally:
         apply_precision("fp32")
+
+
+def test_tf32_is_switched_by_one_caller_at_a_time():
+    """TF32 is one switch for the process: a tf32 engine and the strict reference in two threads (two
+    Anonymizers, two locks) must not run under each other's setting, nor leave it set."""
+    import threading
+
+    import torch
+
+    from revanon_rt.reference import tf32_mode
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def tf32_caller():
+        with tf32_mode(True):
+            inside.set()
+            release.wait(30)
+
+    def strict_caller():
+        with tf32_mode(False):
+            seen.append(torch.backends.cuda.matmul.allow_tf32)
+
+    first = threading.Thread(target=tf32_caller)
+    first.start()
+    assert inside.wait(30)
+    second = threading.Thread(target=strict_caller)
+    second.start()
+    second.join(0.5)
+    waited = second.is_alive()
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert waited, "the strict caller waits for the tf32 one to finish"
+    assert seen == [False] and torch.backends.cuda.matmul.allow_tf32 == before
 
 
 def test_threads_sharing_an_anonymizer_take_turns_on_the_fused_loops_buffers(compiled_zero, keyfile, other_keyfile):
