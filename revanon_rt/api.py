@@ -35,7 +35,8 @@ from .errors import (AuthError, InputError, MetadataError, ModelMismatchError, R
 from .images import MAX_IMAGE_PIXELS, LoadedImage, decode_image, load_image
 from .keys import Secret, exposure_warning, read_key_file
 from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
-from .pipeline import Crop, Options, Output, anonymize_crops, deanonymize_crops, recovery_crop_size, single
+from .pipeline import (Crop, Options, Output, anonymize_crops, authenticate_crops, recover_authenticated,
+                       recovery_crop_size, single)
 from .schedule import DEFAULT_STEPS, MAX_STEPS
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, np.ndarray]
@@ -261,21 +262,10 @@ class Anonymizer:
                 crops[i] = Crop(_load(image, name, crop_size, recovering=True), text, name, name)
             except (InputError, MetadataError, ModelMismatchError) as exc:
                 results[i] = exc
-        secret = self._stretched(list(crops.values()))
-        return self._fill(results, crops, lambda ready: deanonymize_crops(ready, self.backend, secret, Options()))
-
-    def _stretched(self, crops: list[Crop]) -> Secret:
-        """The secret with the keys of password-made images derived before the model lock: a tag cannot be
-        checked before its salt's scrypt (0.5 s and 128 MiB), so images with unseen salts, a stranger's
-        included, would otherwise hold up every caller's model work. A record that does not parse is
-        reported by the pipeline, as that crop's error."""
-        kdfs = []
-        for crop in crops:
-            try:
-                kdfs.append(container.parse_header(crop.metadata, crop.label)["kdf"])
-            except RevanonError:
-                pass
-        return self.secret.stretched_for(kdfs)
+        # before the turn on the model: a password's scrypt (0.5 s per unseen salt) and the tag's hash over
+        # the pixels need no model, and a stranger's images with fresh salts must not hold up other callers
+        checks = authenticate_crops([crops[i] for i in sorted(crops)], self.backend, self.secret, Options())
+        return self._fill(results, crops, lambda ready: recover_authenticated(ready, checks, self.backend, Options()))
 
     def _fill(self, results: list, crops: dict[int, Crop], run) -> list:
         """The results of the inputs that loaded, put in their places among those that failed to load."""

@@ -219,15 +219,6 @@ class Secret:
             raise InputError(f"{source}: this image was made with a password; give --password-file")
         return self._scrypt(b64decode(kdf["salt"]))
 
-    def stretched_for(self, kdfs: list[dict]) -> "Secret":
-        """This secret in a copy that holds the keys of these (validated) records, derived now: a library
-        caller stretches before its turn on the model, and no other caller's salts can evict them meanwhile."""
-        ready = Secret(raw_key=self.raw_key, password=self.password, run_salt=self.run_salt)
-        if self.password is not None:
-            salts = {b64decode(kdf["salt"]) for kdf in kdfs if kdf["name"] == "scrypt"}
-            ready._derived = {salt: self._scrypt(salt) for salt in salts}
-        return ready
-
     def _scrypt(self, salt: bytes) -> bytes:
         with self._derived_lock:
             key = self._derived.get(salt)

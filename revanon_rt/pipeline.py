@@ -349,13 +349,27 @@ def deanonymize_crops(crops: list[Crop], backend: ModelBackend, secret: Secret, 
     """Recover images together. Each one's metadata and auth tag are checked first; a photo is then
     recovered on its own (its faces go in waves), and the crops that share a step count go through the
     model as one group, each with its own key and nonce. Each image gets its Output or its own error."""
+    return recover_authenticated(crops, authenticate_crops(crops, backend, secret, opts), backend, opts, maskers,
+                                 callback)
+
+
+def authenticate_crops(crops: list[Crop], backend: ModelBackend, secret: Secret,
+                       opts: Options) -> list[Authentic | Exception]:
+    """Each image's record checked (scrypt, the tag, the model): no model work, so that a library caller
+    does it before its turn on the model."""
+    return [_attempt(lambda crop=crop: check_metadata(crop, backend, secret, opts)) for crop in crops]
+
+
+def recover_authenticated(crops: list[Crop], checks: list[Authentic | Exception], backend: ModelBackend,
+                          opts: Options, maskers: dict | None = None,
+                          callback: StepCallback | None = None) -> list[Output | Exception]:
+    """deanonymize_crops, given authenticate_crops' result for the same crops."""
     from .photo import deanonymize_photo
 
     recompute = (maskers or {}) if opts.recompute_mask else None
     results: list[Output | Exception | None] = [None] * len(crops)
     authentic: dict[int, Authentic] = {}
-    for i, crop in enumerate(crops):
-        checked = _attempt(lambda: check_metadata(crop, backend, secret, opts))
+    for i, checked in enumerate(checks):
         if isinstance(checked, Exception):
             results[i] = checked
         else:
