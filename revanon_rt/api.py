@@ -165,6 +165,7 @@ class Anonymizer:
         self.masker = None if masker is None else masker_for(self.backend, masker, landmarks)
         self.steps = steps
         self._detectors: dict = {}
+        self._detectors_lock = threading.Lock()
         self._model_lock = threading.Lock()
 
     def with_key(self, *, key_file: str | os.PathLike | None = None, key: bytes | None = None,
@@ -216,8 +217,7 @@ class Anonymizer:
                         detector: str = "hog", allow_no_faces: bool = False) -> Output:
         """Anonymize every face dlib finds in a photo of any size (--mode photo); pixels off the faces'
         masks stay byte-identical. The masker must be bisenet or landmarks."""
-        from .faces import DlibFaces
-        from .photo import Selection, anonymize_photo, require_five_landmarks
+        from .photo import Selection, anonymize_photo, plan_faces, require_five_landmarks
 
         if self.masker is None:
             raise UsageError("photo mode masks faces with the bisenet or landmarks masker")
@@ -227,13 +227,24 @@ class Anonymizer:
         name = _names([image])[0]
         loaded, metadata = _load(image, name, None), _metadata_of(image, name, required=False)
         self.secret.for_anonymize()  # a password's scrypt, once per secret, before the model lock
+        # dlib needs no model, and a large photo's detection takes seconds: other callers use the model meanwhile
+        faces_detector, detector_lock = self._detector(detector)
+        with detector_lock:
+            found = faces_detector.detect(loaded.rgb)
+        planned = plan_faces(found, self.image_size, Selection(faces, min_face), loaded.path)
         with self._model_lock:
-            if detector not in self._detectors:
-                self._detectors[detector] = DlibFaces(detector=detector)
-            output = anonymize_photo(loaded, metadata, self.backend, self.masker, self.secret,
-                                     Options(steps=self.steps), name, detector=self._detectors[detector],
-                                     selection=Selection(faces, min_face), allow_no_faces=allow_no_faces)
-        return output
+            return anonymize_photo(loaded, metadata, self.backend, self.masker, self.secret, Options(steps=self.steps),
+                                   name, planned=planned, found=found, allow_no_faces=allow_no_faces)
+
+    def _detector(self, kind: str):
+        """The dlib detector of this kind, loaded once for every Anonymizer sharing this model, and the lock
+        that gives its callers turns (one dlib detector object is not documented as safe across threads)."""
+        from .faces import DlibFaces
+
+        with self._detectors_lock:
+            if kind not in self._detectors:
+                self._detectors[kind] = (DlibFaces(detector=kind), threading.Lock())
+            return self._detectors[kind]
 
     def deanonymize(self, image: ImageInput, *, metadata: str | None = None) -> Output:
         """Recover an anonymized image, crop or photo, with its stored masks and step count. `metadata` is

@@ -213,15 +213,16 @@ def face_masks_for_crops(masker, crops: np.ndarray, landmarks: list, relative, l
 
 def anonymize_photo(image: LoadedImage, existing_metadata: str | None, backend: ModelBackend, masker, secret: Secret,
                     opts: Options, relative, *, detector=None, selection: Selection | None = None,
-                    planned: list[PlannedFace] | None = None, nonces: list[bytes] | None = None,
-                    salt: bytes | None = None, callback=None, allow_no_faces: bool = False) -> Output:
-    """Anonymize every selected face of a photo. `planned` replaces detection (tests, tools);
-    `nonces` and `salt` may be fixed for bit-for-bit comparisons. A photo with no face to anonymize is
-    refused unless allow_no_faces, so that an unchanged photo is never taken for an anonymized one."""
+                    planned: list[PlannedFace] | None = None, found: list | None = None,
+                    nonces: list[bytes] | None = None, salt: bytes | None = None, callback=None,
+                    allow_no_faces: bool = False) -> Output:
+    """Anonymize every selected face of a photo. `planned` replaces detection (a library detecting outside
+    its model's turn, tests, tools), with the `found` faces it was planned from, if any, for the message when
+    none was selected; `nonces` and `salt` may be fixed for bit-for-bit comparisons. A photo with no face to
+    anonymize is refused unless allow_no_faces, so that an unchanged photo is never taken for an anonymized one."""
     notes = check_double_anonymization(image, existing_metadata, opts)
     key, kdf = secret.for_anonymize(salt)
     size = backend.image_size
-    found = None
     if planned is None:
         found = detector.detect(image.rgb)
         planned = plan_faces(found, size, selection or Selection(), image.path)

@@ -198,6 +198,25 @@ def test_photo_mode_through_the_api_recovers_as_the_cli_does(zero_engines, keyfi
     assert np.abs(by_api.image.rgb.astype(int) - photo).mean() < np.abs(anonymized.image.rgb.astype(int) - photo).mean() / 2
     with pytest.raises(InputError, match="no faces found, so nothing was anonymized"):
         anonymizer.anonymize_photo(random_image(200, seed=90))
+    with pytest.raises(InputError, match="3 face.s. found and none selected"):
+        anonymizer.anonymize_photo(photo, min_face=10_000)
+
+    # dlib needs no model: a photo's detection runs while another caller holds the model, and only then waits
+    detector, detector_lock = anonymizer._detector("hog")
+    detected = []
+
+    class Watched:  # the real detector, with a record of the photos it has seen
+        def detect(self, rgb):
+            faces = detector.detect(rgb)
+            detected.append(len(faces))
+            return faces
+
+    anonymizer._detectors["hog"] = (Watched(), detector_lock)
+    seen, again = _done_while_the_model_is_busy(anonymizer._model_lock, lambda: anonymizer.anonymize_photo(photo),
+                                                lambda: detected == [3])
+    assert seen
+    assert not np.array_equal(again[0].image.rgb, anonymized.image.rgb)  # a fresh per-face nonce
+    assert again[0].header["faces"][0]["box"] == anonymized.header["faces"][0]["box"]
 
 
 def _done_while_the_model_is_busy(lock, call, done) -> tuple[bool, list]:
