@@ -11,9 +11,9 @@ A service keeps one Anonymizer, where each `revanon-rt run` loads the model (and
 CUDA graphs) again. The work is the CLI's own (pipeline.py, photo.py), so the outputs of one recover with
 the other. Errors are the RevanonError subclasses that the CLI reports, with its messages (which may name a
 CLI flag): AuthError for a wrong key or an edited image, InputError for an image it cannot take, and so on.
-Threads may share an Anonymizer: their images are decoded side by side and go through the model one call at
-a time, since a compiled engine replays its CUDA graphs on fixed buffers. `with_key` gives the same loaded
-model under another key, for a service that keeps a key per user.
+Threads may share an Anonymizer: their images are decoded side by side and go through the model one engine
+batch at a time, in the order asked, since a compiled engine replays its CUDA graphs on fixed buffers.
+`with_key` gives the same loaded model under another key, for a service that keeps a key per user.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ class Anonymizer:
         self.steps = steps
         self._detectors: dict = {}
         self._detectors_lock = threading.Lock()
-        self._model_lock = threading.Lock()
+        self._model_turns = _Turns()
 
     def with_key(self, *, key_file: str | os.PathLike | None = None, key: bytes | None = None,
                  password: str | None = None) -> Anonymizer:
@@ -209,9 +209,9 @@ class Anonymizer:
                                 i if masks is not None else name, name)
             except (InputError, MetadataError) as exc:
                 results[i] = exc
-        self.secret.for_anonymize()  # a password's scrypt, once per secret, before the model lock
-        return self._fill(results, crops, lambda ready: anonymize_crops(ready, self.backend, masker, self.secret,
-                                                                        Options(steps=self.steps)))
+        self.secret.for_anonymize()  # a password's scrypt, once per secret, before the model's turn
+        return self._fill(results, crops, lambda chunk: anonymize_crops([crops[i] for i in chunk], self.backend,
+                                                                        masker, self.secret, Options(steps=self.steps)))
 
     def anonymize_photo(self, image: ImageInput, *, faces: str = "all", min_face: int = 0,
                         detector: str = "hog", allow_no_faces: bool = False) -> Output:
@@ -226,13 +226,13 @@ class Anonymizer:
             raise UsageError(f"faces is all or largest, not {faces!r}")
         name = _names([image])[0]
         loaded, metadata = _load(image, name, None), _metadata_of(image, name, required=False)
-        self.secret.for_anonymize()  # a password's scrypt, once per secret, before the model lock
+        self.secret.for_anonymize()  # a password's scrypt, once per secret, before the model's turn
         # dlib needs no model, and a large photo's detection takes seconds: other callers use the model meanwhile
         faces_detector, detector_lock = self._detector(detector)
         with detector_lock:
             found = faces_detector.detect(loaded.rgb)
         planned = plan_faces(found, self.image_size, Selection(faces, min_face), loaded.path)
-        with self._model_lock:
+        with self._model_turns:
             return anonymize_photo(loaded, metadata, self.backend, self.masker, self.secret, Options(steps=self.steps),
                                    name, planned=planned, found=found, allow_no_faces=allow_no_faces)
 
@@ -275,18 +275,63 @@ class Anonymizer:
                 results[i] = exc
         # before the turn on the model: a password's scrypt (0.5 s per unseen salt) and the tag's hash over
         # the pixels need no model, and a stranger's images with fresh salts must not hold up other callers
-        checks = authenticate_crops([crops[i] for i in sorted(crops)], self.backend, self.secret, Options())
-        return self._fill(results, crops, lambda ready: recover_authenticated(ready, checks, self.backend, Options()))
-
-    def _fill(self, results: list, crops: dict[int, Crop], run) -> list:
-        """The results of the inputs that loaded, put in their places among those that failed to load."""
         ready = sorted(crops)
-        if ready:
-            with self._model_lock:
-                done = run([crops[i] for i in ready])
-            for i, result in zip(ready, done):
+        checks = dict(zip(ready, authenticate_crops([crops[i] for i in ready], self.backend, self.secret, Options())))
+        return self._fill(results, crops, lambda chunk: recover_authenticated(
+            [crops[i] for i in chunk], [checks[i] for i in chunk], self.backend, Options()))
+
+    def _fill(self, results: list, crops: dict[int, Crop], work) -> list:
+        """The results of the inputs that loaded, put in their places among those that failed to load. `work`
+        takes the positions of one engine batch of them, the group `run` makes of a folder: each is a turn of
+        its own on the model, so that a caller with one image waits for a batch of a large request, not for
+        all of it."""
+        ready = sorted(crops)
+        size = max(1, self.backend.batch)
+        for start in range(0, len(ready), size):
+            chunk = ready[start:start + size]
+            with self._model_turns:
+                done = work(chunk)
+            for i, result in zip(chunk, done):
                 results[i] = result
         return results
+
+
+class _Turns:
+    """The model's turns, given in the order callers asked for them (a threading.Lock favours no one, and the
+    thread that has just released it often takes it again). A caller interrupted while waiting gives up its
+    place without stalling those behind it."""
+
+    def __init__(self):
+        self._changed = threading.Condition(threading.Lock())
+        self._issued = 0
+        self._serving = 0
+        self._abandoned: set[int] = set()
+
+    def __enter__(self):
+        with self._changed:
+            ticket = self._issued
+            self._issued += 1
+            try:
+                while ticket != self._serving:
+                    self._changed.wait()
+            except BaseException:
+                if ticket == self._serving:
+                    self._next()
+                else:
+                    self._abandoned.add(ticket)
+                raise
+        return self
+
+    def __exit__(self, *exc_info):
+        with self._changed:
+            self._next()
+
+    def _next(self):
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.remove(self._serving)
+            self._serving += 1
+        self._changed.notify_all()
 
 
 def _secret(key_file, key, password) -> Secret:

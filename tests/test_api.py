@@ -212,7 +212,7 @@ def test_photo_mode_through_the_api_recovers_as_the_cli_does(zero_engines, keyfi
             return faces
 
     anonymizer._detectors["hog"] = (Watched(), detector_lock)
-    seen, again = _done_while_the_model_is_busy(anonymizer._model_lock, lambda: anonymizer.anonymize_photo(photo),
+    seen, again = _done_while_the_model_is_busy(anonymizer._model_turns, lambda: anonymizer.anonymize_photo(photo),
                                                 lambda: detected == [3])
     assert seen
     assert not np.array_equal(again[0].image.rgb, anonymized.image.rgb)  # a fresh per-face nonce
@@ -220,7 +220,7 @@ def test_photo_mode_through_the_api_recovers_as_the_cli_does(zero_engines, keyfi
 
 
 def _done_while_the_model_is_busy(lock, call, done) -> tuple[bool, list]:
-    """Runs call in a thread while another caller holds the model lock: whether done() came true meanwhile."""
+    """Runs call in a thread while another caller has its turn on the model: whether done() came true meanwhile."""
     results = []
     with lock:
         worker = threading.Thread(target=lambda: results.append(call()))
@@ -229,12 +229,12 @@ def _done_while_the_model_is_busy(lock, call, done) -> tuple[bool, list]:
         while not done() and time.monotonic() < deadline:
             time.sleep(0.05)
         happened = done()
-        assert not results, "the model work waits for the lock"
+        assert not results, "the model work waits for its turn"
     worker.join(60)
     return happened, results
 
 
-def test_a_password_is_stretched_before_the_model_lock_is_taken(zero_engines, tmp_path):
+def test_a_password_is_stretched_before_the_models_turn(zero_engines, tmp_path):
     """A service recovering a password-made image whose salt it has not seen runs scrypt (0.5 s, before any tag
     can be checked) while another caller holds the model: a stranger's fresh salts must not stall that caller.
     The same holds for a new password's first anonymization."""
@@ -245,7 +245,7 @@ def test_a_password_is_stretched_before_the_model_lock_is_taken(zero_engines, tm
     made = owner.anonymize(crop, mask=box_mask(32)).png_bytes()
     salt = base64.b64decode(json.loads(container.png_chunk_text(io.BytesIO(made), "x"))["kdf"]["salt"])
     service = owner.with_key(password="correct horse")  # the same model and lock, a secret with no salt seen yet
-    stretched, recovered = _done_while_the_model_is_busy(service._model_lock, lambda: service.deanonymize(made),
+    stretched, recovered = _done_while_the_model_is_busy(service._model_turns, lambda: service.deanonymize(made),
                                                          lambda: salt in service.secret._derived)
     assert stretched
     assert np.array_equal(recovered[0].image.rgb, crop)
@@ -253,10 +253,83 @@ def test_a_password_is_stretched_before_the_model_lock_is_taken(zero_engines, tm
     newcomer = owner.with_key(password="battery staple")
     secret = newcomer.secret
     stretched, anonymized = _done_while_the_model_is_busy(
-        newcomer._model_lock, lambda: newcomer.anonymize(crop, mask=box_mask(32)),
+        newcomer._model_turns, lambda: newcomer.anonymize(crop, mask=box_mask(32)),
         lambda: secret.run_salt is not None and secret.run_salt in secret._derived)
     assert stretched
     assert base64.b64decode(anonymized[0].header["kdf"]["salt"]) == secret.run_salt
+
+
+def test_a_large_batch_takes_turns_with_a_caller_who_came_later(zero_engines, keyfile):
+    """A batch goes through the model one engine batch per turn, and turns go in the order they were asked
+    for: a caller with one image waits for the first engine batch of a larger request made before it, not for
+    all of it."""
+    from revanon_rt.api import Anonymizer
+
+    anonymizer = Anonymizer(engine=zero_engines["zero"], key_file=keyfile, masker=None)
+    large_size = 3 * anonymizer.backend.batch
+    crops = [random_image(32, seed=70 + i) for i in range(large_size + 1)]
+    finished = {}
+
+    def request(name, images):
+        outputs = anonymizer.anonymize_batch(images, masks=[box_mask(32)] * len(images))
+        finished[name] = (time.monotonic(), outputs)
+
+    turns = anonymizer._model_turns
+    with turns:
+        large = threading.Thread(target=request, args=("large", crops[:large_size]))
+        large.start()
+        deadline = time.monotonic() + 60
+        while turns._issued < 2 and time.monotonic() < deadline:  # the large request waits first in line
+            time.sleep(0.01)
+        small = threading.Thread(target=request, args=("small", crops[large_size:]))
+        small.start()
+        while turns._issued < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    large.join(120)
+    small.join(120)
+    assert finished["small"][0] < finished["large"][0]
+    outputs = finished["large"][1] + finished["small"][1]
+    recovered = anonymizer.deanonymize_batch([o.png_bytes() for o in outputs])
+    assert [np.array_equal(r.image.rgb, c) for r, c in zip(recovered, crops)] == [True] * len(crops)
+    assert turns._serving == turns._issued  # every turn given back, recovery's included
+
+
+def test_a_caller_interrupted_while_waiting_for_its_turn_stalls_no_one():
+    """Ctrl-C in a host program waiting for the model gives up that caller's place in line: the caller behind
+    it still gets the model when the one ahead is done."""
+    import signal
+
+    from revanon_rt.api import _Turns
+
+    turns, holder_may_go, order = _Turns(), threading.Event(), []
+
+    def hold():
+        with turns:
+            order.append("holder")
+            holder_may_go.wait(60)
+
+    def wait_in_line():
+        with turns:
+            order.append("behind")
+
+    holder = threading.Thread(target=hold, daemon=True)  # a regression fails the test, not the whole run
+    holder.start()
+    while turns._issued < 1:
+        time.sleep(0.01)
+    main = threading.main_thread().ident
+    threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    behind = threading.Thread(target=wait_in_line, daemon=True)
+    with pytest.raises(KeyboardInterrupt):
+        with turns:  # ticket 1, interrupted while the holder has ticket 0
+            order.append("interrupted")
+    behind.start()  # ticket 2
+    while turns._issued < 3:
+        time.sleep(0.01)
+    holder_may_go.set()
+    holder.join(60)
+    behind.join(60)
+    assert order == ["holder", "behind"]
+    assert turns._serving == turns._issued == 3
 
 
 def test_importing_the_library_leaves_pillows_bomb_limit_to_the_host(tmp_path):
