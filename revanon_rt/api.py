@@ -31,7 +31,7 @@ import numpy as np
 
 from . import container
 from .errors import (AuthError, InputError, MetadataError, ModelMismatchError, RevanonError, StateError,
-                     UsageError)
+                     UsageError, detached)
 from .images import MAX_IMAGE_PIXELS, LoadedImage, decode_image, load_image
 from .keys import Secret, exposure_warning, read_key_file
 from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
@@ -208,7 +208,7 @@ class Anonymizer:
                 crops[i] = Crop(_load(image, name, self.image_size), _metadata_of(image, name, required=False),
                                 i if masks is not None else name, name)
             except (InputError, MetadataError) as exc:
-                results[i] = exc
+                results[i] = detached(exc)
         self.secret.for_anonymize()  # a password's scrypt, once per secret, before the model's turn
         return self._fill(results, crops, lambda chunk: anonymize_crops([crops[i] for i in chunk], self.backend,
                                                                         masker, self.secret, Options(steps=self.steps)))
@@ -272,7 +272,7 @@ class Anonymizer:
                 crop_size = recovery_crop_size(text, name, self.image_size)
                 crops[i] = Crop(_load(image, name, crop_size, recovering=True), text, name, name)
             except (InputError, MetadataError, ModelMismatchError) as exc:
-                results[i] = exc
+                results[i] = detached(exc)
         # before the turn on the model: a password's scrypt (0.5 s per unseen salt) and the tag's hash over
         # the pixels need no model, and a stranger's images with fresh salts must not hold up other callers
         ready = sorted(crops)

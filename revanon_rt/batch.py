@@ -598,7 +598,10 @@ def _message(job: Job, exc: Exception) -> str:
     if isinstance(exc, MemoryError):
         return f"{job.source}: out of memory"
     if os.environ.get("REVANON_DEBUG"):  # a bug must not cost the user the rest of the batch
-        traceback.print_exception(exc)
+        if hasattr(exc, "traceback_text"):  # kept as text where a result list held the error (errors.detached)
+            sys.stderr.write(exc.traceback_text)
+        else:
+            traceback.print_exception(exc)
     return f"{job.source}: internal error ({type(exc).__name__}: {exc}); set REVANON_DEBUG=1 for a traceback"
 
 

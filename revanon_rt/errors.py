@@ -23,6 +23,26 @@ def quoted(value: object, limit: int = 60) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
+def detached(exc: BaseException) -> BaseException:
+    """exc, made fit to be kept in a list of results: without the tracebacks of it and its chain. A traceback
+    holds every frame the error passed through, one of them the frame that holds the results, so a kept
+    error would keep its whole request (images, masks, keys) in a cycle that only Python's occasional full
+    collection frees. An unexpected error keeps its traceback as text, for REVANON_DEBUG."""
+    import traceback
+
+    if not isinstance(exc, RevanonError) and not hasattr(exc, "traceback_text"):
+        exc.traceback_text = "".join(traceback.format_exception(exc))
+    seen, pending = set(), [exc]
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        link.__traceback__ = None
+        pending += [link.__cause__, link.__context__]
+    return exc
+
+
 class RevanonError(Exception):
     """Base class: a problem the user can act on. The message names the file involved."""
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import container
-from .errors import AuthError, InputError, MetadataError, ModelMismatchError, StateError, UsageError, quoted
+from .errors import (AuthError, InputError, MetadataError, ModelMismatchError, StateError, UsageError, detached,
+                     quoted)
 from .images import LoadedImage, encode_png, not_a_crop
 from .keys import NONCE_BYTES, ZERO_NONCE, Secret, flip_pattern, flip_subkey, mac_subkey, new_nonce
 from .masks import latent_mask, pack_mask
@@ -196,7 +197,7 @@ def _attempt(call):
     try:
         return call()
     except Exception as exc:  # noqa: BLE001 - the caller reports it against one input
-        return exc
+        return detached(exc)
 
 
 def in_parts(items: list, size: int) -> list[list]:
