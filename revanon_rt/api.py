@@ -22,6 +22,7 @@ import copy
 import io
 import os
 import re
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -339,7 +340,7 @@ def _secret(key_file, key, password) -> Secret:
         raise UsageError("give exactly one of key_file, key or password")
     if key_file is not None:
         if warning := exposure_warning(Path(key_file)):
-            warnings.warn(warning, KeyFileWarning, stacklevel=3)
+            _warn_of_key_file(warning)
         return Secret.from_key(read_key_file(Path(key_file)))
     if key is not None:
         if not isinstance(key, BYTES_LIKE) or len(bytes(key)) != 32:
@@ -348,6 +349,21 @@ def _secret(key_file, key, password) -> Secret:
     if not isinstance(password, str) or not password:
         raise UsageError("the password is a non-empty str")
     return Secret.from_password(password)
+
+
+_key_file_warnings_shown: dict = {}  # warn_explicit's registry for KeyFileWarning, bounded
+
+
+def _warn_of_key_file(text: str) -> None:
+    """warnings.warn(text, KeyFileWarning) at the Anonymizer's caller, with a registry of its own: the text
+    names the key file, and the registry Python keeps in the caller's module would hold every text shown,
+    one per user's key file in a service, for the life of the process."""
+    if len(_key_file_warnings_shown) >= 1024:
+        _key_file_warnings_shown.clear()
+    caller = sys._getframe(3)  # past this function, _secret, and Anonymizer() or with_key()
+    warnings.warn_explicit(text, KeyFileWarning, caller.f_code.co_filename, caller.f_lineno,
+                           module=caller.f_globals.get("__name__"), registry=_key_file_warnings_shown,
+                           module_globals=caller.f_globals)
 
 
 def _names(images: list) -> list[str]:

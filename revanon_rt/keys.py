@@ -174,6 +174,10 @@ def new_nonce() -> bytes:
 
 # Derived keys kept per salt: a run's own salt and the salts of the files it recovers.
 DERIVED_KEYS_KEPT = 256
+# scrypt runs at once in a process, each with 128 MiB: a service's threads recovering strangers' images with
+# fresh salts would otherwise take 128 MiB apiece
+SCRYPT_AT_ONCE = max(1, min(4, os.cpu_count() or 1))
+_scrypt_slots = threading.BoundedSemaphore(SCRYPT_AT_ONCE)
 
 
 @dataclass
@@ -185,6 +189,7 @@ class Secret:
     run_salt: bytes | None = None
     _derived: dict[bytes, bytes] = field(default_factory=dict, repr=False)
     _derived_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _stretching: dict[bytes, threading.Lock] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_key(cls, key: bytes) -> "Secret":
@@ -222,13 +227,25 @@ class Secret:
     def _scrypt(self, salt: bytes) -> bytes:
         with self._derived_lock:
             key = self._derived.get(salt)
-        if key is None:
-            key = scrypt_key(self.password, salt)  # unlocked: a library's threads stretch other salts meanwhile
+            if key is not None:
+                return key
+            stretching = self._stretching.setdefault(salt, threading.Lock())
+        # one thread stretches a salt; the others with that salt (a user's images recovered side by side)
+        # wait for its key, while threads with other salts stretch theirs
+        with stretching:
             with self._derived_lock:
-                if salt not in self._derived and len(self._derived) >= DERIVED_KEYS_KEPT:
-                    # a long-lived service meets a new salt per file; its own salt's key stays
-                    del self._derived[next(s for s in self._derived if s != self.run_salt)]
-                self._derived[salt] = key
+                key = self._derived.get(salt)
+            if key is None:
+                with _scrypt_slots:
+                    key = scrypt_key(self.password, salt)
+                with self._derived_lock:
+                    if salt not in self._derived and len(self._derived) >= DERIVED_KEYS_KEPT:
+                        # a long-lived service meets a new salt per file; its own salt's key stays
+                        del self._derived[next(s for s in self._derived if s != self.run_salt)]
+                    self._derived[salt] = key
+        with self._derived_lock:
+            if self._stretching.get(salt) is stretching:
+                del self._stretching[salt]
         return key
 
 

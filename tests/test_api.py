@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -151,9 +152,20 @@ def test_mistakes_raise_the_errors_the_cli_reports(zero_engines, keyfile, other_
     assert len(os.listdir("/proc/self/fd")) == fds
 
     keyfile.chmod(0o644)
-    with pytest.warns(KeyFileWarning, match="can be read by other users; chmod 600"):
+    with pytest.warns(KeyFileWarning, match="can be read by other users; chmod 600") as shown:
         Anonymizer(engine=zero_engines["zero"], key_file=keyfile, masker=None)
+    assert shown[0].filename == __file__  # the caller's line, as warnings.warn(stacklevel=...) would name
+    # shown once per key file, as Python's default does, but not kept in this module's registry for good:
+    # a service meets a key file per user
+    other_keyfile.chmod(0o644)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")
+        for path in (keyfile, keyfile, other_keyfile):
+            anonymizer.with_key(key_file=path)
+    assert [str(w.message).split()[0] for w in shown] == [str(keyfile), str(other_keyfile)]
+    assert not any(str(keyfile) in str(k) for k in globals().get("__warningregistry__", {}))
     keyfile.chmod(0o600)
+    other_keyfile.chmod(0o600)
     with pytest.raises(UsageError, match="steps is an integer"):
         Anonymizer(engine=zero_engines["zero"], key_file=keyfile, masker=None, steps=True)
     # a mask that marks nothing would return the face untouched, labelled anonymized

@@ -91,6 +91,46 @@ def test_password_secret_round_trips_salt_through_the_header():
     assert keys.Secret.from_password("wrong").for_header(kdf, "x") != key
 
 
+def test_threads_stretch_a_salt_once_and_at_most_a_few_salts_at_a_time(monkeypatch):
+    """Eight threads recovering one user's images (one salt) run scrypt once; eight strangers' images with
+    fresh salts run it SCRYPT_AT_ONCE at a time, since each run takes 128 MiB."""
+    real_scrypt, running, runs, most = keys.scrypt_key, [0], [], [0]
+    count_lock = threading.Lock()
+
+    def counted_scrypt(password, salt):  # the real scrypt, counted
+        with count_lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            runs.append(salt)
+        try:
+            return real_scrypt(password, salt)
+        finally:
+            with count_lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(keys, "scrypt_key", counted_scrypt)
+    monkeypatch.setattr(keys, "_scrypt_slots", threading.BoundedSemaphore(2))
+
+    def derive_in_threads(secret, salts):
+        got = {}
+        threads = [threading.Thread(target=lambda i=i, salt=salt: got.__setitem__(
+            i, secret.for_header({"name": "scrypt", "salt": keys.b64encode(salt)}, "x")))
+            for i, salt in enumerate(salts)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        return [got[i] for i in range(len(salts))]
+
+    one_user = derive_in_threads(keys.Secret.from_password("pw"), [bytes([7]) * 16] * 8)
+    assert len(runs) == 1 and len(set(one_user)) == 1 and one_user[0] == real_scrypt("pw", bytes([7]) * 16)
+    runs.clear()
+    strangers = keys.Secret.from_password("pw")
+    derive_in_threads(strangers, [bytes([i]) * 16 for i in range(8)])
+    assert len(runs) == 8 and most[0] == 2
+    assert strangers._stretching == {}
+
+
 def test_a_long_lived_secret_keeps_a_bounded_number_of_derived_keys(monkeypatch):
     """A service recovering files with a salt each must not hold every derived key forever."""
     monkeypatch.setattr(keys, "DERIVED_KEYS_KEPT", 2)
