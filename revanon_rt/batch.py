@@ -471,17 +471,32 @@ def load_then_process(load: Callable, process_loaded: Callable) -> Callable:
     return process
 
 
+# The end-of-run table lists every input up to this many; beyond, the inputs not done, up to as many again.
+# rich builds a table whole: a million rows would take gigabytes and minutes to print.
+TABLE_ROWS = 500
+
+
 def _print_table(summary: Summary, console: Console) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    rows, left_out = summary.rows, []
+    if len(rows) > TABLE_ROWS:
+        not_done = [row for row in rows if row[1] != "done"]
+        rows = not_done[:TABLE_ROWS]
+        left_out = [f"{len(summary.rows) - len(not_done)} done"] if len(not_done) < len(summary.rows) else []
+        if len(not_done) > TABLE_ROWS:
+            left_out.append(f"{len(not_done) - TABLE_ROWS} more skipped or failed (each reported above)")
     table = Table(show_edge=False)
     for column in ("input", "result", "detail"):
         table.add_column(column)
-    for job, status, detail in summary.rows:
+    for job, status, detail in rows:
         style = {"failed": "red", "skipped": "yellow"}.get(status, "")
         table.add_row(Text(one_line(str(job.relative))), Text(status, style=style), Text(one_line(detail)))
-    console.print(table)
+    if rows:
+        console.print(table)
+    if left_out:
+        console.print(f"not listed one by one, as over {TABLE_ROWS} inputs: {', '.join(left_out)}", highlight=False)
 
 
 def _fail(job: Job, message: str, summary: Summary, console: Console) -> None:

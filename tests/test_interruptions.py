@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,36 @@ def test_outputs_whose_names_cannot_be_saved_are_removed_so_that_a_rerun_redoes_
     with pytest.raises(RevanonError, match="were removed, so that a rerun redoes them"):
         mapping.save()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000001.png"]
+
+
+def test_the_end_of_run_table_of_a_large_folder_lists_what_was_not_done():
+    """A folder of thousands: the table lists the inputs that were skipped or failed (up to TABLE_ROWS) and
+    counts the rest, instead of building one row per input (a million rows took gigabytes)."""
+    import io
+
+    from rich.console import Console
+
+    from revanon_rt.batch import TABLE_ROWS, Job, Summary, _print_table
+
+    def summary_of(statuses):
+        summary = Summary()
+        for n, status in enumerate(statuses):
+            summary.rows.append((Job(Path(f"in/{n}.png"), Path(f"{n}.png")), status, "why" if status != "done" else ""))
+        return summary
+
+    def printed(summary):
+        out = io.StringIO()
+        _print_table(summary, Console(file=out, width=200))
+        return out.getvalue()
+
+    small = printed(summary_of(["done", "failed", "done"]))
+    assert "0.png" in small and "1.png" in small and "not listed" not in small
+    many = ["done"] * (3 * TABLE_ROWS)
+    many[7], many[2 * TABLE_ROWS] = "failed", "skipped"
+    text = printed(summary_of(many))
+    assert "7.png" in text and f"{2 * TABLE_ROWS}.png" in text
+    assert sum(".png" in line for line in text.splitlines()) == 2
+    assert f"not listed one by one, as over {TABLE_ROWS} inputs: {3 * TABLE_ROWS - 2} done" in text
+    flood = printed(summary_of(["failed"] * (TABLE_ROWS + 3)))
+    assert f"{TABLE_ROWS - 1}.png" in flood and f"{TABLE_ROWS}.png" not in flood
+    assert "3 more skipped or failed (each reported above)" in flood
