@@ -36,7 +36,7 @@ from .errors import (AuthError, InputError, MetadataError, ModelMismatchError, R
 from .images import MAX_IMAGE_PIXELS, LoadedImage, decode_image, load_image
 from .keys import Secret, exposure_warning, read_key_file
 from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
-from .pipeline import (Crop, Options, Output, anonymize_crops, authenticate_crops, recover_authenticated,
+from .pipeline import (Crop, Options, Output, anonymize_crops, authenticate_crops, in_parts, recover_authenticated,
                        recovery_crop_size, single)
 from .schedule import DEFAULT_STEPS, MAX_STEPS
 
@@ -286,10 +286,7 @@ class Anonymizer:
         takes the positions of one engine batch of them, the group `run` makes of a folder: each is a turn of
         its own on the model, so that a caller with one image waits for a batch of a large request, not for
         all of it."""
-        ready = sorted(crops)
-        size = max(1, self.backend.batch)
-        for start in range(0, len(ready), size):
-            chunk = ready[start:start + size]
+        for chunk in in_parts(sorted(crops), self.backend.batch):
             with self._model_turns:
                 done = work(chunk)
             for i, result in zip(chunk, done):

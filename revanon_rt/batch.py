@@ -483,8 +483,8 @@ def _print_table(summary: Summary, console: Console) -> None:
     rows, left_out = summary.rows, []
     if len(rows) > TABLE_ROWS:
         not_done = [row for row in rows if row[1] != "done"]
-        rows = not_done[:TABLE_ROWS]
-        left_out = [f"{len(summary.rows) - len(not_done)} done"] if len(not_done) < len(summary.rows) else []
+        rows, done = not_done[:TABLE_ROWS], len(summary.rows) - len(not_done)
+        left_out = [f"{done} done"] if done else []
         if len(not_done) > TABLE_ROWS:
             left_out.append(f"{len(not_done) - TABLE_ROWS} more skipped or failed (each reported above)")
     table = Table(show_edge=False)
