@@ -63,6 +63,15 @@ def cpu_or_cuda_providers(device: str) -> list:
     return ["CPUExecutionProvider"]
 
 
+def _format_hint(manifest: EngineManifest) -> str:
+    """What the graphs need, for a runtime too old to load them: the manifest records the format."""
+    onnx = manifest.data.get("onnx", {})
+    if "ir_version" not in onnx:
+        return ""
+    return (f". The engine is ONNX IR version {onnx['ir_version']}, opset {onnx.get('opset', '?')}; "
+            "a runtime that refuses them is too old: pip install -U onnxruntime (or onnxruntime-gpu)")
+
+
 class OnnxRuntimeEngine:
     """Builds (through the export stage), loads, checks and runs one engine folder."""
 
@@ -81,7 +90,8 @@ class OnnxRuntimeEngine:
                 self.sessions[name] = ort.InferenceSession(str(manifest.graph_path(name)), sess_options=options,
                                                            providers=providers)
             except Exception as exc:
-                raise UsageError(f"{manifest.graph_path(name)}: onnxruntime cannot load it ({exc})") from None
+                raise UsageError(f"{manifest.graph_path(name)}: onnxruntime {ort.__version__} cannot load it "
+                                 f"({exc}){_format_hint(manifest)}") from None
         self.on_gpu = self.sessions and self.sessions[next(iter(self.sessions))].get_providers()[0] != "CPUExecutionProvider"
         if device.startswith("cuda") and not self.on_gpu:
             # onnxruntime falls back to the CPU when the CUDA provider cannot start, and says so only in a log

@@ -37,6 +37,9 @@ def fold_and_clean(model):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         model = fold_constants(model, num_passes=2, error_ok=True)
     model = onnx.shape_inference.infer_shapes(model)
+    # The exporter stamps its onnx's newest IR version, which older runtimes refuse (onnxruntime 1.17, still
+    # common on edge boxes, loads IR 9 at most). The graph needs only what its opsets need.
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import))
     onnx.checker.check_model(model)
     return model
 
