@@ -214,6 +214,8 @@ def decode_image(fh: BinaryIO, name: Path, crop_size: int | None = None, recover
                                  "match exactly, so the alpha would come out wrong; convert the image to 8 bits "
                                  "per channel first")
             icc = im.info.get("icc_profile")
+            # read now, for exif_transpose: Pillow before 10.1 closes a multi-page TIFF's file at load()
+            im.getexif()
             im.load()
             if im.size != (width, height):
                 raise InputError(f"{name}: its header says {width}x{height} pixels and it decodes to "

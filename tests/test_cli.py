@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, TiffImagePlugin
 
 from conftest import box_mask, cli, random_image, read_rgb, save_png, tree_digest
 from revanon_rt import container
@@ -416,9 +416,11 @@ def test_bad_inputs_fail_one_by_one_with_named_errors(models, zero_engines, keyf
     frames = [Image.fromarray(random_image(32, seed=s)) for s in (8, 9)]
     frames[0].save(inputs / "animated.gif", save_all=True, append_images=frames[1:])
     frames[0].save(inputs / "pages.tif", save_all=True, append_images=frames[1:])
-    preview = frames[0].resize((8, 8))
-    preview.encoderinfo = {"tiffinfo": {254: 1}}  # NewSubfileType: a reduced-resolution copy, as scanners add
-    frames[0].save(inputs / "with_preview.tif", save_all=True, append_images=[preview])
+    with open(inputs / "with_preview.tif", "w+b") as fh, TiffImagePlugin.AppendingTiffWriter(fh) as tiff:
+        for page, tags in ((frames[0], {}), (frames[0].resize((8, 8)), {254: 1})):
+            # NewSubfileType 1: a reduced-resolution copy, as scanners add
+            page.save(tiff, format="TIFF", tiffinfo=tags)
+            tiff.newFrame()
     frames[0].save(inputs / "icon.ico")  # a format the tool does not read: passed over, and said so
     # a crop whose EXIF block is cut short, as some editors leave it: Pillow warns, the crop is done
     frames[0].save(inputs / "short_exif.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12")
