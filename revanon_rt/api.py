@@ -32,7 +32,7 @@ import numpy as np
 
 from . import container
 from .errors import (AuthError, InputError, MetadataError, ModelMismatchError, RevanonError, StateError,
-                     UsageError, detached)
+                     UsageError, detached, torch_extra_error)
 from .images import MAX_IMAGE_PIXELS, LoadedImage, decode_image, load_image
 from .keys import Secret, exposure_warning, read_key_file
 from .masks import BiSeNetMasker, face_map_from_file, face_map_from_image
@@ -87,8 +87,7 @@ def open_backend(model: Path | None, engine: Path | None, device: str = "auto", 
     try:
         from .reference import TorchReference
     except ImportError as exc:
-        raise UsageError(f"--model needs the PyTorch extra ({exc.name} is missing): "
-                         "pip install 'revanon-rt[torch]', or run a built engine with --engine") from None
+        raise torch_extra_error("--model", exc, ", or run a built engine with --engine") from None
     return TorchReference(Path(model), device=resolve_device(device), parser=None if parser is None else Path(parser))
 
 

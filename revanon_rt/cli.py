@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from . import __version__
 from .api import check_device_name, masker_for, open_backend, resolve_device
-from .errors import RevanonError, UsageError, one_line
+from .errors import RevanonError, UsageError, one_line, torch_extra_error
 from .schedule import DEFAULT_STEPS, MAX_STEPS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -554,7 +554,7 @@ def build_cmd(
         path = build_engine(chosen, model, out, parser=parser, batch=batch, overwrite=overwrite, device=device,
                             precision=precision.value, log=say)
     except ImportError as exc:
-        _fail(UsageError(f"build needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
+        _fail(torch_extra_error("build", exc))
     except RevanonError as exc:
         _fail(exc)
     say(f"engine ready: {path}")
@@ -602,7 +602,7 @@ def verify_cmd(
                             Thresholds(max_latent_rel_err, min_identical_pixels, max_mask_differences), log=say,
                             replays=replays)
     except ImportError as exc:
-        _fail(UsageError(f"verify needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
+        _fail(torch_extra_error("verify", exc))
     except RevanonError as exc:
         _fail(exc)
     table = Table(title=f"{engine} vs PyTorch ({report['steps']} steps)")
@@ -674,7 +674,7 @@ def train_cmd(
     try:
         from .train import ARCHITECTURES, TrainConfig, train, write_model_card
     except ImportError as exc:
-        _fail(UsageError(f"train needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
+        _fail(torch_extra_error("train", exc))
     try:
         if architecture is not None and architecture not in ARCHITECTURES:
             raise UsageError(f"--architecture must be one of {', '.join(ARCHITECTURES)}")
@@ -710,8 +710,7 @@ def train_autoencoder_cmd(
     try:
         from .train_autoencoder import AutoencoderConfig, train_autoencoder
     except ImportError as exc:
-        _fail(UsageError(f"train-autoencoder needs the PyTorch extra ({exc.name} is missing): "
-                         "pip install 'revanon-rt[torch]'"))
+        _fail(torch_extra_error("train-autoencoder", exc))
     try:
         try:
             widths = None if channels is None else tuple(int(w) for w in channels.split(","))
@@ -866,7 +865,7 @@ def demo_cmd(
     try:
         from .demo import run_demo
     except ImportError as exc:
-        _fail(UsageError(f"the demo needs the PyTorch extra ({exc.name} is missing): pip install 'revanon-rt[torch]'"))
+        _fail(torch_extra_error("the demo", exc))
     try:
         report = run_demo(out, model, resolve_device(device), steps, seed=seed,
                           face=None if face is DemoFace.auto else face.value, log=say)

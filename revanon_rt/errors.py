@@ -75,3 +75,25 @@ class StateError(InputError):
 
 class ModelMismatchError(InputError):
     """The image was made with another model."""
+
+
+def torch_extra_error(what: str, exc: ImportError, otherwise: str = "") -> UsageError:
+    """Why `what` cannot import the PyTorch extra. A module missing from a package that is installed means a
+    version that does not fit the others (an onnxscript older than its torch's exporter), which reinstalling
+    the extra as it is would not change."""
+    from importlib import metadata
+
+    name = exc.name or ""
+    distributions = metadata.packages_distributions().get(name.split(".")[0], []) if name else []
+    if distributions:
+        versions = []
+        for distribution in distributions:
+            try:
+                versions.append(f"{distribution} {metadata.version(distribution)}")
+            except metadata.PackageNotFoundError:
+                continue
+        if versions:
+            return UsageError(f"{what} needs the PyTorch extra, and the installed {', '.join(versions)} does not fit "
+                              f"it ({exc}): pip install -U 'revanon-rt[torch]' brings versions that do")
+    return UsageError(f"{what} needs the PyTorch extra ({name or exc} is missing): pip install 'revanon-rt[torch]'"
+                      + otherwise)

@@ -55,6 +55,10 @@ def test_manifest_records_what_the_runtime_needs(engines, models):
     assert manifest["graphs"]["unet"]["inputs"][0] == {"name": "sample", "shape": [2, 3, 16, 16], "dtype": "float32"}
     assert manifest["graphs"]["parser"]["outputs"][0]["shape"] == [2, 512, 512]
     assert manifest["precision"] == "fp32" and manifest["onnx"]["opset"] == 18
+    # onnxruntime 1.17, the oldest pyproject.toml admits, loads IR version 9 at most; opset 18 needs 8
+    for graph in manifest["graphs"].values():
+        assert onnx_ir_version(engines["ldm"] / graph["file"]) == 8
+    assert manifest["onnx"]["ir_version"] == 8
     for package in ("torch", "diffusers", "onnx", "onnxruntime"):
         assert package in manifest["versions"]
     scheduler = DDIMScheduler.from_config({k: v for k, v in COMPVIS_SCHEDULER.items() if not k.startswith("_")})
@@ -271,6 +275,39 @@ def test_damaged_engines_are_refused_with_a_rebuild_hint(engines, keyfile, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def onnx_ir_version(path) -> int:
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False).ir_version
+
+
+def test_an_engine_newer_than_the_runtime_says_which_versions_meet(engines, keyfile, tmp_path):
+    import shutil
+
+    import onnx
+    import onnxruntime
+
+    from revanon_rt.engines.manifest import file_sha256, manifest_digest
+
+    engine = shutil.copytree(engines["zero"], tmp_path / "engine")
+    graph = onnx.load(str(engine / "unet.onnx"))
+    graph.ir_version = 99  # as an engine from a future exporter reads to today's runtime
+    onnx.save_model(graph, str(engine / "unet.onnx"))
+    manifest = json.loads((engine / "engine.json").read_text())
+    manifest["graphs"]["unet"]["sha256"] = file_sha256(engine / "unet.onnx")
+    manifest["onnx"]["ir_version"] = 99
+    manifest["digest"] = manifest_digest(manifest)
+    (engine / "engine.json").write_text(json.dumps(manifest))
+    src = save_png(tmp_path / "face.png", random_image(32))
+    mask = save_png(tmp_path / "mask.png", box_mask(32))
+    result = cli("run", "anonymize", src, "--out", tmp_path / "out", "--engine", engine, "--mask", mask,
+                 "--key", keyfile)
+    assert result.returncode == 2, result.stderr
+    assert f"onnxruntime {onnxruntime.__version__} cannot load it" in result.stderr
+    assert "ONNX IR version 99, opset 18" in result.stderr and "pip install -U onnxruntime" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
 def test_verify_passes_on_a_good_engine_and_fails_on_a_perturbed_one(engines, models, bisenet_pth, tmp_path):
     import shutil
 
@@ -473,3 +510,26 @@ def test_base_install_without_torch_runs_an_engine(engines, keyfile, tmp_path):
                           capture_output=True, text=True)
     assert back.returncode == 0, back.stderr
     assert np.array_equal(read_rgb(tmp_path / "r" / "face.png"), read_rgb(src))
+    build = subprocess.run([str(venv / "bin" / "revanon-rt"), "build", "--model", str(REPO / "models" / "demo-lfw64"),
+                            "--out", str(tmp_path / "e")], capture_output=True, text=True)
+    assert build.returncode == 2 and "build needs the PyTorch extra (torch is missing): pip install 'revanon-rt[torch]'" \
+        in build.stderr, build.stderr
+
+
+def test_a_torch_extra_whose_versions_do_not_fit_is_named_not_called_missing(models, tmp_path):
+    """onnxscript older than its torch's exporter lacks the module the exporter imports: reinstalling the extra
+    as it is would not help, so the message names the installed version and asks for an upgrade."""
+    from importlib import metadata
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _TooOld:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.startswith('onnxscript._framework_apis'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _TooOld())\n")
+    result = cli("build", "--model", models["zero"], "--out", tmp_path / "engine", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 2, result.stderr
+    assert f"the installed onnxscript {metadata.version('onnxscript')} does not fit it" in result.stderr, result.stderr
+    assert "pip install -U 'revanon-rt[torch]'" in result.stderr and "is missing" not in result.stderr
+    assert not (tmp_path / "engine").exists()
