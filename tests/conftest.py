@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -126,6 +127,24 @@ def cli(*args, env: dict | None = None, cwd: Path | None = None, input: str | No
     full_env.update(env or {})
     return subprocess.run([sys.executable, *python_flags, "-m", "revanon_rt", *map(str, args)],
                           capture_output=True, text=True, env=full_env, cwd=cwd, input=input, timeout=900)
+
+
+def edit_manifest(engine: Path, edit) -> None:
+    """Change an engine's manifest with edit(manifest) and sign it again, as a build that wrote it so would."""
+    from revanon_rt.engines.manifest import manifest_digest
+
+    path = engine / "engine.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    manifest["digest"] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def anonymize_with_engine(engine: Path, folder: Path, key: Path) -> subprocess.CompletedProcess:
+    """`run anonymize` of a 32 px crop with a box mask into folder/out, through the CLI."""
+    src = save_png(folder / "face.png", random_image(32))
+    mask = save_png(folder / "mask.png", box_mask(32))
+    return cli("run", "anonymize", src, "--out", folder / "out", "--engine", engine, "--mask", mask, "--key", key)
 
 
 TORCH_STACK = ("torch", "torchvision", "diffusers", "facexlib")

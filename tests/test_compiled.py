@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import REPO, box_mask, cli, random_image, read_rgb, save_png
+from conftest import REPO, anonymize_with_engine, box_mask, cli, edit_manifest, random_image, read_rgb, save_png
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +61,9 @@ def test_verify_proves_the_fused_loop_equal_to_the_plain_functions(models, tmp_p
 
     # from another torch, the hint rebuilds it as jit again
     from revanon_rt.engines import open_engine
-    from revanon_rt.engines.manifest import manifest_digest
     from revanon_rt.errors import UsageError
 
-    manifest = json.loads((engine / "engine.json").read_text())
-    manifest["compiled"]["torch"] = "1.0.0"
-    manifest["digest"] = manifest_digest(manifest)
-    (engine / "engine.json").write_text(json.dumps(manifest))
+    edit_manifest(engine, lambda manifest: manifest["compiled"].update(torch="1.0.0"))
     with pytest.raises(UsageError, match="tied to their torch version.* --backend compiled --compiler jit"):
         open_engine(engine)
 
@@ -159,17 +155,9 @@ def test_an_engine_keeps_a_bounded_number_of_fused_loops(compiled_zero):
 
 
 def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, tmp_path):
-    from revanon_rt.engines.manifest import manifest_digest
-
     engine = shutil.copytree(compiled_zero, tmp_path / "engine")
-    manifest = json.loads((engine / "engine.json").read_text())
-    manifest["compiled"]["torch"] = "1.0.0"
-    manifest["digest"] = manifest_digest(manifest)
-    (engine / "engine.json").write_text(json.dumps(manifest))
-    src = save_png(tmp_path / "face.png", random_image(32))
-    mask = save_png(tmp_path / "mask.png", box_mask(32))
-    result = cli("run", "anonymize", src, "--out", tmp_path / "out", "--engine", engine, "--mask", mask,
-                 "--key", keyfile)
+    edit_manifest(engine, lambda manifest: manifest["compiled"].update(torch="1.0.0"))
+    result = anonymize_with_engine(engine, tmp_path, keyfile)
     assert result.returncode == 2 and "tied to their torch version" in result.stderr
     assert "revanon-rt build" in result.stderr
 
@@ -177,14 +165,10 @@ def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, t
 def test_an_engine_of_an_unknown_compiler_is_refused_with_how_to_rebuild(compiled_zero, tmp_path):
     """A manifest from a later revanon-rt may name a compiler this one lacks: not run as some other engine."""
     from revanon_rt.engines import open_engine
-    from revanon_rt.engines.manifest import manifest_digest
     from revanon_rt.errors import UsageError
 
     engine = shutil.copytree(compiled_zero, tmp_path / "engine")
-    manifest = json.loads((engine / "engine.json").read_text())
-    manifest["compiled"]["compiler"] = "future"
-    manifest["digest"] = manifest_digest(manifest)
-    (engine / "engine.json").write_text(json.dumps(manifest))
+    edit_manifest(engine, lambda manifest: manifest["compiled"].update(compiler="future"))
     with pytest.raises(UsageError, match=r"engine: compiler 'future'.*revanon-rt build"):
         open_engine(engine)
 

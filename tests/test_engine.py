@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, box_mask, cli, random_image, read_rgb, save_png
+from conftest import REPO, anonymize_with_engine, box_mask, cli, edit_manifest, random_image, read_rgb, save_png
 from revanon_rt import container
 
 @pytest.fixture(scope="session")
@@ -248,8 +248,6 @@ class _BoxMasker:
 def test_damaged_engines_are_refused_with_a_rebuild_hint(engines, keyfile, tmp_path, damage, message):
     import shutil
 
-    from revanon_rt.engines.manifest import manifest_digest
-
     engine = shutil.copytree(engines["zero"], tmp_path / "engine")
     manifest_path = engine / "engine.json"
     manifest = json.loads(manifest_path.read_text())
@@ -264,13 +262,8 @@ def test_damaged_engines_are_refused_with_a_rebuild_hint(engines, keyfile, tmp_p
     elif damage == "remove_graph":
         (engine / "unet.onnx").unlink()
     elif damage == "old_format":
-        manifest["format"] = "revanon-engine/0"
-        manifest["digest"] = manifest_digest(manifest)
-        manifest_path.write_text(json.dumps(manifest))
-    src = save_png(tmp_path / "face.png", random_image(32))
-    mask = save_png(tmp_path / "mask.png", box_mask(32))
-    result = cli("run", "anonymize", src, "--out", tmp_path / "out", "--engine", engine, "--mask", mask,
-                 "--key", keyfile)
+        edit_manifest(engine, lambda manifest: manifest.update(format="revanon-engine/0"))
+    result = anonymize_with_engine(engine, tmp_path, keyfile)
     assert result.returncode == 2 and message in result.stderr and "revanon-rt build" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -287,21 +280,19 @@ def test_an_engine_newer_than_the_runtime_says_which_versions_meet(engines, keyf
     import onnx
     import onnxruntime
 
-    from revanon_rt.engines.manifest import file_sha256, manifest_digest
+    from revanon_rt.engines.manifest import file_sha256
 
     engine = shutil.copytree(engines["zero"], tmp_path / "engine")
     graph = onnx.load(str(engine / "unet.onnx"))
     graph.ir_version = 99  # as an engine from a future exporter reads to today's runtime
     onnx.save_model(graph, str(engine / "unet.onnx"))
-    manifest = json.loads((engine / "engine.json").read_text())
-    manifest["graphs"]["unet"]["sha256"] = file_sha256(engine / "unet.onnx")
-    manifest["onnx"]["ir_version"] = 99
-    manifest["digest"] = manifest_digest(manifest)
-    (engine / "engine.json").write_text(json.dumps(manifest))
-    src = save_png(tmp_path / "face.png", random_image(32))
-    mask = save_png(tmp_path / "mask.png", box_mask(32))
-    result = cli("run", "anonymize", src, "--out", tmp_path / "out", "--engine", engine, "--mask", mask,
-                 "--key", keyfile)
+
+    def as_the_future_build_recorded_it(manifest):
+        manifest["graphs"]["unet"]["sha256"] = file_sha256(engine / "unet.onnx")
+        manifest["onnx"]["ir_version"] = 99
+
+    edit_manifest(engine, as_the_future_build_recorded_it)
+    result = anonymize_with_engine(engine, tmp_path, keyfile)
     assert result.returncode == 2, result.stderr
     assert f"onnxruntime {onnxruntime.__version__} cannot load it" in result.stderr
     assert "ONNX IR version 99, opset 18" in result.stderr and "pip install -U onnxruntime" in result.stderr
@@ -314,7 +305,7 @@ def test_verify_passes_on_a_good_engine_and_fails_on_a_perturbed_one(engines, mo
     import onnx
     from onnx import numpy_helper
 
-    from revanon_rt.engines.manifest import file_sha256, manifest_digest
+    from revanon_rt.engines.manifest import file_sha256
 
     good = cli("verify", "--engine", engines["ldm"], "--model", models["ldm"], "--parser", bisenet_pth,
                "--steps", "10", "--json", tmp_path / "good.json")
@@ -349,10 +340,7 @@ def test_verify_passes_on_a_good_engine_and_fails_on_a_perturbed_one(engines, mo
         else:
             pytest.fail(f"no {layer} weight in the exported {graph}")
         onnx.save(model, str(bad / f"{graph}.onnx"))
-        manifest = json.loads((bad / "engine.json").read_text())
-        manifest["graphs"][graph]["sha256"] = file_sha256(bad / f"{graph}.onnx")
-        manifest["digest"] = manifest_digest(manifest)
-        (bad / "engine.json").write_text(json.dumps(manifest))
+        edit_manifest(bad, lambda manifest: manifest["graphs"][graph].update(sha256=file_sha256(bad / f"{graph}.onnx")))
         run = cli("verify", "--engine", bad, "--model", models["ldm"], "--parser", bisenet_pth, "--steps", "10",
                   "--json", tmp_path / f"bad-{graph}.json")
         checks = json.loads((tmp_path / f"bad-{graph}.json").read_text())["checks"]
@@ -512,8 +500,8 @@ def test_base_install_without_torch_runs_an_engine(engines, keyfile, tmp_path):
     assert np.array_equal(read_rgb(tmp_path / "r" / "face.png"), read_rgb(src))
     build = subprocess.run([str(venv / "bin" / "revanon-rt"), "build", "--model", str(REPO / "models" / "demo-lfw64"),
                             "--out", str(tmp_path / "e")], capture_output=True, text=True)
-    assert build.returncode == 2 and "build needs the PyTorch extra (torch is missing): pip install 'revanon-rt[torch]'" \
-        in build.stderr, build.stderr
+    missing = "build needs the PyTorch extra (torch is missing): pip install 'revanon-rt[torch]'"
+    assert build.returncode == 2 and missing in build.stderr, build.stderr
 
 
 def test_a_torch_extra_whose_versions_do_not_fit_is_named_not_called_missing(models, tmp_path):
