@@ -480,11 +480,27 @@ def test_tensorrt_without_tensorrt_names_what_to_install(models, tmp_path):
 
 @pytest.mark.skipif(os.environ.get("REVANON_SKIP_BASE_VENV") == "1", reason="REVANON_SKIP_BASE_VENV=1")
 def test_base_install_without_torch_runs_an_engine(engines, keyfile, tmp_path):
-    """A fresh venv with only the base dependencies (no torch extra) runs `run --engine`."""
+    """A fresh venv with only the base dependencies (no torch extra), each at the floor pyproject.toml states,
+    runs `run --engine` on an engine the newest versions built: an edge box keeps the runtime it came with.
+    The floors have wheels up to Python 3.11; on a newer Python the newest releases stand in."""
+    import re
+    import tomllib
+
+    floors = []
+    if sys.version_info < (3, 12):
+        for requirement in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+            name, floor = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement).groups()
+            floors.append(f"{name}=={floor}.*")
     venv = tmp_path / "base"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(REPO)], capture_output=True, text=True)
+    pip = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(REPO), *floors], capture_output=True,
+                         text=True)
     assert pip.returncode == 0, pip.stderr
+    if floors:
+        versions = subprocess.run([str(venv / "bin" / "python"), "-c", "import onnxruntime, numpy; "
+                                   "print(onnxruntime.__version__, numpy.__version__)"], capture_output=True, text=True)
+        assert versions.stdout.split()[0].startswith("1.17.") and versions.stdout.split()[1].startswith("1.24."), \
+            versions.stdout + versions.stderr
     check = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True)
     assert check.returncode != 0, "the base install must not bring torch"
     src = save_png(tmp_path / "face.png", random_image(32, seed=50))
