@@ -6,7 +6,7 @@
 #   .whl/                    diffusers and facexlib wheels (pure Python; the machine has torch, safetensors, ...)
 #   .whl-dlib/               dlib-bin for the machine's Python (3.12): the landmark masker and the recognizer
 #   .data/compvis-configs/   the CompVis/ldm-celebahq-256 configs                        (issue 4)
-#   .data/lfw-train-1/, -2/  train-128.zip cut in two halves, and its sha256             (issue 5: train)
+#   .data/lfw-train-1/ .. -3/ train-128.zip cut in three parts, and its sha256           (issue 5: train)
 #   .data/lfw-dev/           dev-128.zip and dev_pairs.txt                               (issue 5: eval, photos)
 #   .data/lfw-photos/        dev-250-originals.zip                                       (photos)
 #   .data/dlib-5pt/          dlib's 5-point landmark model and CNN detector (CC0)         (landmark masker)
@@ -20,7 +20,7 @@ done
 LFW=../shared/data/lfw
 PYTHON=${PYTHON:-.venv/bin/python}
 rm -rf .data/lfw-train .data/face-models  # the earlier layout, whose calls no longer fit beside the checkout
-mkdir -p .whl .whl-dlib .data/compvis-configs .data/lfw-train-1 .data/lfw-train-2 .data/lfw-dev .data/lfw-photos \
+mkdir -p .whl .whl-dlib .data/compvis-configs .data/lfw-train-{1,2,3} .data/lfw-dev .data/lfw-photos \
   .data/dlib-5pt .data/dlib-recognizer
 if [ -z "${SKIP_DOWNLOADS:-}" ]; then
   python3 -m pip download -q --no-deps --only-binary=:all: -d .whl \
@@ -29,9 +29,10 @@ if [ -z "${SKIP_DOWNLOADS:-}" ]; then
     --platform manylinux_2_28_x86_64 -d .whl-dlib dlib-bin==20.0.1.post1
 fi
 cp ../shared/spec/compvis-ldm-celebahq-256/*.json .data/compvis-configs/
-half=$(( $(stat -c %s $LFW/train-128.zip) / 2 ))
-head -c $half $LFW/train-128.zip > .data/lfw-train-1/train-128.zip.part1
-tail -c +$((half + 1)) $LFW/train-128.zip > .data/lfw-train-2/train-128.zip.part2
+# three parts since the 128 px model is committed: a half beside the checkout and the wheels is over 64 MiB
+rm -f .data/lfw-train-*/train-128.zip.part*
+(cd .data && split -n 3 -d -a 1 --numeric-suffixes=1 ../$LFW/train-128.zip train-128.zip.part)
+for part in 1 2 3; do mv .data/train-128.zip.part$part .data/lfw-train-$part/; done
 (cd $LFW && sha256sum train-128.zip) > .data/lfw-train-1/train-128.zip.sha256
 cp $LFW/dev-128.zip $LFW/dev_pairs.txt .data/lfw-dev/
 cp $LFW/dev-250-originals.zip .data/lfw-photos/
@@ -47,7 +48,8 @@ from pathlib import Path
 CALLS = [
     ("issue 4, first call", False, [".whl", ".data/compvis-configs"]),
     ("issue 5 train, call 1: install", False, [".whl", ".data/lfw-train-1"]),
-    ("issue 5 train, call 2: train", False, [".data/lfw-train-2"]),
+    ("issue 5 train, call 2: install", False, [".data/lfw-train-2"]),
+    ("issue 5 train, call 3: train", False, [".data/lfw-train-3"]),
     ("issue 5 eval, call 1: install", True, [".whl", ".whl-dlib", ".data/lfw-dev"]),
     ("issue 5 eval, call 2: transform", True, [".data/dlib-5pt"]),
     ("issue 5 eval, call 3: score", True, [".data/dlib-recognizer"]),

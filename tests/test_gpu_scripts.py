@@ -39,13 +39,14 @@ def script_env(tmp_path):
     return env
 
 
-def test_train_joins_the_carried_halves_checks_them_and_sends_back_at_most_8_files(script_env, tmp_path):
+def test_train_joins_the_carried_parts_checks_them_and_sends_back_at_most_8_files(script_env, tmp_path):
     data = tmp_path / "data"
     zip_path = crops_zip(tmp_path / "train-128.zip", {f"P{i}/P{i}_0001.png": random_image(32, seed=i) for i in range(6)})
     whole = zip_path.read_bytes()
-    for part, chunk in ((1, whole[: len(whole) // 2]), (2, whole[len(whole) // 2:])):
+    cuts = [0, len(whole) // 3, 2 * len(whole) // 3, len(whole)]
+    for part in (1, 2, 3):
         (data / f"lfw-train-{part}").mkdir(parents=True)
-        (data / f"lfw-train-{part}" / f"train-128.zip.part{part}").write_bytes(chunk)
+        (data / f"lfw-train-{part}" / f"train-128.zip.part{part}").write_bytes(whole[cuts[part - 1]:cuts[part]])
     (data / "lfw-train-1" / "train-128.zip.sha256").write_text(f"{hashlib.sha256(whole).hexdigest()}  train-128.zip\n")
     env = dict(script_env, OUT=str(tmp_path / "out"), MODEL=str(tmp_path / "work" / "models" / "demo-lfw128"),
                TRAIN_ARGS="--architecture tiny --resolution 32 --batch 4 --max-steps 2 --samples 1")
@@ -56,12 +57,12 @@ def test_train_joins_the_carried_halves_checks_them_and_sends_back_at_most_8_fil
     missing = stage("train", "1", env=env)
     assert missing.returncode == 2 and "carry .data/lfw-train-2" in missing.stderr
 
-    (tmp_path / "aside").write_bytes(whole[len(whole) // 2: -1] + b"x")
+    (tmp_path / "aside").write_bytes(whole[cuts[1]:cuts[2] - 1] + b"x")
     shutil.move(tmp_path / "aside", second)
     corrupt = stage("train", "1", env=env)
     assert corrupt.returncode == 2 and "does not match its sha256" in corrupt.stderr
 
-    second.write_bytes(whole[len(whole) // 2:])
+    second.write_bytes(whole[cuts[1]:cuts[2]])
     trained = stage("train", "1", env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
     sent = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
