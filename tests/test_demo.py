@@ -27,14 +27,15 @@ def test_main_job_with_defaults(tmp_path):
     if demo_model() is None:
         assert report["face"] == "drawn" and report["recovered_bit_exact"], report
     else:
-        # The CPU-trained demo model does not bring faces back (README, the recovery budget); what must
+        # The committed demo models do not bring faces back (README, the recovery budget); what must
         # hold on any model is a sampled face, and every pixel outside the mask untouched both ways.
         assert report["face"].startswith("sampled"), report
         assert np.array_equal(anonymized[~mask], face[~mask]) and np.array_equal(recovered[~mask], face[~mask])
     side = face.shape[0]
     scale = max(1, 256 // side)
     assert Image.open(out / "side_by_side.png").size == ((4 * side + 3 * 4) * scale, side * scale)
-    again = cli("demo", "--out", out)
+    # the face is sampled at 50 steps whatever --steps says, so a short transform still shows it is the same
+    again = cli("demo", "--out", out, "--steps", "2")
     assert again.returncode == 0, again.stderr
     assert np.array_equal(_png(out / "face.png"), face), "the same face on every run"
 
