@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -30,6 +32,21 @@ def _share_the_cores_between_workers() -> None:
 
 _share_the_cores_between_workers()
 
+
+
+@pytest.fixture(autouse=True)
+def signal_handling_is_left_as_found():
+    """Code run in-process must give back Ctrl-C as it found it: a handler or a blocked mask left behind
+    would swallow a host program's Ctrl-C (and, here, break the tests after it in the same worker)."""
+    def state():
+        return signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = state()
+    yield
+    assert state() == before, f"SIGINT's handler or the blocked signals changed: {before} -> {state()}"
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):

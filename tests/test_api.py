@@ -328,12 +328,29 @@ def test_a_caller_interrupted_while_waiting_for_its_turn_stalls_no_one():
     holder.start()
     while turns._issued < 1:
         time.sleep(0.01)
-    main = threading.main_thread().ident
-    threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+    main, interrupted = threading.main_thread().ident, threading.Event()
+
+    def ctrl_c_once(signum, frame):  # Ctrl-C as Python's own handler raises it, and later presses ignored
+        if not interrupted.is_set():
+            interrupted.set()
+            raise KeyboardInterrupt
+
+    def press_ctrl_c():  # until it lands: once, on a loaded CI machine, a single SIGINT never interrupted the wait
+        while turns._issued < 2:
+            time.sleep(0.01)
+        while not interrupted.wait(0.3):
+            signal.pthread_kill(main, signal.SIGINT)
+
     behind = threading.Thread(target=wait_in_line, daemon=True)
-    with pytest.raises(KeyboardInterrupt):
-        with turns:  # ticket 1, interrupted while the holder has ticket 0
-            order.append("interrupted")
+    previous = signal.signal(signal.SIGINT, ctrl_c_once)
+    try:
+        threading.Thread(target=press_ctrl_c, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            with turns:  # ticket 1, interrupted while the holder has ticket 0
+                order.append("interrupted")
+    finally:
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
     behind.start()  # ticket 2
     while turns._issued < 3:
         time.sleep(0.01)
