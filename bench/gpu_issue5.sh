@@ -63,12 +63,14 @@ gather_face_models() {
 }
 
 train_zip() {  # the three parts of train-128.zip, joined and checked once per machine
-  local zip=$WORK/data/train-128.zip part
+  local zip=$WORK/data/train-128.zip parts=() part
   if [ ! -f $zip ]; then
-    for part in 1 2 3; do need $DATA/lfw-train-$part/train-128.zip.part$part .data/lfw-train-$part; done
+    for part in 1 2 3; do
+      parts+=($DATA/lfw-train-$part/train-128.zip.part$part)
+      need ${parts[-1]} .data/lfw-train-$part
+    done
     mkdir -p $WORK/data
-    cat $DATA/lfw-train-1/train-128.zip.part1 $DATA/lfw-train-2/train-128.zip.part2 \
-      $DATA/lfw-train-3/train-128.zip.part3 > $zip.tmp
+    cat "${parts[@]}" > $zip.tmp
     [ "$(sha256sum < $zip.tmp | cut -d' ' -f1)" = "$(cut -d' ' -f1 $DATA/lfw-train-1/train-128.zip.sha256)" ] \
       || { echo "the joined train-128.zip does not match its sha256" >&2; exit 2; }
     mv $zip.tmp $zip

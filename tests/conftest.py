@@ -33,7 +33,6 @@ def _share_the_cores_between_workers() -> None:
 _share_the_cores_between_workers()
 
 
-
 @pytest.fixture(autouse=True)
 def signal_handling_is_left_as_found():
     """Code run in-process must give back Ctrl-C as it found it: a handler or a blocked mask left behind
@@ -47,6 +46,7 @@ def signal_handling_is_left_as_found():
     before = state()
     yield
     assert state() == before, f"SIGINT's handler or the blocked signals changed: {before} -> {state()}"
+
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory):
