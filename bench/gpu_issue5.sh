@@ -15,6 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/out}
+# EVAL_FIRST=800 starts eval-transform at that pair, for a window that finishes an earlier one's evaluation.
 # overridable for a CPU smoke run of this script: PYTHON, DEVICE, WORK, SITE, MODEL, EVAL_PAIRS, EVAL_CHUNK,
 # EVAL_BATCH, EVAL_ARGS, TRAIN_ARGS, PHOTOS, EXAMPLE_ARGS, BUDGET_ARGS, DRIFT_ARGS, DRIFT_STEPS, WHEELS, DATA
 PYTHON=${PYTHON:-python3}
@@ -22,6 +23,7 @@ DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/rt}
 SITE=${SITE:-/tmp/site}
 MODEL=${MODEL:-$WORK/models/demo-lfw128}
+EVAL_FIRST=${EVAL_FIRST:-0}
 EVAL_PAIRS=${EVAL_PAIRS:-1200}
 EVAL_CHUNK=${EVAL_CHUNK:-200}
 EVAL_BATCH=${EVAL_BATCH:-64}
@@ -78,7 +80,7 @@ train_zip() {  # the three parts of train-128.zip, joined and checked once per m
   echo $zip
 }
 
-chunk_starts() { seq 0 $EVAL_CHUNK $((EVAL_PAIRS - 1)); }
+chunk_starts() { seq $EVAL_FIRST $EVAL_CHUNK $((EVAL_PAIRS - 1)); }
 
 chunk_dir() {
   local start=$1 end=$(($1 + EVAL_CHUNK < EVAL_PAIRS ? $1 + EVAL_CHUNK : EVAL_PAIRS))
@@ -153,6 +155,10 @@ photos)
   need $dev/dev-128.zip .data/lfw-dev
   gather_face_models shape_predictor_5_face_landmarks.dat mmod_human_face_detector.dat
   mkdir -p $OUT/results
+  # what goes back must be this call's: the checkout may hold earlier runs' results under the same names
+  made=(bench/results/recovery-budget-$name.{md,json})
+  for steps in $DRIFT_STEPS; do made+=(bench/results/inversion-drift-$name-$steps.{md,json}); done
+  rm -f "${made[@]}"
   # each part runs whatever happened to the one before (a model whose samples dlib misses still gets its
   # recovery budget and drift measured); the README's figure first, since what a timeout cuts is the tail
   failed=()
@@ -164,13 +170,14 @@ photos)
     run_part $PYTHON bench/inversion_drift.py --model $MODEL --device $DEVICE --images $dev/dev-128.zip $DRIFT_ARGS \
       --steps $steps
   done
-  cp bench/results/recovery-budget-$name.* bench/results/inversion-drift-$name-*.* $OUT/results/ 2>/dev/null || true
+  for result in "${made[@]}"; do [ ! -f $result ] || cp $result $OUT/results/; done
   [ ${#failed[@]} = 0 ] || { echo "failed: ${failed[*]} (photos.log)" >&2; exit 1; }
   ;;
 photo-recovery)  # identities too: the recognizer, which travels in a call of its own
   need $DATA/lfw-photos/dev-250-originals.zip .data/lfw-photos
   gather_face_models shape_predictor_5_face_landmarks.dat dlib_face_recognition_resnet_model_v1.dat
   mkdir -p $OUT/results
+  rm -f bench/results/photo-recovery-$name.*
   $PYTHON bench/photo_recovery.py --model $MODEL --device $DEVICE --photos $PHOTOS \
     --originals $DATA/lfw-photos/dev-250-originals.zip
   cp bench/results/photo-recovery-$name.* $OUT/results/

@@ -68,7 +68,9 @@ for window in $WINDOWS; do
       small="EXAMPLE_ARGS='--tries 1' BUDGET_ARGS='--count 2 --steps 2' DRIFT_ARGS='--count 2' DRIFT_STEPS='2 3'"
       # an untrained model's samples hold no face dlib can find: the example part fails, the rest must not
       call P2 ".data/dlib-5pt" "$(with_model "$small bash bench/gpu_issue5.sh photos; test \$? = 1 && grep -q 'dlib did not find all' \$OUT/photos.log && test \$(ls \$OUT/results | wc -l) = 6")"
-      call P3 ".data/dlib-recognizer" "$(with_model "PHOTOS=1 bash bench/gpu_issue5.sh photo-recovery")"
+      # window B's last pairs first, as bench/GPU.md's call 3 runs them; each part runs whatever the other did
+      eval="EVAL_FIRST=2 EVAL_PAIRS=4 EVAL_CHUNK=2 EVAL_BATCH=2 EVAL_ARGS='--steps 3 --candidates 3'"
+      call P3 ".data/dlib-recognizer" "$(with_model "$eval bash bench/gpu_issue5.sh eval; e=\$?; MODEL=models/demo-lfw128 PHOTOS=1 bash bench/gpu_issue5.sh photo-recovery && test \$e = 0 && tar tzf \$OUT/eval/chunks.tgz | grep -q chunk-00002-00004/features.npz")"
     fi
     ;;
   4)

@@ -9,6 +9,9 @@ this still misses, the method costs.
 
     python bench/oracle_eval.py --model models/demo-lfw64 [--limit 1200] [--out bench/work/eval-oracle]
         [--patch 4 --channels 8 --name eval-oracle-latent-p4c8-dev]
+
+A run too long for one sitting goes in pieces: `--start 600 --extend bench/results/NAME.json` runs pairs
+600 on and adds them to the summary of the pairs before, at its threshold (`revanon-rt eval-merge --extend`).
 """
 
 from __future__ import annotations
@@ -78,16 +81,20 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=0,
                         help="run the ideal ε in the latent of a linear patch autoencoder with this patch side")
     parser.add_argument("--channels", type=int, default=8, help="latent channels of --patch")
-    parser.add_argument("--limit", type=int, default=None, help="first pairs only (default: all)")
+    parser.add_argument("--start", type=int, default=0, help="first pair to run")
+    parser.add_argument("--limit", type=int, default=None, help="this many pairs only (default: all from --start)")
+    parser.add_argument("--extend", type=Path, default=None,
+                        help="an earlier piece's summary (.json) to add these pairs to, at its threshold")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--out", type=Path, default=WORK / "eval-oracle")
     parser.add_argument("--name", default="eval-oracle-dev")
     args = parser.parse_args()
 
-    from revanon_rt.evaluate import ZipImages, markdown, read_pairs, run_score, run_transform, summarize
+    from revanon_rt.evaluate import ZipImages, combine, markdown, read_pairs, run_score, run_transform, summarize
     from revanon_rt.faces import LandmarksMasker, Recognizer
     from revanon_rt.reference import TorchReference
 
+    base = json.loads(args.extend.read_text()) if args.extend else None  # unreadable: fail before the long run
     reference = TorchReference(args.model)
     if reference.layout.autoencoder:
         raise SystemExit("the ideal ε works in pixel space: pass a pixel-space --model for its size and schedule")
@@ -95,9 +102,11 @@ def main() -> None:
     backend = IdealBackend(reference, training_crops(args.train, reference.image_size, args.fit), args.components,
                            args.patch, args.channels)
     print(f"fitted in {time.perf_counter() - started:.0f} s", flush=True)
-    pairs = read_pairs(args.pairs)[: args.limit]
+    pairs = read_pairs(args.pairs)[args.start:][: args.limit]
+    if not pairs:
+        raise SystemExit(f"{args.pairs} has no pairs from {args.start} on")
     images = ZipImages(args.images, backend.image_size)
-    chunk = args.out / f"chunk-00000-{len(pairs):05d}"
+    chunk = args.out / f"chunk-{args.start:05d}-{args.start + len(pairs):05d}"
     last = {"phase": None, "n": 0, "time": time.monotonic()}
 
     def tick(phase: str, n: int) -> None:
@@ -112,14 +121,19 @@ def main() -> None:
     run_transform(backend, pairs, images, chunk, masker=LandmarksMasker(), batch=args.batch, progress=tick,
                   genuine_only=True)
     run_score(chunk, images, Recognizer(), progress=tick)
-    summary = summarize([chunk / "features.npz"])
+    if base is None:
+        summary = summarize([chunk / "features.npz"])
+    else:
+        summary = combine(base, summarize([chunk / "features.npz"], threshold=base["threshold_cosine_far_0.1%"],
+                                          counted=set(base["target_images"])))
     summary["ideal_eps"] = {"model_schedule": str(args.model), "fit": args.fit, "components": backend.components,
                             "floor_variance": backend.floor, "patch": args.patch,
                             "channels": args.channels if args.patch else None}
-    summary["wall_seconds"] = time.perf_counter() - started
+    summary["wall_seconds"] = time.perf_counter() - started + (base["wall_seconds"] if base else 0.0)
     summary["machine"] = machine()
     space = f", in a {'x'.join(map(str, backend.latent_shape))} linear patch latent" if args.patch else ""
-    title = (f"LFW dev pairs 0..{len(pairs) - 1} with an ideal ε (Gaussian fitted to {args.fit} training crops, "
+    covered = ", ".join(f"{int(c.split('-')[1])}..{int(c.split('-')[2]) - 1}" for c in summary["chunks"])
+    title = (f"LFW dev pairs {covered} with an ideal ε (Gaussian fitted to {args.fit} training crops, "
              f"{backend.image_size} px{space}, schedule of {args.model.name})")
     (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(summary, title))

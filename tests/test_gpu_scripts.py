@@ -83,8 +83,13 @@ def test_eval_transforms_then_scores_when_the_recognizer_arrives(script_env, mod
     (data / "dlib-recognizer").rename(tmp_path / "recognizer-not-yet")
     env = dict(script_env, OUT=str(tmp_path / "out"), MODEL=str(models["pixel"]), EVAL_PAIRS="6", EVAL_CHUNK="3",
                EVAL_BATCH="4", EVAL_ARGS="--steps 5 --candidates 5")
+    # a later window finishing an evaluation starts where the earlier one stopped
+    later_part = stage("eval-transform", env=dict(env, EVAL_FIRST="3"))
+    assert later_part.returncode == 0, later_part.stderr[-3000:]
+    assert [c.name for c in (tmp_path / "work" / "eval").glob("chunk-*")] == ["chunk-00003-00006"]
     transformed = stage("eval-transform", env=env)
     assert transformed.returncode == 0, transformed.stderr[-3000:]
+    assert transformed.stdout.count("transforms written") == 1
     early = stage("eval-score", env=env)
     assert early.returncode == 2 and "carry .data/dlib-recognizer" in early.stderr
 
@@ -110,6 +115,10 @@ def test_photos_stage_measures_the_rest_when_its_example_fails(script_env, model
     checkout = tmp_path / "checkout"
     for folder in ("revanon_rt", "engines", "export", "bench", "docs"):
         shutil.copytree(REPO / folder, checkout / folder, ignore=shutil.ignore_patterns("results", "__pycache__"))
+    # committed results of the same model, as the checkout carries the CPU's: none may go back as this call's
+    (checkout / "bench" / "results").mkdir()
+    for stale in ("inversion-drift-pixel-50.md", "recovery-budget-pixel.md", "photo-recovery-pixel.md"):
+        (checkout / "bench" / "results" / stale).write_text("an earlier run\n")
     data = tmp_path / "data"
     for folder, source in (("lfw-dev", SHARED / "data" / "lfw" / "dev-128.zip"),
                            ("lfw-photos", SHARED / "data" / "lfw" / "dev-250-originals.zip")):
@@ -132,6 +141,7 @@ def test_photos_stage_measures_the_rest_when_its_example_fails(script_env, model
     assert results == ["inversion-drift-pixel-2.json", "inversion-drift-pixel-2.md", "inversion-drift-pixel-3.json",
                        "inversion-drift-pixel-3.md", "recovery-budget-pixel.json", "recovery-budget-pixel.md"]
     budget = json.loads((out / "results" / "recovery-budget-pixel.json").read_text())
+    assert "an earlier run" not in (out / "results" / "recovery-budget-pixel.md").read_text()
     assert budget["fingerprint"] and "dlib did not find all 3 sampled faces for seeds 3..4" in (out / "photos.log").read_text()
 
     assert len([p for p in out.rglob("*") if p.is_file()]) <= 8
