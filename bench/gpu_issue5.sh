@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/out}
-# EVAL_FIRST=800 starts eval-transform at that pair, for a window that finishes an earlier one's evaluation.
+# EVAL_FIRST=800 starts eval-transform and eval-score at that pair: a window finishing an earlier one's evaluation.
 # overridable for a CPU smoke run of this script: PYTHON, DEVICE, WORK, SITE, MODEL, EVAL_PAIRS, EVAL_CHUNK,
 # EVAL_BATCH, EVAL_ARGS, TRAIN_ARGS, PHOTOS, EXAMPLE_ARGS, BUDGET_ARGS, DRIFT_ARGS, DRIFT_STEPS, WHEELS, DATA
 PYTHON=${PYTHON:-python3}
