@@ -90,11 +90,12 @@ def main() -> None:
     parser.add_argument("--name", default="eval-oracle-dev")
     args = parser.parse_args()
 
-    from revanon_rt.evaluate import ZipImages, combine, markdown, read_pairs, run_score, run_transform, summarize
+    from revanon_rt.evaluate import (ZipImages, extended, markdown, pair_ranges, read_pairs, read_summary, run_score,
+                                     run_transform, summarize)
     from revanon_rt.faces import LandmarksMasker, Recognizer
     from revanon_rt.reference import TorchReference
 
-    base = json.loads(args.extend.read_text()) if args.extend else None  # unreadable: fail before the long run
+    base = read_summary(args.extend) if args.extend else None  # one that cannot be extended fails before the run
     reference = TorchReference(args.model)
     if reference.layout.autoencoder:
         raise SystemExit("the ideal ε works in pixel space: pass a pixel-space --model for its size and schedule")
@@ -121,19 +122,14 @@ def main() -> None:
     run_transform(backend, pairs, images, chunk, masker=LandmarksMasker(), batch=args.batch, progress=tick,
                   genuine_only=True)
     run_score(chunk, images, Recognizer(), progress=tick)
-    if base is None:
-        summary = summarize([chunk / "features.npz"])
-    else:
-        summary = combine(base, summarize([chunk / "features.npz"], threshold=base["threshold_cosine_far_0.1%"],
-                                          counted=set(base["target_images"])))
+    summary = summarize([chunk / "features.npz"]) if base is None else extended(base, [chunk / "features.npz"])
     summary["ideal_eps"] = {"model_schedule": str(args.model), "fit": args.fit, "components": backend.components,
                             "floor_variance": backend.floor, "patch": args.patch,
                             "channels": args.channels if args.patch else None}
     summary["wall_seconds"] = time.perf_counter() - started + (base["wall_seconds"] if base else 0.0)
     summary["machine"] = machine()
     space = f", in a {'x'.join(map(str, backend.latent_shape))} linear patch latent" if args.patch else ""
-    covered = ", ".join(f"{int(c.split('-')[1])}..{int(c.split('-')[2]) - 1}" for c in summary["chunks"])
-    title = (f"LFW dev pairs {covered} with an ideal ε (Gaussian fitted to {args.fit} training crops, "
+    title = (f"LFW dev pairs {pair_ranges(summary['chunks'])} with an ideal ε (Gaussian fitted to {args.fit} training crops, "
              f"{backend.image_size} px{space}, schedule of {args.model.name})")
     (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(summary, title))

@@ -523,20 +523,30 @@ def merge_chunks(folder: Path, title: str, extend: Path | None = None) -> dict:
     else:
         if extend.resolve() == (folder / "metrics.json").resolve():
             raise UsageError(f"{extend}: the summary to extend would be overwritten; copy it out of {folder} first")
-        try:
-            base = json.loads(extend.read_text())
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{extend}: cannot read it ({exc})") from None
-        if not isinstance(base, dict) or not {"threshold_cosine_far_0.1%", "chunks"} <= base.keys():
-            raise UsageError(f"{extend}: not an eval summary (metrics.json)")
-        if "target_images" not in base:
-            raise UsageError(f"{extend}: made before summaries kept the names of the images they count, so an image "
-                             "that the added chunks share with it would count twice; merge all the chunks in one folder")
-        summary = combine(base, summarize(files, threshold=base["threshold_cosine_far_0.1%"],
-                                          counted=set(base["target_images"])))
+        summary = extended(read_summary(extend), files)
     (folder / "metrics.json").write_text(json.dumps(summary, indent=1))
     (folder / "metrics.md").write_text(markdown(summary, title))
     return summary
+
+
+def read_summary(path: Path) -> dict:
+    """A summary (metrics.json) that more chunks can be added to."""
+    try:
+        base = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: cannot read it ({exc})") from None
+    if not isinstance(base, dict) or not {"threshold_cosine_far_0.1%", "chunks"} <= base.keys():
+        raise UsageError(f"{path}: not an eval summary (metrics.json)")
+    if "target_images" not in base:
+        raise UsageError(f"{path}: made before summaries kept the names of the images they count, so an image "
+                         "that the added chunks share with it would count twice; merge all the chunks in one folder")
+    return base
+
+
+def extended(base: dict, feature_files: list[Path]) -> dict:
+    """base with these chunks added, scored at its threshold, for runs whose earlier chunks are gone."""
+    return combine(base, summarize(feature_files, threshold=base["threshold_cosine_far_0.1%"],
+                                   counted=set(base["target_images"])))
 
 
 def summarize(feature_files: list[Path], threshold: float | None = None, counted: set[str] = frozenset()) -> dict:
