@@ -40,6 +40,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+# PyTorch's cap, in MiB, on the workspace of the cuDNN convolution algorithms it may pick; a row run under it
+# is labelled, since the cap changes the algorithms and so the speed and memory
+CUDNN_WORKSPACE_CAP = "CUDNN_CONV_WSCAP_DBG"
 CONFIGS = [  # (name, precision, batch, what it answers)
     ("fp32-b1", "fp32", 1, "strict fp32 latency, speed-up over eager"),
     ("fp32-b8", "fp32", 8, "strict fp32 throughput: the 70%-of-peak target"),
@@ -273,11 +276,40 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
     result = {"config": name, "precision": precision, "batch": batch, "compiler": compiler,
               "inductor_overrides": inductor_overrides, "conv_lowering": conv_lowering, "build_seconds": build_s,
               "engine_reused": build_s is None,
+              "cudnn_workspace_cap_mib": os.environ.get(CUDNN_WORKSPACE_CAP),
               "seconds_per_batch": seconds, "seconds_per_face": seconds / batch, "faces_per_second": batch / seconds,
               "flop_floor_seconds_per_face": floor, "fraction_of_fp32_floor": floor / (seconds / batch),
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+    if device == "cuda":
+        try:
+            result["peak_memory_gib_by_model"] = peak_memory_by_model(backend, x, rgb)
+        except Exception as exc:  # a diagnosis: the timed row must be kept whatever it meets
+            result["peak_memory_gib_by_model_error"] = repr(exc)[:500]
     rec("compiled", **result)
     return backend
+
+
+def peak_memory_by_model(backend, x: np.ndarray, rgb: np.ndarray) -> dict:
+    """Each model called alone at the engine's batch, outside the CUDA graph: whether one of them (cuDNN's
+    workspace for its convolutions, say) or the graph's own memory pool holds the whole run's peak."""
+    import torch
+
+    from revanon_rt.pixels import to_unit
+
+    z = np.zeros((backend.batch, *backend.latent_shape), np.float32)
+    calls = {"encoder": lambda: backend.encode(x), "unet": lambda: backend.eps(z, 500),
+             "decoder": lambda: backend.decode(z)}
+    if backend.can_parse:
+        calls["parser"] = lambda: backend.parse(to_unit(rgb))
+    peaks = {}
+    for model, call in calls.items():
+        free_device_memory()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        peaks[model] = (torch.cuda.max_memory_allocated() - before) / 2**30
+    return peaks
 
 
 def verify_stage(name, precision, backend, model, parser, device, steps, replays, rec) -> None:
@@ -339,9 +371,18 @@ def markdown(records: list[dict]) -> str:
             variant = f" {r['compiler']}" if r.get("compiler", "aot") != "aot" else ""
             variant += " convs as GEMM" if r.get("conv_lowering", "native") == "gemm" else ""
             variant += "".join(f" [{k}={v}]" for k, v in r.get("inductor_overrides", {}).items())
+            if r.get("cudnn_workspace_cap_mib"):
+                variant += f" [cuDNN workspace ≤ {r['cudnn_workspace_cap_mib']} MiB]"
             lines.append(f"| compiled {r['precision']}{variant}, batch {r['batch']} | {r['seconds_per_batch']:.3f} | "
                          f"{r['seconds_per_face']:.3f} | {r['faces_per_second']:.2f} | "
                          f"{100 * r['fraction_of_fp32_floor']:.0f}% | {speed} | {mem} |")
+    by_model = [r for r in records if r["stage"] == "compiled" and r.get("peak_memory_gib_by_model")]
+    if by_model:
+        lines += ["", "Peak GiB of each model called alone at the engine's batch, outside the CUDA graph, above what "
+                      "the engine already held:", ""]
+        lines += [f"- {r['config']} {r['compiler']}: " + ", ".join(f"{m} {g:.2f}" for m, g in
+                                                                 r["peak_memory_gib_by_model"].items())
+                  for r in by_model]
     for r in records:
         if r["stage"] == "verify":
             verdict = ("passed" if r["passed"] else "FAILED") if r.get("precision", "fp32") == "fp32" else \

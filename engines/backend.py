@@ -40,6 +40,20 @@ class EngineBuilder(Protocol):
     def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict: ...
 
 
+def in_batches(call, batch: int, *arrays: np.ndarray) -> np.ndarray:
+    """call(*chunks) on chunks of exactly `batch` rows; the last is padded by repeating its
+    last row, which is harmless because every graph treats batch rows independently."""
+    n = arrays[0].shape[0]
+    outputs = []
+    for start in range(0, n, batch):
+        chunk = [a[start:start + batch] for a in arrays]
+        short = batch - chunk[0].shape[0]
+        if short:
+            chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
+        outputs.append(call(*chunk)[: batch - short])
+    return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+
 class EngineBackend:
     def __init__(self, engine: Engine):
         manifest = engine.manifest
@@ -64,17 +78,7 @@ class EngineBackend:
         return self.noise.for_steps(steps)
 
     def _batched(self, call, *arrays: np.ndarray) -> np.ndarray:
-        """call(*chunks) on chunks of exactly `batch` rows; the last is padded by repeating its
-        last row, which is harmless because every graph treats batch rows independently."""
-        n = arrays[0].shape[0]
-        outputs = []
-        for start in range(0, n, self.batch):
-            chunk = [a[start:start + self.batch] for a in arrays]
-            short = self.batch - chunk[0].shape[0]
-            if short:
-                chunk = [np.concatenate([c, np.repeat(c[-1:], short, axis=0)]) for c in chunk]
-            outputs.append(call(*chunk)[: self.batch - short])
-        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+        return in_batches(call, self.batch, *arrays)
 
     def _run(self, graph: str, *arrays: np.ndarray) -> np.ndarray:
         return self._batched(lambda *chunk: self.engine.run(graph, dict(zip(self._inputs[graph], chunk))), *arrays)

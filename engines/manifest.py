@@ -44,9 +44,8 @@ def rebuild_hint(engine_dir: Path, manifest: dict | None = None) -> str:
         words += ["--batch", str(manifest["batch"])]
     if manifest.get("precision", "fp32") != "fp32":
         words += ["--precision", manifest["precision"]]
-    compiler = manifest.get("compiled", {}).get("compiler", "aot")
-    if compiler != "aot":
-        words += ["--compiler", compiler]
+    if manifest.get("backend") == "compiled":  # explicit: the default compiler depends on the precision
+        words += ["--compiler", manifest.get("compiled", {}).get("compiler", "aot")]
     conv_lowering = manifest.get("compiled", {}).get("conv_lowering", "native")
     if conv_lowering != "native":
         words += ["--conv-lowering", conv_lowering]

@@ -30,7 +30,10 @@ class ExportDescriptor:
     sample: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     def torch_args(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.from_numpy(self.sample[spec.name]).to(device) for spec in self.inputs)
+        # contiguous, as every engine feeds its graphs: an exported program is traced for its sample's strides,
+        # and a sample in another layout (a CPU encoder's output can be channels-last) lets export drop a
+        # .contiguous() that a later .view() needs, which then fails on eager kernels at run time
+        return tuple(torch.from_numpy(np.ascontiguousarray(self.sample[spec.name])).to(device) for spec in self.inputs)
 
 
 def _smooth_images(batch: int, size: int, rng: np.random.Generator, low: float, high: float) -> np.ndarray:

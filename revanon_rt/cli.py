@@ -523,12 +523,12 @@ def build_cmd(
                                "compiled engine will run."),
     precision: Precision = typer.Option(Precision.fp32, "--precision",
                                         help="compiled only: fp32 (strict, default), or the fast tf32, fp16, bf16."),
-    compiler: Compiler = typer.Option(Compiler.aot, "--compiler",
-                                      help="compiled only: aot stores AOTInductor packages; jit stores exported "
-                                           "programs and compiles them whenever the engine loads, for a torch "
-                                           "whose AOTInductor loader crashes; eager runs the exported programs "
-                                           "on PyTorch's own kernels (eager PyTorch's numbers, bit for bit, "
-                                           "in the same fused loop and CUDA graph; slower than Inductor)."),
+    compiler: Optional[Compiler] = typer.Option(
+        None, "--compiler", show_default=False,
+        help="compiled only: eager (the default for fp32) runs the exported programs on PyTorch's own kernels, "
+             "eager PyTorch's numbers bit for bit, in the fused loop and CUDA graph; aot (the default for "
+             "tf32, fp16 and bf16) stores AOTInductor packages; jit stores exported programs and compiles them "
+             "with Inductor whenever the engine loads, for a torch whose AOTInductor loader crashes."),
     conv_lowering: ConvLowering = typer.Option(
         ConvLowering.native, "--conv-lowering",
         help="compiled only: native convolutions (cuDNN on a GPU), or gemm: the UNet's and the autoencoder's "
@@ -540,17 +540,18 @@ def build_cmd(
 ) -> None:
     """Export the UNet, the autoencoder and BiSeNet to engines, and record their parity with PyTorch."""
     try:
-        from .engines import engine_class
+        from .engines import default_compiler, engine_class
         from .export.build import build_engine
 
         check_device_name(device)
         device = resolve_device(device)
         if backend is not EngineBackendName.compiled:
-            for flag, value, default in (("--compiler", compiler, Compiler.aot),
+            for flag, value, default in (("--compiler", compiler, None),
                                          ("--conv-lowering", conv_lowering, ConvLowering.native)):
                 if value is not default:
                     raise UsageError(f"{flag} {value.value} is for --backend compiled")
-        chosen = engine_class(backend.value, compiler=compiler.value, conv_lowering=conv_lowering.value)
+        compiler_name = compiler.value if compiler else default_compiler(precision.value)
+        chosen = engine_class(backend.value, compiler=compiler_name, conv_lowering=conv_lowering.value)
         path = build_engine(chosen, model, out, parser=parser, batch=batch, overwrite=overwrite, device=device,
                             precision=precision.value, log=say)
     except ImportError as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .engines.backend import in_batches
 from .errors import UsageError
 from .keys import flip_pattern, flip_subkey
 from .masks import face_map_from_image, latent_mask
@@ -101,12 +102,38 @@ def _fused_rows(engine, rgb: np.ndarray, mask: np.ndarray, steps: int, replays: 
     return rows, to_u8(runs[0])[0]
 
 
+class AtEngineBatch:
+    """The reference fed the batches the engine runs. An engine of batch N runs one image as N copies of
+    it, and a kernel may round differently at another batch size (the CPU's convolutions do, by about 1e-6),
+    so eager PyTorch is compared with the engine on the same calls."""
+
+    def __init__(self, reference, batch: int):
+        self.reference, self.engine_batch = reference, batch
+
+    def __getattr__(self, name):
+        return getattr(self.reference, name)
+
+    def encode(self, x):
+        return in_batches(self.reference.encode, self.engine_batch, x)
+
+    def decode(self, z):
+        return in_batches(self.reference.decode, self.engine_batch, z)
+
+    def eps(self, z, t):
+        return in_batches(lambda chunk: self.reference.eps(chunk, t), self.engine_batch, z)
+
+    def parse(self, image01):
+        return in_batches(self.reference.parse, self.engine_batch, image01)
+
+
 def run_verify(reference, engine, image: Path | None = None, steps: int = 50,
                thresholds: Thresholds | None = None, log=print, replays: int = 20) -> dict:
     thresholds = thresholds or Thresholds()
     if engine.fingerprint != reference.fingerprint:
         raise UsageError("the engine was built from another model (fingerprints differ); rebuild it from this "
                          "model with `revanon-rt build --model ... --overwrite`")
+    if engine.batch > 1:
+        reference = AtEngineBatch(reference, engine.batch)
     size = reference.image_size
     rgb, drawn_mask = load_verify_image(image, size)
     latent_hw = reference.latent_shape[1:]

@@ -12,8 +12,8 @@ from conftest import REPO, anonymize_with_engine, box_mask, cli, edit_manifest, 
 @pytest.fixture(scope="module")
 def compiled_zero(models, tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled") / "zero"
-    built = cli("build", "--backend", "compiled", "--model", models["zero"], "--out", out, "--device", "cpu",
-                "--batch", "2")
+    built = cli("build", "--backend", "compiled", "--compiler", "aot", "--model", models["zero"], "--out", out,
+                "--device", "cpu", "--batch", "2")
     assert built.returncode == 0, built.stderr
     return out
 
@@ -69,12 +69,12 @@ def test_verify_proves_the_fused_loop_equal_to_the_plain_functions(models, tmp_p
 
 
 def test_eager_kernel_engine_gives_pytorchs_numbers_bit_for_bit(models, bisenet_pth, tmp_path):
-    """--compiler eager: the exported programs on PyTorch's own kernels inside the fused loop, for users who
-    need the reference's numbers exactly. Every stage, the final latent after the whole loop included, must
-    equal the eager reference with zero difference, which Inductor's fused kernels do not give."""
+    """Strict fp32's default compiler, eager: the exported programs on PyTorch's own kernels inside the fused
+    loop. Every stage, the final latent after the whole loop included, must equal the eager reference with zero
+    difference, which Inductor's fused kernels do not give."""
     engine = tmp_path / "eager"
-    built = cli("build", "--backend", "compiled", "--compiler", "eager", "--model", models["ldm"],
-                "--parser", bisenet_pth, "--out", engine, "--device", "cpu")
+    built = cli("build", "--backend", "compiled", "--model", models["ldm"], "--parser", bisenet_pth,
+                "--out", engine, "--device", "cpu", "--batch", "2")
     assert built.returncode == 0, built.stderr
     manifest = json.loads((engine / "engine.json").read_text())
     assert manifest["compiled"]["compiler"] == "eager" and manifest["compiled"]["inductor_configs"] == {}
@@ -159,7 +159,8 @@ def test_compiled_engine_from_another_torch_is_refused(compiled_zero, keyfile, t
     edit_manifest(engine, lambda manifest: manifest["compiled"].update(torch="1.0.0"))
     result = anonymize_with_engine(engine, tmp_path, keyfile)
     assert result.returncode == 2 and "tied to their torch version" in result.stderr
-    assert "revanon-rt build" in result.stderr
+    # strict fp32 builds eager kernels by default, so the hint must name the compiler this engine used
+    assert "revanon-rt build" in result.stderr and " --compiler aot " in result.stderr
 
 
 def test_an_engine_of_an_unknown_compiler_is_refused_with_how_to_rebuild(compiled_zero, tmp_path):
@@ -176,7 +177,7 @@ def test_an_engine_of_an_unknown_compiler_is_refused_with_how_to_rebuild(compile
 def test_onnxruntime_refuses_fast_precisions_and_a_compiler(models, tmp_path):
     result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--precision", "fp16")
     assert result.returncode == 2 and "builds fp32, not fp16" in result.stderr
-    for compiler in ("jit", "eager"):
+    for compiler in ("aot", "jit", "eager"):
         result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--compiler", compiler)
         assert result.returncode == 2 and f"--compiler {compiler} is for --backend compiled" in result.stderr
     result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--conv-lowering", "gemm")
@@ -422,6 +423,12 @@ def test_an_aot_engine_built_under_other_inductor_settings_is_another_engine(tmp
            "seconds_per_face": 0.125, "faces_per_second": 8.0, "fraction_of_fp32_floor": 0.5}
     table = gpu.markdown([row, {**row, "compiler": "jit"}])
     assert "| compiled fp32, batch 8 |" in table and "| compiled fp32 jit, batch 8 |" in table
+    # a row run under a cap on cuDNN's workspace is another configuration, and says so, with its memory by model
+    capped = {**row, "config": "fp32-b8", "compiler": "eager", "cudnn_workspace_cap_mib": "1024",
+              "peak_memory_gib_by_model": {"unet": 1.5, "decoder": 30.25}}
+    table = gpu.markdown([row, capped])
+    assert "| compiled fp32 eager [cuDNN workspace ≤ 1024 MiB], batch 8 |" in table
+    assert "- fp32-b8 eager: unet 1.50, decoder 30.25" in table
 
 
 def test_a_tf32_engine_runs_its_parser_with_tf32_off(models, bisenet_pth, tmp_path):
