@@ -3,6 +3,8 @@
 # Prepare with bench/gpu_prepare.sh; the order of calls and what each carries is in bench/GPU.md.
 #   bash bench/gpu_issue5.sh install            # the first call on a fresh machine (quick when it is warm)
 #   bash bench/gpu_issue5.sh train 8 [--resume] # 8 minutes of training; the model goes to $OUT/demo-lfw128
+#   bash bench/gpu_issue5.sh train-latent 3 5.5 [--resume]  # step 5: 3 minutes of autoencoder, then 5.5 of
+#                                               # latent UNet; the model goes to $OUT/demo-lfw128-latent
 #   bash bench/gpu_issue5.sh eval-transform     # the dev split's genuine pairs through the model, in chunks
 #   bash bench/gpu_issue5.sh eval-score         # dlib on 16 cores for the transformed chunks, then the summary
 #   bash bench/gpu_issue5.sh eval               # both, where everything fits in one call (a CPU smoke run)
@@ -17,7 +19,7 @@ cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/out}
 # EVAL_FIRST=800 starts eval-transform and eval-score at that pair: a window finishing an earlier one's evaluation.
 # overridable for a CPU smoke run of this script: PYTHON, DEVICE, WORK, SITE, MODEL, EVAL_PAIRS, EVAL_CHUNK,
-# EVAL_BATCH, EVAL_ARGS, TRAIN_ARGS, PHOTOS, EXAMPLE_ARGS, BUDGET_ARGS, DRIFT_ARGS, DRIFT_STEPS, WHEELS, DATA
+# EVAL_BATCH, EVAL_ARGS, TRAIN_ARGS, AUTOENCODER_ARGS, PHOTOS, EXAMPLE_ARGS, BUDGET_ARGS, DRIFT_ARGS, DRIFT_STEPS, WHEELS, DATA
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 WORK=${WORK:-/tmp/rt}
@@ -29,6 +31,7 @@ EVAL_CHUNK=${EVAL_CHUNK:-200}
 EVAL_BATCH=${EVAL_BATCH:-64}
 EVAL_ARGS=${EVAL_ARGS:-}
 TRAIN_ARGS=${TRAIN_ARGS:-}
+AUTOENCODER_ARGS=${AUTOENCODER_ARGS:-}
 PHOTOS=${PHOTOS:-12}
 EXAMPLE_ARGS=${EXAMPLE_ARGS:-}
 BUDGET_ARGS=${BUDGET_ARGS:---count 32 --steps 50 200}
@@ -182,6 +185,28 @@ photo-recovery)  # identities too: the recognizer, which travels in a call of it
     --originals $DATA/lfw-photos/dev-250-originals.zip
   cp bench/results/photo-recovery-$name.* $OUT/results/
   ;;
-train-zip) train_zip ;;  # for the latent model's commands (bench/GPU.md)
+train-latent)
+  # the paper's design at 128 px: an 8 x 16 x 16 latent. The autoencoder cannot change once a UNet sits
+  # beside it, so a --resume call (its minutes ignored) only trains the UNet further
+  autoencoder_minutes=$1 unet_minutes=$2; shift 2
+  zip=$(train_zip)
+  model=$WORK/models/demo-lfw128-latent
+  mkdir -p $OUT/demo-lfw128-latent
+  log=$OUT/demo-lfw128-latent/train.log
+  if [ ! -d $model/vae ]; then
+    $RT train-autoencoder --data $zip --out $model --resolution 128 --channels 32,64,128,128 --batch 64 \
+      --minutes "$autoencoder_minutes" --device $DEVICE $AUTOENCODER_ARGS 2>&1 | tee -a $log
+  fi
+  $RT train --data $zip --out $model --resolution 128 --architecture latent --batch 128 \
+    --minutes "$unet_minutes" --device $DEVICE $TRAIN_ARGS "$@" 2>&1 | tee -a $log
+  # at most 8 files come back: the two weight files as they are, everything small in one archive
+  for part in unet vae; do
+    mkdir -p $OUT/demo-lfw128-latent/$part && cp $model/$part/*.safetensors $OUT/demo-lfw128-latent/$part/
+  done
+  cp $model/loss.png $model/samples.png $OUT/demo-lfw128-latent/
+  tar czf $OUT/demo-lfw128-latent/model-small-files.tgz -C $model unet/config.json vae/config.json scheduler \
+    README.md -C checkpoint loss.csv pieces.jsonl autoencoder-loss.csv autoencoder-pieces.jsonl
+  ;;
+train-zip) train_zip ;;  # for commands of your own that need the joined zip
 *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -47,9 +47,9 @@ from pathlib import Path
 
 CALLS = [
     ("issue 4, first call", False, [".whl", ".data/compvis-configs"]),
-    ("issue 5 train, call 1: install", False, [".whl", ".data/lfw-train-1"]),
-    ("issue 5 train, call 2: install", False, [".data/lfw-train-2"]),
-    ("issue 5 train, call 3: train", False, [".data/lfw-train-3"]),
+    ("issue 5 train (window A or L), call 1: install", False, [".whl", ".data/lfw-train-1"]),
+    ("issue 5 train (window A or L), call 2: install", False, [".data/lfw-train-2"]),
+    ("issue 5 train (window A or L), call 3: train", False, [".data/lfw-train-3"]),
     ("issue 5 eval, call 1: install", True, [".whl", ".whl-dlib", ".data/lfw-dev"]),
     ("issue 5 eval, call 2: transform", True, [".data/dlib-5pt"]),
     ("issue 5 eval, call 3: score", True, [".data/dlib-recognizer"]),

@@ -5,7 +5,7 @@
 # ignore) plus what it carries, in a machine folder that keeps what earlier calls carried and wrote, as a
 # warm machine does; each window starts on a fresh one. Sizes are tiny: this checks the plumbing, the
 # carried pieces and the environment before a window pays for them, not the numbers.
-#   bash bench/gpu_prepare.sh && bash bench/gpu_rehearse.sh [A] [B] [P] [4]   # default: all four windows
+#   bash bench/gpu_prepare.sh && bash bench/gpu_rehearse.sh [A] [B] [P] [4] [L]   # default: all five windows
 # The venv (about 5 GB, from PyPI) is made once, in $REHEARSAL/venv.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ CHECKOUT=$PWD
 REHEARSAL=${REHEARSAL:-/tmp/revanon-rehearsal}
 PYTHON312=${PYTHON312:-python3.12}
 VENV=$REHEARSAL/venv
-WINDOWS=${*:-A B P 4}
+WINDOWS=${*:-A B P 4 L}
 
 if [ ! -x $VENV/bin/python ]; then
   $PYTHON312 -m venv $VENV && $VENV/bin/pip install -q torch==2.11.0 torchvision==0.26.0 numpy==2.5.2 \
@@ -80,7 +80,24 @@ for window in $WINDOWS; do
     call 4b "" "$G --compiler jit --only fp32-b1 && python3 bench/gpu.py --merge $machine/out-4a/gpu-results.jsonl \$OUT/gpu-results.jsonl --out \$OUT/merged && grep -q 'cuDNN workspace ≤ 1024 MiB' \$OUT/merged/gpu-results.md"
     call 4c "" "$G --compiler jit --only fp32-b1 --conv-lowering gemm && grep -q 'convs as GEMM' \$OUT/gpu-results.md"
     ;;
-  *) echo "unknown window $window (A, B, P or 4)" >&2; exit 2 ;;
+  L)
+    fresh_machine L
+    call L1 ".whl .data/lfw-train-1" "bash bench/gpu_issue5.sh install"
+    call L2 ".data/lfw-train-2" "bash bench/gpu_issue5.sh install"
+    tiny="AUTOENCODER_ARGS='--batch 2 --max-steps 2' TRAIN_ARGS='--batch 4 --max-steps 2 --samples 1'"
+    call L3 ".data/lfw-train-3" "$tiny bash bench/gpu_issue5.sh train-latent 1 1"
+    # the optional last call: more UNet from the checkpoint L3 left, the autoencoder untouched
+    call L4 "" "TRAIN_ARGS='--batch 4 --max-steps 4 --samples 1' bash bench/gpu_issue5.sh train-latent 1 1 --resume"
+    # what comes back, unpacked as bench/GPU.md says, must load as a latent model
+    rm -rf $machine/model && mkdir -p $machine/model && cp -r $machine/out-L4/demo-lfw128-latent/. $machine/model/ \
+      && tar xzf $machine/model/model-small-files.tgz -C $machine/model && rm $machine/model/model-small-files.tgz \
+      && (cd $machine/tree && PYTHONSAFEPATH=1 PYTHONPATH=$machine/site python3 -m revanon_rt demo --model $machine/model \
+            --device cpu --steps 2 --face sampled --out $machine/demo > $machine/L-demo.log 2>&1) \
+      && grep -q 'Training:.. 4 steps' $machine/model/README.md && grep -q '8×16×16 latent' $machine/model/README.md \
+      && echo "L: the model sent back runs the demo as an 8 x 16 x 16 latent model after 4 UNet steps" \
+      || { echo "L: the model sent back does not load as planned" >&2; failures=$((failures + 1)); }
+    ;;
+  *) echo "unknown window $window (A, B, P, 4 or L)" >&2; exit 2 ;;
   esac
 done
 echo "$failures failed calls"

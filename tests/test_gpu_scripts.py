@@ -32,6 +32,18 @@ def carry_dlib_models(data):
         os.symlink(model_path(model), data / folder / model)
 
 
+def carry_train_zip_in_three_parts(data, tmp_path):
+    """train-128.zip as bench/gpu_prepare.sh splits it for three calls, here of six 32 px crops."""
+    zip_path = crops_zip(tmp_path / "train-128.zip", {f"P{i}/P{i}_0001.png": random_image(32, seed=i) for i in range(6)})
+    whole = zip_path.read_bytes()
+    cuts = [0, len(whole) // 3, 2 * len(whole) // 3, len(whole)]
+    for part in (1, 2, 3):
+        (data / f"lfw-train-{part}").mkdir(parents=True)
+        (data / f"lfw-train-{part}" / f"train-128.zip.part{part}").write_bytes(whole[cuts[part - 1]:cuts[part]])
+    (data / "lfw-train-1" / "train-128.zip.sha256").write_text(f"{hashlib.sha256(whole).hexdigest()}  train-128.zip\n")
+    return whole, cuts
+
+
 @pytest.fixture
 def script_env(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, DEVICE="cpu", WHEELS="", DATA=str(tmp_path / "data"),
@@ -41,13 +53,7 @@ def script_env(tmp_path):
 
 def test_train_joins_the_carried_parts_checks_them_and_sends_back_at_most_8_files(script_env, tmp_path):
     data = tmp_path / "data"
-    zip_path = crops_zip(tmp_path / "train-128.zip", {f"P{i}/P{i}_0001.png": random_image(32, seed=i) for i in range(6)})
-    whole = zip_path.read_bytes()
-    cuts = [0, len(whole) // 3, 2 * len(whole) // 3, len(whole)]
-    for part in (1, 2, 3):
-        (data / f"lfw-train-{part}").mkdir(parents=True)
-        (data / f"lfw-train-{part}" / f"train-128.zip.part{part}").write_bytes(whole[cuts[part - 1]:cuts[part]])
-    (data / "lfw-train-1" / "train-128.zip.sha256").write_text(f"{hashlib.sha256(whole).hexdigest()}  train-128.zip\n")
+    whole, cuts = carry_train_zip_in_three_parts(data, tmp_path)
     env = dict(script_env, OUT=str(tmp_path / "out"), MODEL=str(tmp_path / "work" / "models" / "demo-lfw128"),
                TRAIN_ARGS="--architecture tiny --resolution 32 --batch 4 --max-steps 2 --samples 1")
     assert stage("install", env=env).returncode == 0
@@ -70,6 +76,42 @@ def test_train_joins_the_carried_parts_checks_them_and_sends_back_at_most_8_file
     assert (tmp_path / "out" / "demo-lfw128" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     with tarfile.open(tmp_path / "out" / "demo-lfw128" / "training-log.tgz") as logs:
         assert sorted(logs.getnames()) == ["loss.csv", "pieces.jsonl"]
+
+
+def test_train_latent_sends_back_a_model_that_runs_and_resumes_only_its_unet(script_env, tmp_path):
+    carry_train_zip_in_three_parts(tmp_path / "data", tmp_path)
+    sizes = "--resolution 32"
+    env = dict(script_env, OUT=str(tmp_path / "out"),
+               AUTOENCODER_ARGS=f"{sizes} --channels 16,16 --batch 2 --max-steps 2",
+               TRAIN_ARGS=f"{sizes} --architecture tiny --batch 4 --max-steps 2 --samples 1")
+    assert stage("install", env=env).returncode == 0
+    trained = stage("train-latent", "1", "1", env=env)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    sent = tmp_path / "out" / "demo-lfw128-latent"
+    assert len([p for p in sent.rglob("*") if p.is_file()]) <= 8
+    first_autoencoder = (sent / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+    # the next call's $OUT is a fresh folder on the same warm machine
+    resumed = stage("train-latent", "1", "1", "--resume",
+                    env=dict(env, OUT=str(tmp_path / "out-2"), TRAIN_ARGS=env["TRAIN_ARGS"].replace("--max-steps 2", "--max-steps 4")))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "autoencoder" not in resumed.stdout.split("training on cpu")[0]
+    sent = tmp_path / "out-2" / "demo-lfw128-latent"
+    assert (sent / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == first_autoencoder
+
+    model = tmp_path / "model"
+    shutil.copytree(sent, model)
+    with tarfile.open(model / "model-small-files.tgz") as small:
+        small.extractall(model, filter="data")
+    for name in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json", "autoencoder-loss.csv"):
+        assert (model / name).is_file(), name
+    card = (model / "README.md").read_text()
+    assert "**Training:** 4 steps" in card and "8×16×16 latent" in card
+    demo = subprocess.run([sys.executable, "-m", "revanon_rt", "demo", "--model", str(model), "--device", "cpu",
+                           "--steps", "2", "--face", "sampled", "--out", str(tmp_path / "demo")],
+                          capture_output=True, text=True, timeout=300)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert (tmp_path / "demo" / "side_by_side.png").is_file()
 
 
 def test_eval_transforms_then_scores_when_the_recognizer_arrives(script_env, models, tmp_path):
