@@ -3,7 +3,7 @@
 # Prepare with bench/gpu_prepare.sh; the order of calls and what each carries is in bench/GPU.md.
 #   bash bench/gpu_issue5.sh install            # the first call on a fresh machine (quick when it is warm)
 #   bash bench/gpu_issue5.sh train 8 [--resume] # 8 minutes of training; the model goes to $OUT/demo-lfw128
-#   bash bench/gpu_issue5.sh train-latent 3 5.5 [--resume]  # step 5: 3 minutes of autoencoder, then 5.5 of
+#   bash bench/gpu_issue5.sh train-latent 3 5 [--resume]  # step 5: 3 minutes of autoencoder, then 5 of
 #                                               # latent UNet; the model goes to $OUT/demo-lfw128-latent
 #   bash bench/gpu_issue5.sh eval-transform     # the dev split's genuine pairs through the model, in chunks
 #   bash bench/gpu_issue5.sh eval-score         # dlib on 16 cores for the transformed chunks, then the summary
