@@ -93,8 +93,8 @@ for window in $WINDOWS; do
       && tar xzf $machine/model/model-small-files.tgz -C $machine/model && rm $machine/model/model-small-files.tgz \
       && (cd $machine/tree && PYTHONSAFEPATH=1 PYTHONPATH=$machine/site python3 -m revanon_rt demo --model $machine/model \
             --device cpu --steps 2 --face sampled --out $machine/demo > $machine/L-demo.log 2>&1) \
-      && grep -q 'Training:.. 4 steps' $machine/model/README.md && grep -q '8×16×16 latent' $machine/model/README.md \
-      && echo "L: the model sent back runs the demo as an 8 x 16 x 16 latent model after 4 UNet steps" \
+      && grep -q 'Training:.. 4 steps' $machine/model/README.md && grep -q '8×32×32 latent' $machine/model/README.md \
+      && echo "L: the model sent back runs the demo as an 8 x 32 x 32 latent model after 4 UNet steps" \
       || { echo "L: the model sent back does not load as planned" >&2; failures=$((failures + 1)); }
     ;;
   *) echo "unknown window $window (A, B, P, 4 or L)" >&2; exit 2 ;;
