@@ -16,11 +16,15 @@ and, from the closed form, what a DDIM round trip keeps of each direction of the
 
 --patch P runs the ideal ε in the latent of a linear autoencoder (each P x P patch onto its first
 --channels principal components, scaled to unit variance) instead of in pixels: what a latent space
-changes, with the autoencoder's own loss shown beside it. --beta-schedule and --spacing try other
-noise schedules.
+changes, with the autoencoder's own loss shown beside it. A latent --model runs it in the latent of
+that model's own trained autoencoder: the ideal ε on the codec the trained UNet has, so the gap between
+the two latents is what the autoencoder costs (a linear one has E(D(z)) = z exactly; a trained one does
+not, and recovery re-encodes what the decoder drew). --beta-schedule and --spacing try other noise
+schedules.
 
     python bench/oracle_recovery.py --model models/demo-lfw64 [--train train-128.zip] [--fit 6000]
         [--components 2000] [--count 16] [--steps 50 200] [--trained-steps 50] [--patch 4 --channels 8]
+    python bench/oracle_recovery.py --model models/demo-lfw64-latent --steps 50
 """
 
 from __future__ import annotations
@@ -122,13 +126,34 @@ class PatchLatent:
         return x.astype(np.float32)
 
 
-class LatentGaussian:
-    """The ideal ε in the latent of a PatchLatent."""
+class TrainedAutoencoder:
+    """A latent model's own autoencoder as the codec of the ideal ε (spec §1's E and D)."""
 
-    def __init__(self, codec: PatchLatent, crops: np.ndarray, components: int, alphas_cumprod: np.ndarray):
+    def __init__(self, backend, batch: int = 256):
+        self.backend, self.batch = backend, batch
+        self.size, self.shape = backend.image_size, tuple(backend.latent_shape)
+
+    def _batched(self, fn, arrays: np.ndarray) -> np.ndarray:
+        return np.concatenate([fn(arrays[i:i + self.batch]) for i in range(0, len(arrays), self.batch)])
+
+    def encode(self, x):
+        return self._batched(self.backend.encode, x)
+
+    def decode(self, z):
+        return self._batched(self.backend.decode, z)
+
+
+class LatentGaussian:
+    """The ideal ε in the latent of a PatchLatent or a TrainedAutoencoder."""
+
+    def __init__(self, codec: "PatchLatent | TrainedAutoencoder", crops: np.ndarray, components: int,
+                 alphas_cumprod: np.ndarray):
         self.codec = codec
-        latents = codec.encode(crops.reshape(-1, 3, codec.size, codec.size)).reshape(len(crops), -1)
-        self.gaussian = GaussianFaces(latents, components, alphas_cumprod, codec.shape)
+        latents = codec.encode(crops.reshape(-1, 3, codec.size, codec.size))
+        by_channel = latents.transpose(1, 0, 2, 3).reshape(len(latents[0]), -1)
+        self.channel_variances = by_channel.var(axis=1)
+        self.channel_correlation = np.corrcoef(by_channel)
+        self.gaussian = GaussianFaces(latents.reshape(len(crops), -1), components, alphas_cumprod, codec.shape)
         self.floor = self.gaussian.floor
 
     def encode(self, x):
@@ -241,7 +266,8 @@ def main() -> None:
     parser.add_argument("--trained-steps", type=int, nargs="*", default=[50],
                         help="step counts at which --model itself also runs, for comparison")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="cosine threshold for a match (default: the one in results/eval-lfw64-dev.json)")
+                        help="cosine threshold for a match (default: the one in results/eval-lfw{SIZE}-dev.json "
+                             "at the model's size, else eval-lfw64-dev.json)")
     args = parser.parse_args()
 
     from revanon_rt.faces import Recognizer, template_region
@@ -251,12 +277,16 @@ def main() -> None:
     from revanon_rt.sampler import inverted, transform
 
     reference, rgb, mask, flips = dev_crop_setup(args)
+    threshold_source = "given"
     if args.threshold is None:
-        args.threshold = json.loads((RESULTS / "eval-lfw64-dev.json").read_text())["threshold_cosine_far_0.1%"]
+        at_size = RESULTS / f"eval-lfw{reference.image_size}-dev.json"
+        summary = at_size if at_size.is_file() else RESULTS / "eval-lfw64-dev.json"
+        args.threshold, threshold_source = json.loads(summary.read_text())["threshold_cosine_far_0.1%"], summary.stem
     recognizer = Recognizer()
     size, shape = reference.image_size, tuple(reference.latent_shape)
-    if reference.layout.autoencoder:
-        raise SystemExit("the oracle is a pixel-space model: pass a pixel-space --model for its schedule")
+    trained_codec = reference.layout.autoencoder
+    if trained_codec and args.patch:
+        raise SystemExit("--patch replaces the autoencoder: pass a pixel-space --model for its schedule")
     start = time.perf_counter()
     noise = schedule_of(reference, args.beta_schedule, args.spacing)
     alphas = np.asarray(noise.alphas_cumprod, np.float32)
@@ -267,6 +297,8 @@ def main() -> None:
         mask = latent_mask(template_region(size), (h, w))
         k_flip = flip_subkey(bytes(32))
         flips = np.stack([flip_pattern(k_flip, bytes([i]) * 16, (c, h, w)) for i in range(len(rgb))])
+    elif trained_codec:
+        oracle = LatentGaussian(TrainedAutoencoder(reference), crops, args.components, alphas)
     else:
         oracle = GaussianFaces(crops, args.components, alphas, shape)
     del crops
@@ -283,7 +315,21 @@ def main() -> None:
     def region_psnr(a, b):
         return psnr(a[where], b[where])
 
-    codec_psnr = region_psnr(to_u8(oracle.decode(oracle.encode(to_model(rgb)))), rgb) if args.patch else None
+    latent = args.patch or trained_codec
+    codec_psnr, codec = None, {}
+    if latent:
+        # the autoencoder alone bounds recovery: what D(E(x)) keeps of identity, and how far E(D(z)) from the
+        # 8-bit image lands from z, which recovery re-encodes and inversion then amplifies
+        z = oracle.encode(to_model(rgb))
+        drawn = to_u8(oracle.decode(z))
+        codec_psnr = region_psnr(drawn, rgb)
+        alone = identity_figures(recognizer, rgb, drawn, drawn, args.threshold)
+        miss = oracle.encode(to_model(drawn)) - z
+        off_diagonal = np.abs(oracle.channel_correlation - np.eye(len(oracle.channel_correlation)))
+        codec = {"psnr": codec_psnr, "cosine": alone["cosine_recovered"], "match": alone["match_recovered"],
+                 "re_encoding_error": float(np.sqrt((miss ** 2).mean() / (z ** 2).mean())),
+                 "channel_variances": [round(float(v), 4) for v in oracle.channel_variances],
+                 "largest_channel_correlation": float(off_diagonal.max())}
 
     def budget(backend, originals, sched, with_identity: bool) -> dict:
         out, anonymized, recovered = budget_psnrs(backend, originals, masks, flips, sched, region_psnr)
@@ -304,7 +350,7 @@ def main() -> None:
     for steps in args.steps:
         began = time.perf_counter()
         runs = [("ideal ε", "lfw", oracle, rgb, noise), ("ideal ε", "sample", oracle, samples_u8, noise)]
-        if steps in args.trained_steps and not args.patch:
+        if steps in args.trained_steps and not args.patch:  # a latent model runs on the oracle's codec
             runs.append((f"trained: {args.model.name}", "lfw", reference, rgb, reference.noise))
         for model_label, faces, backend, originals, schedule in runs:
             rows.append({"steps": steps, "model": model_label, "faces": faces,
@@ -323,12 +369,23 @@ def main() -> None:
                ("recovered, whole-image mask (8-bit PNG)", "psnr_recovered_whole_mask")]
     schedule_name = (f"the model's betas and spacing replaced by {args.beta_schedule or 'its own'} / "
                      f"{args.spacing or 'its own'}" if args.beta_schedule or args.spacing else "as the model's")
-    space = (f"in the {oracle.codec.shape[0]} x {oracle.codec.shape[1]} x {oracle.codec.shape[2]} latent of a linear "
-             f"autoencoder ({args.patch} x {args.patch} patches onto their first {args.channels} principal components, "
-             f"each scaled to unit variance; its own reconstruction of the dev crops: {codec_psnr:.2f} dB)"
-             if args.patch else "in pixel space, as the model")
+    if latent:
+        grid = " x ".join(map(str, oracle.codec.shape))
+        codec_name = (f"linear autoencoder ({args.patch} x {args.patch} patches onto their first {args.channels} "
+                      "principal components, each scaled to unit variance" if args.patch else
+                      f"trained autoencoder of {args.model} (its vae/, the codec its UNet was trained on")
+        space = f"in the {grid} latent of a {codec_name}; its own reconstruction of the dev crops: {codec_psnr:.2f} dB)"
+    else:
+        space = "in pixel space, as the model"
     lines = [f"# Recovery with an ideal ε: a Gaussian face model ({size} px, schedule of {args.model})", "",
-             f"Noise schedule of the ideal ε: {schedule_name}. Diffusion space: {space}.", "",
+             f"Noise schedule of the ideal ε: {schedule_name}. Diffusion space: {space}.", ""]
+    if codec:
+        lines += [f"The autoencoder alone, D(E(x)) as an 8-bit image: dlib cosine {codec['cosine']:.3f} with the "
+                  f"original, {codec['match']:.0%} of the crops match; re-encoding that image misses z by "
+                  f"{codec['re_encoding_error']:.1%} (relative RMS). Variance of each latent channel over the "
+                  f"training crops: {', '.join(f'{v:.2f}' for v in codec['channel_variances'])}; largest correlation "
+                  f"between two channels: {codec['largest_channel_correlation']:.2f}.", ""]
+    lines += [
              f"ε is the exact posterior mean for a Gaussian fitted to {args.fit} LFW training crops "
              f"({args.components} principal components, the rest at variance {oracle.floor:.2e}), so no error comes "
              f"from training. Face-region PSNR (dB) against the originals, {n} LFW dev crops (`lfw`) and {n} faces "
@@ -343,8 +400,9 @@ def main() -> None:
     lines += ["", "z_T energy spread: std / mean of the RMS of 8 x 8 patches of the inverted z_T (Gaussian noise: "
               "about 0.05 in pixels, 0.025 in the 8 x 16 x 16 latent, 0.04 in the 4 x 32 x 32 one); sign flips "
               "keep it, so a high value means the flipped noise is unlike what the model denoises from.", "",
-              f"Identity (dlib cosine with the original; a match is a cosine ≥ {args.threshold:.4f}, the threshold at "
-              "FAR = 0.1% of `eval-lfw64-dev`):", "",
+              f"Identity (dlib cosine with the original; a match is a cosine ≥ {args.threshold:.4f}, "
+              + ("as given):" if threshold_source == "given" else f"the threshold at FAR = 0.1% of `{threshold_source}`):"),
+              "",
               "| steps | model | cosine, anonymized | cosine, recovered | match, anonymized | match, recovered |",
               "|---|---|---|---|---|---|"]
     for r in rows:
@@ -366,8 +424,9 @@ def main() -> None:
     lines.append("")
     name = args.name or f"oracle-recovery-{args.model.name}"
     write_results(name, {"model_schedule": str(args.model), "beta_schedule": args.beta_schedule,
-                         "patch": args.patch, "channels": args.channels if args.patch else None,
-                         "codec_psnr": codec_psnr,
+                         "patch": args.patch, "trained_autoencoder": bool(trained_codec), "channels": args.channels if args.patch else None,
+                         "codec_psnr": codec_psnr, "codec": codec, "threshold": args.threshold,
+                         "threshold_source": threshold_source,
                          "spacing": args.spacing, "fit": args.fit, "components": args.components,
                          "floor_variance": oracle.floor, "fit_seconds": fit_seconds, "crops": n, "rows": rows,
                          "machine": machine()}, "\n".join(lines))
