@@ -704,6 +704,10 @@ def train_autoencoder_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint, with its settings."),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Crops per step (default 16)."),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Peak AdamW learning rate (default 5e-4)."),
+    linear_latent_weight: Optional[float] = typer.Option(
+        None, "--linear-latent-weight", min=0.0,
+        help="Weight pulling the encoder toward a linear latent, each patch's principal components (default 1; "
+             "0 leaves it free, which recovers faces far worse)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in total."),
     device: str = DEVICE,
 ) -> None:
@@ -718,7 +722,8 @@ def train_autoencoder_cmd(
         except ValueError:
             raise UsageError(f"--channels {channels!r}: give positive multiples of 16, comma-separated (e.g. 32,64,128)") from None
         given = {k: v for k, v in (("resolution", resolution), ("latent_channels", latent_channels),
-                                   ("block_out_channels", widths), ("batch", batch), ("lr", lr)) if v is not None}
+                                   ("block_out_channels", widths), ("batch", batch), ("lr", lr),
+                                   ("linear_latent_weight", linear_latent_weight)) if v is not None}
         result = train_autoencoder(data, out, minutes, resume, AutoencoderConfig(**given), device=device,
                                    max_steps=max_steps, log=say, given=given)
     except RevanonError as exc:

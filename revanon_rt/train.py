@@ -450,6 +450,11 @@ def loss_curve_png(loss_csv: Path, width: int = 640, height: int = 240) -> np.nd
     return np.asarray(im)
 
 
+def linear_latent_term(ae_cfg: dict) -> str:
+    weight = ae_cfg.get("linear_latent_weight", 0.0)
+    return f" + {weight:g} × squared distance of E(x) from its patches' principal components" if weight else ""
+
+
 def _rate(value: float) -> str:
     """3e-04, 1.5e-04: the digits a learning rate was given with, no more and no fewer."""
     return f"{value:.1e}".replace(".0e", "e")
@@ -506,7 +511,8 @@ def write_model_card(out: Path, data: Path, result: dict, samples: int, device: 
                        f"{ae_pieces[-1]['steps_to'] if ae_pieces else '?'} "
                        f"steps, batch {ae_cfg['batch']}, AdamW lr {_rate(ae_cfg['lr'])},\n"
                        f"  blocks {ae_cfg['block_out_channels']}; loss = pixel MSE + {ae_cfg['consistency_weight']} × "
-                       f"E(D(z)) consistency + {_rate(ae_cfg['kl_weight'])} × KL.\n"
+                       f"E(D(z)) consistency + {_rate(ae_cfg['kl_weight'])} × KL"
+                       f"{linear_latent_term(ae_cfg)}.\n"
                        f"  Last logged reconstruction {10 * math.log10(4 / float(ae_rows[-1]['reconstruction_mse'])):.1f} dB "
                        f"(training crops), {len(ae_pieces)} piece(s), {sum(p['seconds'] for p in ae_pieces) / 60:.0f} "
                        "minutes.\n")

@@ -6,7 +6,9 @@ finds vae/ in the same folder and trains its UNet on those latents.
 
 Recovery encodes an image that the decoder made, so the loss asks for E(D(z)) = z as well as
 D(E(x)) = x: without it nothing ties the encoder to the decoder's outputs, and every
-anonymize/recover round trip would add that mismatch.
+anonymize/recover round trip would add that mismatch. It also pulls E(x) toward a linear latent
+(LinearPatchLatent), whose directions all carry face energy: the sign flip spreads z_T over every
+direction, and a direction the faces leave empty is one that the DDIM round trip cannot bring back.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ DATA_RECORD = "autoencoder-data.json"
 
 
 AUTOENCODER_FLAGS = {"resolution": "--resolution", "latent_channels": "--latent-channels",
-                     "block_out_channels": "--channels", "batch": "--batch", "lr": "--lr"}
+                     "block_out_channels": "--channels", "batch": "--batch", "lr": "--lr",
+                     "linear_latent_weight": "--linear-latent-weight"}
 
 
 @dataclass
@@ -46,6 +49,11 @@ class AutoencoderConfig:
     warmup: int = 200
     kl_weight: float = 1e-6
     consistency_weight: float = 1.0
+    # Pulls E(x) toward each patch's principal components (LinearPatchLatent). Left free, the encoder packs
+    # faces into a few directions (65% of them near-empty at 64 px), and recovery loses what lies in the
+    # rest: with an ideal ε, 4 of 16 faces matched after recovery; anchored, 13 of 16
+    # (bench/results/oracle-recovery-anchored-autoencoder.md).
+    linear_latent_weight: float = 1.0
     seed: int = 0
     checkpoint_minutes: float = 2.0
 
@@ -56,9 +64,50 @@ class AutoencoderConfig:
         if not widths or any(w <= 0 or w % 16 for w in widths):
             raise UsageError(f"--channels {','.join(map(str, widths))}: give positive multiples of 16 (e.g. 32,64,128)")
         factor = 2 ** (len(widths) - 1)
+        if self.linear_latent_weight and self.latent_channels > 3 * factor * factor:
+            raise UsageError(f"--latent-channels {self.latent_channels}: a linear latent of {factor} x {factor} patches "
+                             f"has only {3 * factor * factor} directions; give --linear-latent-weight 0")
         if self.resolution % factor or FACE_MAP_SIZE % (self.resolution // factor):
             raise UsageError(f"--resolution {self.resolution} with {len(widths)} blocks gives a latent grid that "
                              f"spec §4's {FACE_MAP_SIZE}-pixel face map cannot be pooled onto")
+
+
+class LinearPatchLatent:
+    """The latent of a linear autoencoder: each P x P patch projected onto the first C principal
+    components of the training patches, each scaled to unit variance. Fitted in float64 numpy, so a
+    resumed run refits the same basis from the same crops."""
+
+    def __init__(self, images: np.ndarray, patch: int, channels: int, count: int = 6000):
+        dims = 3 * patch * patch
+        total, outer, n = np.zeros(dims), np.zeros((dims, dims)), 0
+        for start in range(0, min(count, len(images)), 500):  # in chunks: 6,000 crops of 128 px are 2.4 GB as float64
+            chunk = self._patches(images[start:min(start + 500, count)].astype(np.float64).transpose(0, 3, 1, 2) / 127.5 - 1, patch)
+            total, outer, n = total + chunk.sum(0), outer + chunk.T @ chunk, n + len(chunk)
+        self.patch, self.mean = patch, total / n
+        covariance = (outer - n * np.outer(self.mean, self.mean)) / (n - 1)
+        values, vectors = np.linalg.eigh(covariance)
+        order = np.argsort(values)[::-1][:channels]
+        self.projection = vectors[:, order] / np.sqrt(values[order])  # 3P² x C
+
+    @staticmethod
+    def _patches(x, patch: int):
+        n, _, h, w = x.shape
+        return x.reshape(n, 3, h // patch, patch, w // patch, patch).transpose(0, 2, 4, 1, 3, 5).reshape(-1, 3 * patch * patch)
+
+    def projector(self, dev):
+        """x (N x 3 x H x W torch, [-1, 1]) -> its C x H/P x W/P latent."""
+        import torch
+
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=dev)
+        projection = torch.tensor(self.projection, dtype=torch.float32, device=dev)
+        p = self.patch
+
+        def project(x):
+            n, _, h, w = x.shape
+            patches = x.reshape(n, 3, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, h // p, w // p, -1)
+            return ((patches - mean) @ projection).permute(0, 3, 1, 2)
+
+        return project
 
 
 def build_autoencoder(cfg: AutoencoderConfig):
@@ -87,7 +136,10 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
         raise UsageError(f"{out}: already holds {what} trained on the current autoencoder; "
                          "changing the autoencoder would invalidate it")
     if resume:
-        cfg = AutoencoderConfig(**resumed_config(json.loads((ckpt / CONFIG).read_text()), given or {}, AUTOENCODER_FLAGS))
+        saved = json.loads((ckpt / CONFIG).read_text())
+        # a checkpoint from before the setting existed was trained without it
+        saved.setdefault("linear_latent_weight", 0.0)
+        cfg = AutoencoderConfig(**resumed_config(saved, given or {}, AUTOENCODER_FLAGS))
     else:
         check_new_run(out, ckpt / STATE, set())
     data_identity = training_data_identity(ckpt / DATA_RECORD, data, resume)
@@ -96,6 +148,10 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
     images = load_crops(data, cfg.resolution)
     log(f"{len(images)} crops at {cfg.resolution}px from {data}; training the autoencoder on {dev}")
     vae = build_autoencoder(cfg).to(dev)
+    linear_latent = None
+    if cfg.linear_latent_weight:
+        factor = 2 ** (len(cfg.block_out_channels) - 1)
+        linear_latent = LinearPatchLatent(images, factor, cfg.latent_channels).projector(dev)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
     step = 0
@@ -128,6 +184,8 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
             cons_loss = torch.nn.functional.mse_loss(re_encoded, mean.detach()) / mean.detach().var().clamp_min(1e-6)
             kl = posterior.kl().mean() / mean[0].numel()
             loss = rec_loss + cfg.consistency_weight * cons_loss + cfg.kl_weight * kl
+            if linear_latent is not None:
+                loss = loss + cfg.linear_latent_weight * torch.nn.functional.mse_loss(mean, linear_latent(x))
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             optimizer.zero_grad(set_to_none=True)

@@ -132,6 +132,33 @@ def test_train_starts_only_where_nothing_would_be_lost(tmp_path):
     assert not (tmp_path / "escaped").exists()
 
 
+def test_linear_patch_latent_is_each_patchs_whitened_principal_components():
+    """The anchor of train-autoencoder: on the crops it was fitted to, each latent channel has mean 0 and
+    variance 1, the channels are uncorrelated, and they are the patches' leading components (the first
+    holds more of a patch than the last)."""
+    import torch
+
+    from revanon_rt.train_autoencoder import LinearPatchLatent
+
+    rng = np.random.default_rng(3)
+    smooth = rng.integers(0, 256, (300, 4, 4, 3)).repeat(4, axis=1).repeat(4, axis=2)  # 16 x 16, blocky faces
+    crops = np.clip(smooth + rng.integers(-20, 21, smooth.shape), 0, 255).astype(np.uint8)
+    project = LinearPatchLatent(crops, patch=4, channels=6).projector("cpu")
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = project(x)
+    assert z.shape == (300, 6, 4, 4)
+    by_channel = z.permute(1, 0, 2, 3).reshape(6, -1).double().numpy()
+    assert np.allclose(by_channel.mean(1), 0, atol=1e-4) and np.allclose(by_channel.var(1, ddof=1), 1, atol=1e-3)
+    assert np.abs(np.corrcoef(by_channel) - np.eye(6)).max() < 1e-3
+    # a patch rebuilt from its first component alone is closer to it than one from the last
+    patches = x.reshape(300, 3, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(-1, 48).double().numpy()
+    fitted = LinearPatchLatent(crops, patch=4, channels=6)
+    centred = patches - fitted.mean
+    basis = fitted.projection / np.linalg.norm(fitted.projection, axis=0)
+    energy = [np.square(centred @ basis[:, c]).mean() for c in range(6)]
+    assert energy == sorted(energy, reverse=True) and energy[0] > 10 * energy[-1], energy
+
+
 def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     """train-autoencoder writes vae/; train then learns that autoencoder's latents (spec §1's E(x)), and the
     folder runs through the CLI as a latent model."""
@@ -149,6 +176,8 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert cli(*ae_args, "--max-steps", "20").returncode == 2, "never overwrite a trained autoencoder"
     bad = cli(*ae_args[:-2], "--channels", "16,30", "--device", "cpu")
     assert bad.returncode == 2 and "multiples of 16" in bad.stderr
+    too_many = cli(*ae_args[:-2], "--latent-channels", "13", "--device", "cpu")
+    assert too_many.returncode == 2 and "2 x 2 patches has only 12 directions" in too_many.stderr, too_many.stderr
     other = crops_zip(tmp_path / "other.zip", {f"Q{i}/Q{i}_0001.jpg": random_image(32, seed=70 + i) for i in range(10)},
                       fmt="PNG")
     other_data = cli("train-autoencoder", "--data", other, "--out", out, "--resume", "--device", "cpu",
@@ -163,6 +192,14 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert logged == sorted(set(logged)) and 100 not in logged and logged[-1] == 24, logged
     wider = cli(*ae_args, "--channels", "16,32,64", "--resume")
     assert wider.returncode == 2 and "--channels 16,32,64: the checkpoint was trained with --channels 16,32" in wider.stderr
+    # a checkpoint saved before --linear-latent-weight existed was trained without the anchor, and keeps it off
+    config_path = out / "checkpoint" / "autoencoder-config.json"
+    saved = json.loads(config_path.read_text())
+    assert saved["linear_latent_weight"] == 1.0
+    config_path.write_text(json.dumps({k: v for k, v in saved.items() if k != "linear_latent_weight"}))
+    anchored = cli(*ae_args[:-2], "--device", "cpu", "--resume", "--linear-latent-weight", "1")
+    assert anchored.returncode == 2 and "trained with --linear-latent-weight 0.0" in anchored.stderr, anchored.stderr
+    config_path.write_text(json.dumps(saved))
 
     unet_args = ("train", "--data", data, "--out", out, "--architecture", "tiny", "--batch", "4", "--samples", "2",
                  "--device", "cpu", "--max-steps", "20")
@@ -171,7 +208,8 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     trained = cli(*unet_args, "--resolution", "32")
     assert trained.returncode == 0, trained.stderr
     assert "latent space: 4 x 16 x 16" in trained.stderr
-    assert "latent of its own autoencoder" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "latent of its own autoencoder" in card and "1 × squared distance of E(x) from its patches' principal" in card
     copied = tmp_path / "copied"
     shutil.copytree(out / "vae", copied / "vae")  # an autoencoder trained elsewhere, without its record
     on_copy = cli("train", "--data", data, "--out", copied, "--architecture", "tiny", "--batch", "4", "--samples", "0",
