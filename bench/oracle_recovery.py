@@ -102,13 +102,13 @@ class PatchLatent:
     variance, giving a C x (H/P) x (W/P) latent. Decoding is the inverse projection."""
 
     def __init__(self, crops: np.ndarray, size: int, patch: int, channels: int):
+        from revanon_rt.pixels import to_u8
+        from revanon_rt.train_autoencoder import LinearPatchLatent
+
+        # the fit train-autoencoder anchors its encoder to; crops are exact 8-bit values, so to_u8 is lossless
+        fit = LinearPatchLatent(to_u8(crops.reshape(-1, 3, size, size)), patch, channels, count=len(crops))
         self.size, self.patch, self.channels = size, patch, channels
-        patches = self._patches(crops.reshape(-1, 3, size, size)).reshape(-1, 3 * patch * patch).astype(np.float64)
-        self.mean = patches.mean(0)
-        values, vectors = np.linalg.eigh(np.cov(patches, rowvar=False))
-        order = np.argsort(values)[::-1][:channels]
-        self.scale = np.sqrt(values[order])
-        self.basis = vectors[:, order]  # 3P² x C
+        self.mean, self.basis, self.scale = fit.mean, fit.basis, fit.scale
         self.shape = (channels, size // patch, size // patch)
 
     def _patches(self, x: np.ndarray) -> np.ndarray:

@@ -63,13 +63,18 @@ class AutoencoderConfig:
         widths = tuple(self.block_out_channels)
         if not widths or any(w <= 0 or w % 16 for w in widths):
             raise UsageError(f"--channels {','.join(map(str, widths))}: give positive multiples of 16 (e.g. 32,64,128)")
-        factor = 2 ** (len(widths) - 1)
+        factor = self.downsampling
         if self.linear_latent_weight and self.latent_channels > 3 * factor * factor:
             raise UsageError(f"--latent-channels {self.latent_channels}: a linear latent of {factor} x {factor} patches "
                              f"has only {3 * factor * factor} directions; give --linear-latent-weight 0")
         if self.resolution % factor or FACE_MAP_SIZE % (self.resolution // factor):
             raise UsageError(f"--resolution {self.resolution} with {len(widths)} blocks gives a latent grid that "
                              f"spec §4's {FACE_MAP_SIZE}-pixel face map cannot be pooled onto")
+
+    @property
+    def downsampling(self) -> int:
+        """How many times smaller than the crop the latent grid is: one halving per block after the first."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
 
 class LinearPatchLatent:
@@ -87,7 +92,7 @@ class LinearPatchLatent:
         covariance = (outer - n * np.outer(self.mean, self.mean)) / (n - 1)
         values, vectors = np.linalg.eigh(covariance)
         order = np.argsort(values)[::-1][:channels]
-        self.projection = vectors[:, order] / np.sqrt(values[order])  # 3P² x C
+        self.basis, self.scale = vectors[:, order], np.sqrt(values[order])  # 3P² x C, and each component's std
 
     @staticmethod
     def _patches(x, patch: int):
@@ -99,7 +104,7 @@ class LinearPatchLatent:
         import torch
 
         mean = torch.tensor(self.mean, dtype=torch.float32, device=dev)
-        projection = torch.tensor(self.projection, dtype=torch.float32, device=dev)
+        projection = torch.tensor(self.basis / self.scale, dtype=torch.float32, device=dev)
         p = self.patch
 
         def project(x):
@@ -150,8 +155,7 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
     vae = build_autoencoder(cfg).to(dev)
     linear_latent = None
     if cfg.linear_latent_weight:
-        factor = 2 ** (len(cfg.block_out_channels) - 1)
-        linear_latent = LinearPatchLatent(images, factor, cfg.latent_channels).projector(dev)
+        linear_latent = LinearPatchLatent(images, cfg.downsampling, cfg.latent_channels).projector(dev)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     rng = np.random.default_rng(cfg.seed)
     step = 0

@@ -154,8 +154,7 @@ def test_linear_patch_latent_is_each_patchs_whitened_principal_components():
     patches = x.reshape(300, 3, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(-1, 48).double().numpy()
     fitted = LinearPatchLatent(crops, patch=4, channels=6)
     centred = patches - fitted.mean
-    basis = fitted.projection / np.linalg.norm(fitted.projection, axis=0)
-    energy = [np.square(centred @ basis[:, c]).mean() for c in range(6)]
+    energy = [np.square(centred @ fitted.basis[:, c]).mean() for c in range(6)]
     assert energy == sorted(energy, reverse=True) and energy[0] > 10 * energy[-1], energy
 
 
