@@ -96,7 +96,8 @@ def load_noise_schedule(layout: ModelLayout) -> NoiseSchedule:
                          scheduler.config.timestep_spacing, int(scheduler.config.steps_offset))
 
 
-def _from_pretrained(cls, root: Path, subfolder: str):
+def load_pretrained(cls, root: Path, subfolder: str):
+    """A diffusers component from a local model folder: fp32, eval mode, no gradients; a clear error if unreadable."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -188,14 +189,14 @@ class TorchReference:
         self.noise = load_noise_schedule(self.layout)
         self.image_size = self.layout.image_size
         self.latent_shape = self.layout.latent_shape
-        unet = _from_pretrained(UNet2DModel, self.layout.root, "unet")
+        unet = load_pretrained(UNet2DModel, self.layout.root, "unet")
         self.eps_net = nets.EpsNet(unet).to(self.device).eval()
         self.encoder = self.decoder = None
         if self.layout.autoencoder == "vqvae":
-            vq = _from_pretrained(VQModel, self.layout.root, "vqvae").to(self.device)
+            vq = load_pretrained(VQModel, self.layout.root, "vqvae").to(self.device)
             self.encoder, self.decoder = nets.VQEncoder(vq).eval(), nets.VQDecoder(vq).eval()
         elif self.layout.autoencoder == "vae":
-            vae = _from_pretrained(AutoencoderKL, self.layout.root, "vae").to(self.device)
+            vae = load_pretrained(AutoencoderKL, self.layout.root, "vae").to(self.device)
             sf = self.layout.scaling_factor
             self.encoder, self.decoder = nets.KLEncoder(vae, sf).eval(), nets.KLDecoder(vae, sf).eval()
         self.face_map_net = nets.FaceMapNet(load_bisenet(parser)).to(self.device).eval() if parser else None

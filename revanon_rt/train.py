@@ -301,8 +301,9 @@ def training_samples(images: np.ndarray, out: Path, dev, log=print) -> np.ndarra
     from diffusers import AutoencoderKL
 
     from .nets import KLEncoder
+    from .reference import load_pretrained
 
-    vae = AutoencoderKL.from_pretrained(Path(out) / "vae", torch_dtype=torch.float32).to(dev).eval()
+    vae = load_pretrained(AutoencoderKL, Path(out), "vae").to(dev)
     if vae.config.sample_size != images.shape[1]:
         raise UsageError(f"{out / 'vae'}: trained on {vae.config.sample_size}px crops; "
                          f"pass --resolution {vae.config.sample_size}")

@@ -207,6 +207,7 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     trained = cli(*unet_args, "--resolution", "32")
     assert trained.returncode == 0, trained.stderr
     assert "latent space: 4 x 16 x 16" in trained.stderr
+    assert "accelerate" not in trained.stderr, "diffusers' loader noise reaches the user"
     card = (out / "README.md").read_text()
     assert "latent of its own autoencoder" in card and "1 × squared distance of E(x) from its patches' principal" in card
     copied = tmp_path / "copied"
@@ -215,6 +216,13 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
                   "--device", "cpu", "--max-steps", "2", "--resolution", "32")
     assert on_copy.returncode == 0, on_copy.stderr
     assert "trained elsewhere" in (copied / "README.md").read_text()
+    truncated = tmp_path / "truncated"
+    shutil.copytree(out / "vae", truncated / "vae")
+    weights = next((truncated / "vae").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    broken = cli("train", "--data", data, "--out", truncated, "--architecture", "tiny", "--batch", "4", "--samples", "0",
+                 "--device", "cpu", "--max-steps", "2", "--resolution", "32")
+    assert broken.returncode == 2 and "cannot load the weights" in broken.stderr, broken.stderr
     late = cli(*ae_args, "--max-steps", "40", "--resume")
     assert late.returncode == 2 and "UNet" in late.stderr, "retraining the autoencoder would orphan the UNet"
     (out / "unet").rename(tmp_path / "unet-aside")  # as a UNet run stopped before its weights were saved
