@@ -25,6 +25,7 @@ from common import LFW_DEV_CROPS, machine, write_results  # noqa: E402
 
 def separate_conditions(backend, rgbs, masks, nonces, keys, steps, batch):
     """The evaluation's conditions as independent transforms over the same batches."""
+    from revanon_rt.evaluate import known_plaintext_estimates
     from revanon_rt.keys import ZERO_NONCE, flip_subkey
     from revanon_rt.pipeline import transform_crops
     from revanon_rt.pixels import to_model, to_u8
@@ -48,8 +49,7 @@ def separate_conditions(backend, rgbs, masks, nonces, keys, steps, batch):
     z_orig = z_t(rgbs)
     for condition, victims in (("attack_nonce", out["anonymized"]), ("attack_reuse", reuse)):
         z_victims = z_t(victims)
-        estimates = np.stack([np.where(masks[a][None] > 0, np.sign(z_victims[a]) * np.sign(z_orig[a]), 1.0)
-                              for a in [(i + 1) % n for i in range(n)]]).astype(np.float32)
+        estimates = known_plaintext_estimates(z_victims, z_orig, masks, [(i + 1) % n for i in range(n)])
         out[condition] = np.concatenate([
             to_u8(transform(backend, to_model(victims[b]), masks[b][:, None], estimates[b], schedule))
             for b in batches])

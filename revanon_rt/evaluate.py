@@ -139,6 +139,14 @@ def _denoised(backend, keep: list[np.ndarray], masks: np.ndarray, patterns: np.n
     return to_u8(flipped_and_denoised(backend, list(keep), masks[:, None], patterns, backend.schedule(steps)))
 
 
+def known_plaintext_estimates(z_anon: np.ndarray, z_orig: np.ndarray, masks: np.ndarray,
+                              partners: list[int]) -> np.ndarray:
+    """The flips an attacker estimates from each partner's original and anonymized image:
+    sign(z_T anonymized) * sign(z_T original) inside the partner's mask, no flip outside it."""
+    return np.stack([np.where(masks[a][None] > 0, np.sign(z_anon[a]) * np.sign(z_orig[a]), 1.0)
+                     for a in partners]).astype(np.float32)
+
+
 def transform_conditions(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: list[bytes], keys: dict[str, bytes],
                          steps: int, batch: int, tick=lambda phase, n: None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Every transformed stack of the evaluation, and z_T of the originals and of the anonymized images.
@@ -169,9 +177,7 @@ def transform_conditions(backend, rgbs: np.ndarray, masks: np.ndarray, nonces: l
     # attack on a batch waits for the next batch's inversion, which holds the last target's A.
     def attack_pending(condition, z_anon, pending):
         idx, keep = pending
-        partners = [(i + 1) % len(rgbs) for i in idx]
-        estimates = np.stack([np.where(masks[a][None] > 0, np.sign(z_anon[a]) * np.sign(z_orig[a]), 1.0)
-                              for a in partners]).astype(np.float32)
+        estimates = known_plaintext_estimates(z_anon, z_orig, masks, [(i + 1) % len(rgbs) for i in idx])
         out[condition][idx] = _denoised(backend, keep, masks[idx], estimates, steps)
 
     z_anonymized = {}
@@ -206,11 +212,7 @@ def run_transform(backend, pairs: list[Pair], images: ZipImages, out: Path, *, m
     impostor pairs still give their clean images to the threshold.
     pairs_total: how many pairs the whole pairs file holds, so that a merge can say which no chunk covers.
     pairs_sha256: the pairs file's, so that a merge refuses chunks of different pairs files."""
-    rng = np.random.default_rng(seed)
-    # throwaway keys drawn from the seed, so that an evaluation can be repeated exactly
-    keys = {"key": bytes(rng.integers(0, 256, 32, dtype=np.uint8)),
-            "random_key": bytes(rng.integers(0, 256, 32, dtype=np.uint8))}
-    keys["one_bit_key"] = bytes([keys["key"][0] ^ 0x01]) + keys["key"][1:]
+    keys = evaluation_keys(seed)
     targets = sorted({p.second for p in pairs if p.same or not genuine_only})
     if len(targets) == 1:
         raise UsageError(f"this chunk transforms one image ({targets[0]}); the known-plaintext attack takes the "
@@ -289,6 +291,16 @@ def _transform_targets(backend, targets: list[str], images: ZipImages, out: Path
         for name, rgb in zip(targets, stack):
             _save(out / "images" / condition, name, rgb)
     return ranks, ranked, fallbacks, least
+
+
+def evaluation_keys(seed: int) -> dict[str, bytes]:
+    """The run's key, a random key and the key one bit away: throwaway keys drawn from the seed, so that an
+    evaluation can be repeated exactly."""
+    rng = np.random.default_rng(seed)
+    keys = {"key": bytes(rng.integers(0, 256, 32, dtype=np.uint8)),
+            "random_key": bytes(rng.integers(0, 256, 32, dtype=np.uint8))}
+    keys["one_bit_key"] = bytes([keys["key"][0] ^ 0x01]) + keys["key"][1:]
+    return keys
 
 
 def image_nonce(seed: int, name: str) -> bytes:
@@ -754,12 +766,17 @@ def markdown(summary: dict, title: str) -> str:
             ("known-plaintext attack, --insecure-key-reuse", t["attack_reuse"])]
     lines = [f"# {title}", "", f"{summary['pairs']} pairs ({summary['genuine_pairs']} genuine), threshold at FAR 0.1% "
              f"from {summary['impostor_scores']} clean impostor scores: cosine {summary['threshold_cosine_far_0.1%']:.3f}.",
-             "", "| second image | TAR@FAR=0.1% |", "|---|---:|"]
+             "", "| second image | TAR@FAR=0.1% | pairs passing | 95% interval |", "|---|---:|---:|---:|"]
     if "threshold_from" in summary:
         later = [c for c in summary["chunks"] if c not in summary["threshold_from"]]
         lines[3:3] = ["", f"The impostor scores come from the clean images of pairs {pair_ranges(summary['threshold_from'])}. "
                       f"Pairs {pair_ranges(later)} were added at that threshold; their own clean images are not among them."]
-    lines += [f"| {label} | {100 * value:.1f}% |" for label, value in rows if value is not None]
+    n = summary["genuine_pairs"]
+    for label, value in rows:
+        if value is not None:
+            passing = _whole(value, n)
+            low, high = wilson_interval(passing, n)
+            lines.append(f"| {label} | {100 * value:.1f}% | {passing} of {n} | {100 * low:.1f}–{100 * high:.1f}% |")
     c = summary["cosine_original_vs_anonymized"]
     lines.append("")
     if c:
@@ -794,6 +811,16 @@ def markdown(summary: dict, title: str) -> str:
                      "`run anonymize --masker landmarks` stops and asks for a mask)")
     lines.append(f"- wall time: {summary['wall_seconds']:.0f} s")
     return "\n".join(lines) + "\n"
+
+
+def wilson_interval(passes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% (Wilson score) interval of a pass rate: what a TAR of a few hundred pairs can tell apart."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = passes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * (p * (1 - p) / trials + z * z / (4 * trials * trials)) ** 0.5 / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _db(figure: dict) -> str:
