@@ -1,10 +1,11 @@
 """The main job: a synthetic face, anonymized with a fresh key, recovered, shown side by side.
 
-It runs on the project's demo model when one is present (models/demo-lfw128 if a GPU has trained
-it, else models/demo-lfw64, trained on a CPU): the face is sampled from the model itself (no real
-person) and masked where the crop template puts a face. Otherwise it runs on a tiny ε ≡ 0 pixel
-model it builds, on a drawn face; that model recovers exactly but only sign-flips pixels where a
-trained model would paint a new face.
+It runs on the project's demo model when one is present: models/demo-lfw64-latent, the one model here
+that brings identities back, else the pixel models demo-lfw128 and demo-lfw64. The face is sampled from
+the model itself (no real person) and masked where the crop template puts a face. Otherwise it runs on a
+tiny ε ≡ 0 pixel model it builds, on a drawn face; that model recovers exactly but only sign-flips pixels
+where a trained model would paint a new face. Where dlib is installed, the demo also says whether the
+anonymized and the recovered face still match the original.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from .pipeline import Options, anonymize_image, deanonymize_image
 from .pixels import psnr
 
 REPO_MODELS = Path(__file__).resolve().parents[1] / "models"
-DEMO_MODELS = (REPO_MODELS / "demo-lfw128", REPO_MODELS / "demo-lfw64")
+DEMO_MODELS = (REPO_MODELS / "demo-lfw64-latent", REPO_MODELS / "demo-lfw128", REPO_MODELS / "demo-lfw64")
+# dlib cosine at FAR 0.1% on the LFW dev split's clean impostor pairs (bench/results/eval-lfw64-latent-anchored-dev.md)
+SAME_PERSON_COSINE = 0.929
 
 
 def demo_model() -> Path | None:
@@ -153,9 +156,32 @@ def run_demo(out: Path, model: Path | None = None, device: str = "cpu", steps: i
         "psnr_recovered_db": None if np.array_equal(recovered.image.rgb, rgb) else round(psnr(recovered.image.rgb, rgb), 2),
         "recovered_bit_exact": bool(np.array_equal(recovered.image.rgb, rgb)),
         "warnings": anonymized.warnings,
+        "identity": identity_check(rgb, anonymized.image.rgb, recovered.image.rgb),
     }
     log(f"original | mask | anonymized | recovered -> {out / 'side_by_side.png'}")
     recovery = ("bit-exact" if report["recovered_bit_exact"] else f"PSNR {report['psnr_recovered_db']} dB")
     log(f"anonymized: PSNR {report['psnr_anonymized_db']} dB against the original; recovered: {recovery}; "
         f"{report['anonymize_seconds']} s + {report['recover_seconds']} s on {device}")
+    identity = report["identity"]
+    if identity is None:
+        log("identity not checked: dlib's face recognizer comes with the faces extra (pip install 'revanon-rt[faces]')")
+    else:
+        def verdict(cosine):
+            return f"{cosine:.3f}, {'a match' if cosine > SAME_PERSON_COSINE else 'no match'}"
+        log(f"identity, dlib cosine to the original (above {SAME_PERSON_COSINE} is a match; 0.1% of different people's "
+            f"LFW pairs pass it): anonymized {verdict(identity['anonymized'])}; recovered {verdict(identity['recovered'])}")
     return report
+
+
+def identity_check(original: np.ndarray, anonymized: np.ndarray, recovered: np.ndarray) -> dict | None:
+    """dlib's cosine between the original face and each output, or None without dlib."""
+    try:
+        from .faces import Recognizer
+
+        recognizer = Recognizer()
+    except UsageError:  # no dlib, or its models missing: the demo itself still ran
+        return None
+    reference = recognizer.describe(original)[0]
+    return {"threshold": SAME_PERSON_COSINE,
+            **{name: round(float(reference @ recognizer.describe(rgb)[0]), 4)
+               for name, rgb in (("anonymized", anonymized), ("recovered", recovered))}}

@@ -1,6 +1,7 @@
 """The README's main job: `revanon-rt demo`."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -27,10 +28,17 @@ def test_main_job_with_defaults(tmp_path):
     if demo_model() is None:
         assert report["face"] == "drawn" and report["recovered_bit_exact"], report
     else:
-        # The committed demo models do not bring faces back (README, the recovery budget); what must
-        # hold on any model is a sampled face, and every pixel outside the mask untouched both ways.
         assert report["face"].startswith("sampled"), report
-        assert np.array_equal(anonymized[~mask], face[~mask]) and np.array_equal(recovered[~mask], face[~mask])
+        if (demo_model() / "vae").is_dir():
+            # the latent demo model brings the face back as its owner's (ten fresh keys: recovered 0.951-0.978,
+            # anonymized 0.862-0.918), while its decoder redraws the whole image, background included
+            identity = report["identity"]
+            assert identity["anonymized"] < identity["recovered"] and identity["recovered"] > identity["threshold"], report
+            assert re.search(r"recovered 0\.9\d\d, a match", run.stderr), run.stderr
+        else:
+            # the pixel demo models do not bring faces back (README, the recovery budget), and leave every
+            # pixel outside the mask untouched both ways
+            assert np.array_equal(anonymized[~mask], face[~mask]) and np.array_equal(recovered[~mask], face[~mask])
     side = face.shape[0]
     scale = max(1, 256 // side)
     assert Image.open(out / "side_by_side.png").size == ((4 * side + 3 * 4) * scale, side * scale)
