@@ -3,6 +3,8 @@ person), anonymized and recovered by the command-line tool in photo mode.
 
     python docs/draw_photo_example.py [--model DIR (default: the demo model)] [--device cuda] [--seed 3]
 
+docs/photo-example.png is models/demo-lfw64's: `--model models/demo-lfw64`.
+
 The faces are sampled, enlarged and placed on a plain canvas at different sizes and tilts; then
 `revanon-rt run anonymize --mode photo` and `run deanonymize` run in subprocesses, exactly as a
 user would run them. The figure is before | anonymized | recovered.
