@@ -772,11 +772,22 @@ def markdown(summary: dict, title: str) -> str:
         lines[3:3] = ["", f"The impostor scores come from the clean images of pairs {pair_ranges(summary['threshold_from'])}. "
                       f"Pairs {pair_ranges(later)} were added at that threshold; their own clean images are not among them."]
     n = summary["genuine_pairs"]
+
+    def row(label, passing, trials):
+        low, high = wilson_interval(passing, trials)
+        return f"| {label} | {100 * passing / trials:.1f}% | {passing} of {trials} | {100 * low:.1f}–{100 * high:.1f}% |"
+
     for label, value in rows:
         if value is not None:
-            passing = _whole(value, n)
-            low, high = wilson_interval(passing, n)
-            lines.append(f"| {label} | {100 * value:.1f}% | {passing} of {n} | {100 * low:.1f}–{100 * high:.1f}% |")
+            lines.append(row(label, _whole(value, n), n))
+    # A random key, a key one bit away and another face's stolen pattern each multiply the face's own pattern by
+    # one independent of it (SHAKE outputs of other inputs): the net flips on the original are uniformly random in
+    # all three, so they measure one rate, pooled here over three times the trials.
+    independent = [t[c] for c in ("random_key", "one_bit_key", "attack_nonce")]
+    if n and None not in independent:
+        pooled = row("random key, one bit away and nonce attack, pooled (one rate: each nets the original a uniformly "
+                     "random flip pattern)", sum(_whole(value, n) for value in independent), 3 * n)
+        lines.insert(len(lines) - (t["attack_reuse"] is not None), pooled)
     c = summary["cosine_original_vs_anonymized"]
     lines.append("")
     if c:

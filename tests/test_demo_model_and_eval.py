@@ -308,6 +308,8 @@ def test_eval_plumbing_on_a_few_pairs_and_merge(zero_engines, tmp_path, no_torch
     assert "outside the mask (3 images): byte-identical to the original in every anonymized and recovered image" in chunk_table
     # 4 of 4 pairs bound the rate only to 51-100% (Wilson, 95%): the table says how little a small run shows
     assert "| recovered, right key | 100.0% | 4 of 4 | 51.0–100.0% |" in chunk_table
+    pooled = re.search(r"\| random key, one bit away and nonce attack, pooled [^|]*\| [\d.]+% \| (\d+) of 12 \|", chunk_table)
+    assert pooled and int(pooled[1]) == round(4 * sum(tar[c] for c in ("random_key", "one_bit_key", "attack_nonce")))
     assert (tmp_path / "eval" / "chunk-00000-00004" / "contact_sheet.png").exists()
 
     pool_cache = tmp_path / "eval" / "linkage-pool.npz"
