@@ -2,13 +2,15 @@
 
 The backend is oracle_recovery.GaussianFaces (the exact posterior ε of a Gaussian fitted to the training
 crops, at --model's size and noise schedule), or with --patch its LatentGaussian in a linear patch
-autoencoder's latent, run through the evaluation itself: the same pairs,
+autoencoder's latent, or for a latent --model in the latent of that model's own trained autoencoder (the
+codec its UNet learned), run through the evaluation itself: the same pairs,
 landmark masks, keys, conditions, attacks, linkage test, dlib scoring and summary as `revanon-rt eval
 --genuine-only`. The gap between this and the trained model's evaluation is what training costs; what
 this still misses, the method costs.
 
     python bench/oracle_eval.py --model models/demo-lfw64 [--limit 1200] [--out bench/work/eval-oracle]
         [--patch 4 --channels 8 --name eval-oracle-latent-p4c8-dev]
+    python bench/oracle_eval.py --model models/demo-lfw64-latent --name eval-oracle-anchored-autoencoder-dev
 
 A run too long for one sitting goes in pieces: `--start 600 --extend bench/results/NAME.json` runs pairs
 600 on and adds them to the summary of the pairs before, at its threshold (`revanon-rt eval-merge --extend`).
@@ -27,14 +29,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, WORK, machine  # noqa: E402
 from oracle_recovery import (LFW_TRAIN_CROPS, GaussianFaces, LatentGaussian, PatchLatent,  # noqa: E402
-                             training_crops)
+                             TrainedAutoencoder, training_crops)
 
 LFW = Path(__file__).resolve().parents[2] / "shared" / "data" / "lfw"
 
 
 class IdealBackend:
-    """The ideal ε as an evaluation backend: in pixels (GaussianFaces) or, with patch > 0, in the latent
-    of a linear patch autoencoder (LatentGaussian)."""
+    """The ideal ε as an evaluation backend: in pixels (GaussianFaces); with patch > 0, in the latent of a
+    linear patch autoencoder; or, for a latent model, in the latent of its own trained autoencoder
+    (LatentGaussian both)."""
 
     name = "ideal-eps"
     can_parse = False
@@ -44,8 +47,10 @@ class IdealBackend:
     def __init__(self, reference, crops: np.ndarray, components: int, patch: int = 0, channels: int = 8):
         alphas = np.asarray(reference.noise.alphas_cumprod)
         size = reference.image_size
-        if patch:
-            self.model = LatentGaussian(PatchLatent(crops, size, patch, channels), crops, components, alphas)
+        trained = reference.layout.autoencoder
+        if patch or trained:
+            codec = TrainedAutoencoder(reference) if trained else PatchLatent(crops, size, patch, channels)
+            self.model = LatentGaussian(codec, crops, components, alphas)
             self.latent_shape = self.model.codec.shape
             gaussian = self.model.gaussian
         else:
@@ -56,7 +61,8 @@ class IdealBackend:
         self.image_size = size
         self.components = len(gaussian.variances)
         self.floor = gaussian.floor
-        latent = f"-latent-p{patch}c{channels}" if patch else ""
+        latent = (f"-autoencoder-{reference.fingerprint[:12]}" if trained else
+                  f"-latent-p{patch}c{channels}" if patch else "")
         self.fingerprint = f"ideal-eps-gaussian-{len(crops)}-crops-{self.components}-components{latent}"
 
     def schedule(self, steps: int):
@@ -97,8 +103,8 @@ def main() -> None:
 
     base = read_summary(args.extend) if args.extend else None  # one that cannot be extended fails before the run
     reference = TorchReference(args.model)
-    if reference.layout.autoencoder:
-        raise SystemExit("the ideal ε works in pixel space: pass a pixel-space --model for its size and schedule")
+    if reference.layout.autoencoder and args.patch:
+        raise SystemExit("--patch replaces the autoencoder: pass a pixel-space --model for its size and schedule")
     started = time.perf_counter()
     backend = IdealBackend(reference, training_crops(args.train, reference.image_size, args.fit), args.components,
                            args.patch, args.channels)
@@ -125,10 +131,13 @@ def main() -> None:
     summary = summarize([chunk / "features.npz"]) if base is None else extended(base, [chunk / "features.npz"])
     summary["ideal_eps"] = {"model_schedule": str(args.model), "fit": args.fit, "components": backend.components,
                             "floor_variance": backend.floor, "patch": args.patch,
+                            "trained_autoencoder": bool(reference.layout.autoencoder),
                             "channels": args.channels if args.patch else None}
     summary["wall_seconds"] = time.perf_counter() - started + (base["wall_seconds"] if base else 0.0)
     summary["machine"] = machine()
-    space = f", in a {'x'.join(map(str, backend.latent_shape))} linear patch latent" if args.patch else ""
+    shape = "x".join(map(str, backend.latent_shape))
+    space = (f", in the {shape} latent of {args.model.name}'s own autoencoder" if reference.layout.autoencoder else
+             f", in a {shape} linear patch latent" if args.patch else "")
     title = (f"LFW dev pairs {pair_ranges(summary['chunks'])} with an ideal ε (Gaussian fitted to {args.fit} training crops, "
              f"{backend.image_size} px{space}, schedule of {args.model.name})")
     (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=1) + "\n")
