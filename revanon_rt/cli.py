@@ -708,6 +708,10 @@ def train_autoencoder_cmd(
         None, "--linear-latent-weight", min=0.0,
         help="Weight pulling the encoder toward a linear latent, each patch's principal components (default 1; "
              "0 leaves it free, which recovers faces far worse)."),
+    consistency_weight: Optional[float] = typer.Option(
+        None, "--consistency-weight", min=0.0,
+        help="Weight of the E(D(z)) = z term (default 1): the decoder's image must re-encode to its latent, as "
+             "recovery needs. It may change with --resume: a few minutes at 10 after the default run helps."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in total."),
     device: str = DEVICE,
 ) -> None:
@@ -723,7 +727,8 @@ def train_autoencoder_cmd(
             raise UsageError(f"--channels {channels!r}: give positive multiples of 16, comma-separated (e.g. 32,64,128)") from None
         given = {k: v for k, v in (("resolution", resolution), ("latent_channels", latent_channels),
                                    ("block_out_channels", widths), ("batch", batch), ("lr", lr),
-                                   ("linear_latent_weight", linear_latent_weight)) if v is not None}
+                                   ("linear_latent_weight", linear_latent_weight),
+                                   ("consistency_weight", consistency_weight)) if v is not None}
         result = train_autoencoder(data, out, minutes, resume, AutoencoderConfig(**given), device=device,
                                    max_steps=max_steps, log=say, given=given)
     except RevanonError as exc:

@@ -507,11 +507,15 @@ def write_model_card(out: Path, data: Path, result: dict, samples: int, device: 
         if all(path.is_file() for path in ae_record):
             ae_cfg = json.loads(ae_record[0].read_text())
             ae_pieces = training_pieces(out, PIECES)
+            # pieces from before --consistency-weight were trained at the checkpoint's one value
+            consistency = _setting_history([{"consistency_weight": ae_cfg["consistency_weight"], **p} for p in ae_pieces],
+                                           "consistency_weight", ae_cfg["consistency_weight"])
+            consistency = f"({consistency})" if "then" in consistency else consistency
             ae_rows = list(csv.DictReader(open(ae_record[1])))
             ae_line = (f"- **Autoencoder:** `revanon-rt train-autoencoder`, "
                        f"{ae_pieces[-1]['steps_to'] if ae_pieces else '?'} "
                        f"steps, batch {ae_cfg['batch']}, AdamW lr {_rate(ae_cfg['lr'])},\n"
-                       f"  blocks {ae_cfg['block_out_channels']}; loss = pixel MSE + {ae_cfg['consistency_weight']} × "
+                       f"  blocks {ae_cfg['block_out_channels']}; loss = pixel MSE + {consistency} × "
                        f"E(D(z)) consistency + {_rate(ae_cfg['kl_weight'])} × KL"
                        f"{linear_latent_term(ae_cfg)}.\n"
                        f"  Last logged reconstruction {10 * math.log10(4 / float(ae_rows[-1]['reconstruction_mse'])):.1f} dB "

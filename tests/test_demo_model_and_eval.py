@@ -189,8 +189,13 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert resumed.returncode == 0 and "resumed at step 20" in resumed.stderr, resumed.stderr
     logged = [int(row.split(",")[0]) for row in (out / "checkpoint" / "autoencoder-loss.csv").read_text().splitlines()[1:]]
     assert logged == sorted(set(logged)) and 100 not in logged and logged[-1] == 24, logged
+    # the consistency weight, alone of the settings, may rise on --resume; the card says where it changed
+    stronger = cli(*ae_args[:-2], "--device", "cpu", "--max-steps", "26", "--resume", "--consistency-weight", "10")
+    assert stronger.returncode == 0, stronger.stderr
+    assert json.loads((out / "checkpoint" / "autoencoder-config.json").read_text())["consistency_weight"] == 10.0
     wider = cli(*ae_args, "--channels", "16,32,64", "--resume")
     assert wider.returncode == 2 and "--channels 16,32,64: the checkpoint was trained with --channels 16,32" in wider.stderr
+    assert "only --consistency-weight can change" in wider.stderr
     # a checkpoint saved before --linear-latent-weight existed was trained without the anchor, and keeps it off
     config_path = out / "checkpoint" / "autoencoder-config.json"
     saved = json.loads(config_path.read_text())
@@ -210,6 +215,7 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert "accelerate" not in trained.stderr, "diffusers' loader noise reaches the user"
     card = (out / "README.md").read_text()
     assert "latent of its own autoencoder" in card and "1 × squared distance of E(x) from its patches' principal" in card
+    assert "loss = pixel MSE + (1.0 to step 24, then 10.0) × E(D(z)) consistency" in card, card
     copied = tmp_path / "copied"
     shutil.copytree(out / "vae", copied / "vae")  # an autoencoder trained elsewhere, without its record
     on_copy = cli("train", "--data", data, "--out", copied, "--architecture", "tiny", "--batch", "4", "--samples", "0",
