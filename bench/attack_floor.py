@@ -141,14 +141,13 @@ def main() -> None:
     null_scores = np.array([r["random_key"] + r["attack_nonce"] + [r["one_bit_key"]] for r in rows])
     null_draws = null_scores.shape[1]
     passes_per_pair = np.sum(null_scores > threshold, axis=1)
-    pooled = {condition: {"passes": int(sum(per_draw[condition])), "trials": pairs * args.draws,
-                          "rate": sum(per_draw[condition]) / (pairs * args.draws),
-                          "interval_95": wilson_interval(sum(per_draw[condition]), pairs * args.draws)}
-              for condition in per_draw}
-    pooled["every_independent_pattern"] = {
-        "passes": int(passes_per_pair.sum()), "trials": pairs * null_draws,
-        "rate": float(passes_per_pair.sum()) / (pairs * null_draws),
-        "interval_95": wilson_interval(int(passes_per_pair.sum()), pairs * null_draws)}
+
+    def rate(passes: int, trials: int) -> dict:
+        return {"passes": passes, "trials": trials, "rate": passes / trials,
+                "interval_95": wilson_interval(passes, trials)}
+
+    pooled = {condition: rate(sum(per_draw[condition]), pairs * args.draws) for condition in per_draw}
+    pooled["every_independent_pattern"] = rate(int(passes_per_pair.sum()), pairs * null_draws)
     passing_pairs = int(np.sum(passes_per_pair > 0))
     spread = {str(k): int(np.sum(passes_per_pair == k)) for k in range(1, null_draws + 1) if np.any(passes_per_pair == k)}
     floor_pairs = [{"first": r["first"], "second": r["second"], "passes": int(k), "of": null_draws,

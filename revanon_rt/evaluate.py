@@ -777,17 +777,16 @@ def markdown(summary: dict, title: str) -> str:
         low, high = wilson_interval(passing, trials)
         return f"| {label} | {100 * passing / trials:.1f}% | {passing} of {trials} | {100 * low:.1f}–{100 * high:.1f}% |"
 
+    # A random key, a key one bit away and another face's stolen pattern each multiply the face's own pattern by
+    # one independent of it (SHAKE outputs of other inputs): the net flips on the original are uniformly random in
+    # all three, so they measure one rate, pooled after the last of them over three times the trials.
+    independent = [t[c] for c in ("random_key", "one_bit_key", "attack_nonce")]
     for label, value in rows:
         if value is not None:
             lines.append(row(label, _whole(value, n), n))
-    # A random key, a key one bit away and another face's stolen pattern each multiply the face's own pattern by
-    # one independent of it (SHAKE outputs of other inputs): the net flips on the original are uniformly random in
-    # all three, so they measure one rate, pooled here over three times the trials.
-    independent = [t[c] for c in ("random_key", "one_bit_key", "attack_nonce")]
-    if n and None not in independent:
-        pooled = row("random key, one bit away and nonce attack, pooled (one rate: each nets the original a uniformly "
-                     "random flip pattern)", sum(_whole(value, n) for value in independent), 3 * n)
-        lines.insert(len(lines) - (t["attack_reuse"] is not None), pooled)
+        if label == "known-plaintext attack, per-face nonce" and None not in independent:
+            lines.append(row("random key, one bit away and nonce attack, pooled (one rate: each nets the original a "
+                             "uniformly random flip pattern)", sum(_whole(v, n) for v in independent), 3 * n))
     c = summary["cosine_original_vs_anonymized"]
     lines.append("")
     if c:
