@@ -128,6 +128,18 @@ def build_autoencoder(cfg: AutoencoderConfig):
                          sample_size=cfg.resolution)
 
 
+def pin_earlier_pieces(path: Path, saved: dict, keys) -> None:
+    """Pieces logged before a setting could change on --resume carry no value of it. Write down the one they
+    trained with, the checkpoint's, before the config takes a new one: the card would credit them with that."""
+    if not path.exists():
+        return
+    pieces = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if all(key in piece for piece in pieces for key in keys):
+        return
+    path.write_text("".join(json.dumps({**piece, **{key: saved[key] for key in keys if key not in piece}}) + "\n"
+                            for piece in pieces))
+
+
 def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: AutoencoderConfig,
                       device: str = "auto", max_steps: int | None = None, log=print, given: dict | None = None) -> dict:
     """`given`: the settings the user chose; on --resume they must match the checkpoint."""
@@ -148,6 +160,7 @@ def train_autoencoder(data: Path, out: Path, minutes: float, resume: bool, cfg: 
         # a checkpoint from before the setting existed was trained without it
         saved.setdefault("linear_latent_weight", 0.0)
         cfg = AutoencoderConfig(**resumed_config(saved, given or {}, AUTOENCODER_FLAGS, CHANGEABLE_ON_RESUME))
+        pin_earlier_pieces(ckpt / PIECES, saved, CHANGEABLE_ON_RESUME)
     else:
         check_new_run(out, ckpt / STATE, set())
     data_identity = training_data_identity(ckpt / DATA_RECORD, data, resume)

@@ -189,7 +189,12 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert resumed.returncode == 0 and "resumed at step 20" in resumed.stderr, resumed.stderr
     logged = [int(row.split(",")[0]) for row in (out / "checkpoint" / "autoencoder-loss.csv").read_text().splitlines()[1:]]
     assert logged == sorted(set(logged)) and 100 not in logged and logged[-1] == 24, logged
-    # the consistency weight, alone of the settings, may rise on --resume; the card says where it changed
+    # the consistency weight, alone of the settings, may rise on --resume; the card says where it changed, also
+    # for pieces logged before the weight was recorded per piece
+    pieces_path = out / "checkpoint" / "autoencoder-pieces.jsonl"
+    pieces = [json.loads(line) for line in pieces_path.read_text().splitlines()]
+    pieces_path.write_text("".join(json.dumps({k: v for k, v in p.items() if k != "consistency_weight"}) + "\n"
+                                   for p in pieces))
     stronger = cli(*ae_args[:-2], "--device", "cpu", "--max-steps", "26", "--resume", "--consistency-weight", "10")
     assert stronger.returncode == 0, stronger.stderr
     assert json.loads((out / "checkpoint" / "autoencoder-config.json").read_text())["consistency_weight"] == 10.0
