@@ -514,7 +514,7 @@ def write_model_card(out: Path, data: Path, result: dict, samples: int, device: 
             ae_rows = list(csv.DictReader(open(ae_record[1])))
             ae_line = (f"- **Autoencoder:** `revanon-rt train-autoencoder`, "
                        f"{ae_pieces[-1]['steps_to'] if ae_pieces else '?'} "
-                       f"steps, batch {ae_cfg['batch']}, AdamW lr {_rate(ae_cfg['lr'])},\n"
+                       f"steps, batch {ae_cfg['batch']}, AdamW lr {_setting_history(ae_pieces, 'lr', ae_cfg['lr'], _rate)},\n"
                        f"  blocks {ae_cfg['block_out_channels']}; loss = pixel MSE + {consistency} × "
                        f"E(D(z)) consistency + {_rate(ae_cfg['kl_weight'])} × KL"
                        f"{linear_latent_term(ae_cfg)}.\n"

@@ -38,7 +38,7 @@ AUTOENCODER_FLAGS = {"resolution": "--resolution", "latent_channels": "--latent-
                      "linear_latent_weight": "--linear-latent-weight", "consistency_weight": "--consistency-weight"}
 # A resumed run may raise the consistency weight: a few minutes at 10 after a run at 1 narrowed the re-encoding
 # miss (README: 15.1% against 17.4%), where 10 from the first step held reconstruction back.
-CHANGEABLE_ON_RESUME = ("consistency_weight",)
+CHANGEABLE_ON_RESUME = ("consistency_weight", "lr")
 
 
 @dataclass

@@ -189,18 +189,19 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert resumed.returncode == 0 and "resumed at step 20" in resumed.stderr, resumed.stderr
     logged = [int(row.split(",")[0]) for row in (out / "checkpoint" / "autoencoder-loss.csv").read_text().splitlines()[1:]]
     assert logged == sorted(set(logged)) and 100 not in logged and logged[-1] == 24, logged
-    # the consistency weight, alone of the settings, may rise on --resume; the card says where it changed, also
-    # for pieces logged before the weight was recorded per piece
+    # the consistency weight and the learning rate, alone of the settings, may change on --resume; the card says
+    # where, also for pieces logged before the weight was recorded per piece
     pieces_path = out / "checkpoint" / "autoencoder-pieces.jsonl"
     pieces = [json.loads(line) for line in pieces_path.read_text().splitlines()]
     pieces_path.write_text("".join(json.dumps({k: v for k, v in p.items() if k != "consistency_weight"}) + "\n"
                                    for p in pieces))
-    stronger = cli(*ae_args[:-2], "--device", "cpu", "--max-steps", "26", "--resume", "--consistency-weight", "10")
+    stronger = cli(*ae_args[:-2], "--device", "cpu", "--max-steps", "26", "--resume", "--consistency-weight", "10",
+                   "--lr", "2e-4")
     assert stronger.returncode == 0, stronger.stderr
     assert json.loads((out / "checkpoint" / "autoencoder-config.json").read_text())["consistency_weight"] == 10.0
     wider = cli(*ae_args, "--channels", "16,32,64", "--resume")
     assert wider.returncode == 2 and "--channels 16,32,64: the checkpoint was trained with --channels 16,32" in wider.stderr
-    assert "only --consistency-weight can change" in wider.stderr
+    assert "only --consistency-weight and --lr can change" in wider.stderr
     # a checkpoint saved before --linear-latent-weight existed was trained without the anchor, and keeps it off
     config_path = out / "checkpoint" / "autoencoder-config.json"
     saved = json.loads(config_path.read_text())
@@ -221,6 +222,7 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     card = (out / "README.md").read_text()
     assert "latent of its own autoencoder" in card and "1 × squared distance of E(x) from its patches' principal" in card
     assert "loss = pixel MSE + (1.0 to step 24, then 10.0) × E(D(z)) consistency" in card, card
+    assert "AdamW lr 5e-04 to step 24, then 2e-04," in card, card
     copied = tmp_path / "copied"
     shutil.copytree(out / "vae", copied / "vae")  # an autoencoder trained elsewhere, without its record
     on_copy = cli("train", "--data", data, "--out", copied, "--architecture", "tiny", "--batch", "4", "--samples", "0",
