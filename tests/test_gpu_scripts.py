@@ -108,6 +108,7 @@ def test_train_latent_sends_back_a_model_that_runs_and_resumes_only_its_unet(scr
     card = (model / "README.md").read_text()
     assert "**Training:** 4 steps" in card and "8×16×16 latent" in card
     assert "loss = pixel MSE + (1.0 to step 2, then 10.0) × E(D(z))" in card, card
+    assert "AdamW lr 5e-04 to step 2, then 2e-04," in card, card
     demo = subprocess.run([sys.executable, "-m", "revanon_rt", "demo", "--model", str(model), "--device", "cpu",
                            "--steps", "2", "--face", "sampled", "--out", str(tmp_path / "demo")],
                           capture_output=True, text=True, timeout=300)
