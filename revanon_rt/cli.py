@@ -703,7 +703,8 @@ def train_autoencoder_cmd(
     minutes: float = typer.Option(9.0, "--minutes", min=0.01, help="Train for this long, then checkpoint and save."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint, with its settings."),
     batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Crops per step (default 16)."),
-    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Peak AdamW learning rate (default 5e-4); with --resume, the rate from here on."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0,
+                                       help="Peak AdamW learning rate (default 5e-4); with --resume, the rate from here on."),
     linear_latent_weight: Optional[float] = typer.Option(
         None, "--linear-latent-weight", min=0.0,
         help="Weight pulling the encoder toward a linear latent, each patch's principal components (default 1; "
