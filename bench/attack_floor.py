@@ -86,6 +86,17 @@ def chunk_draws(backend, chunk: Path, images, draws: int, batch: int) -> tuple[l
     return targets, out, reproduced
 
 
+def eval_summary(folder: Path) -> Path:
+    """The run's metrics.json: the merged one, or its only chunk's, since a one-chunk run has nothing to merge."""
+    merged, chunks = folder / "metrics.json", sorted(folder.glob("chunk-*/metrics.json"))
+    if merged.is_file():
+        return merged
+    if len(chunks) == 1:
+        return chunks[0]
+    raise SystemExit(f"{folder}: no metrics.json; merge its {len(chunks)} scored chunks with "
+                     "`revanon-rt eval-merge` first")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eval", type=Path, required=True, help="a `revanon-rt eval --out` folder, merged")
@@ -101,7 +112,7 @@ def main() -> None:
     from revanon_rt.evaluate import ZipImages, wilson_interval
     from revanon_rt.faces import Recognizer
 
-    summary = json.loads((args.eval / "metrics.json").read_text())
+    summary = json.loads(eval_summary(args.eval).read_text())
     threshold = summary["threshold_cosine_far_0.1%"]
     backend = open_backend(args.model, None, args.device)
     images = ZipImages(args.images, backend.image_size)
