@@ -99,7 +99,7 @@ def eval_summary(folder: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--eval", type=Path, required=True, help="a `revanon-rt eval --out` folder, merged")
+    parser.add_argument("--eval", type=Path, required=True, help="a `revanon-rt eval --out` folder: one chunk, or merged")
     parser.add_argument("--model", type=Path, required=True, help="the model that run transformed with")
     parser.add_argument("--images", type=Path, default=LFW_DEV_CROPS)
     parser.add_argument("--draws", type=int, default=4, help="random keys, and attack partners, per target")
