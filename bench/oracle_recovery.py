@@ -363,7 +363,9 @@ def main() -> None:
         print(f"{steps} steps: {time.perf_counter() - began:.0f} s", flush=True)
 
     columns = [("reconstruction (no flip)", "psnr_reconstruction"), ("anonymized", "psnr_anonymized"),
-               ("recovered, float anonymized", "psnr_recovered_float"), ("recovered (8-bit PNG)", "psnr_recovered"),
+               ("recovered, float anonymized", "psnr_recovered_float"),
+               ("recovered, float anonymized clamped to [−1, 1]", "psnr_recovered_clamped_float"),
+               ("recovered (8-bit PNG)", "psnr_recovered"),
                ("recovered, face flipped, nothing put back, float", "psnr_recovered_no_reinjection_float"),
                ("recovered, whole-image mask, float", "psnr_recovered_whole_mask_float"),
                ("recovered, whole-image mask (8-bit PNG)", "psnr_recovered_whole_mask")]
