@@ -148,9 +148,10 @@ def similarity_to_template(landmarks: np.ndarray, crop_size: int) -> np.ndarray:
     return np.hstack([rot, t[:, None]])
 
 
-def face_region(points5: np.ndarray, side: int, out: int = FACE_MAP_SIZE) -> np.ndarray:
+def face_region(points5: np.ndarray, side: int, out: int = FACE_MAP_SIZE, scale: float = 1.0) -> np.ndarray:
     """The face from the chin up to the hairline, as an ellipse in the face's own frame, drawn into
-    an out x out map over a side x side crop. Units: the distance between the eye centres."""
+    an out x out map over a side x side crop. Units: the distance between the eye centres. `scale`
+    grows or shrinks the ellipse about its centre (bench/mask_scale.py measures what that trades)."""
     p = five_points(points5)
     right_eye, left_eye, nose = (p[0] + p[1]) / 2, (p[2] + p[3]) / 2, p[4]
     mid = (right_eye + left_eye) / 2
@@ -164,7 +165,7 @@ def face_region(points5: np.ndarray, side: int, out: int = FACE_MAP_SIZE) -> np.
         y_axis = -y_axis
     # hairline about 1.2 d above the eye line, chin about 1.9 d below; half-width 1.1 d
     centre = mid + 0.35 * d * y_axis
-    half_h, half_w = 1.55 * d, 1.10 * d
+    half_h, half_w = 1.55 * d * scale, 1.10 * d * scale
     coords = (np.arange(out) + 0.5) * side / out - 0.5
     u, v = np.meshgrid(coords, coords)
     du, dv = u - centre[0], v - centre[1]
@@ -173,9 +174,9 @@ def face_region(points5: np.ndarray, side: int, out: int = FACE_MAP_SIZE) -> np.
     return ((a * a + b * b) <= 1.0).astype(np.uint8)
 
 
-def template_region(side: int, out: int = FACE_MAP_SIZE) -> np.ndarray:
+def template_region(side: int, out: int = FACE_MAP_SIZE, scale: float = 1.0) -> np.ndarray:
     """The face region where the crop template puts the face: an aligned crop's face with no detection."""
-    return face_region(TEMPLATE_5 * side - 0.5, side, out)
+    return face_region(TEMPLATE_5 * side - 0.5, side, out, scale)
 
 
 def face_region_68(landmarks: np.ndarray, side: int, out: int = FACE_MAP_SIZE) -> np.ndarray:

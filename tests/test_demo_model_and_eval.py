@@ -265,6 +265,22 @@ def test_latent_model_trains_in_two_stages_and_runs(keyfile, tmp_path):
     assert not np.array_equal(anonymized, images[0])
 
 
+def test_face_region_scales_about_its_centre():
+    from revanon_rt.faces import template_region
+
+    base, larger, smaller = (template_region(128, scale=s) for s in (1.0, 1.25, 0.8))
+    assert np.array_equal(base, template_region(128))
+    assert not (smaller & ~base).any() and not (base & ~larger).any()
+    assert larger.sum() / base.sum() == pytest.approx(1.25 ** 2, rel=0.02)
+    assert smaller.sum() / base.sum() == pytest.approx(0.8 ** 2, rel=0.02)
+
+    def centre(region):
+        rows, cols = np.nonzero(region)
+        return rows.mean(), cols.mean()
+
+    assert np.allclose(centre(larger), centre(base), atol=1.0) and np.allclose(centre(smaller), centre(base), atol=1.0)
+
+
 def test_landmarks_masker_finds_the_face_and_says_when_it_cannot(zero_engines, keyfile, tmp_path):
     from revanon_rt.errors import InputError
     from revanon_rt.faces import LandmarksMasker
