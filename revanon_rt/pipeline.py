@@ -89,7 +89,7 @@ def clamping_notes(source, shares) -> list[str]:
         return []
     return [f"{source}: the model generated {worst:.1%} of the face's values beyond the pixel range, and storing "
             "8 bits clamps them; recovery may not bring this face back. Verify recovery before deleting the "
-            "original (README: Train the demo model)"]
+            "original (README: Security in plain words)"]
 
 
 def _pixels(x: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ AUTOENCODER_FLAGS = {"resolution": "--resolution", "latent_channels": "--latent-
                      "block_out_channels": "--channels", "batch": "--batch", "lr": "--lr",
                      "linear_latent_weight": "--linear-latent-weight", "consistency_weight": "--consistency-weight"}
 # A resumed run may raise the consistency weight: a few minutes at 10 after a run at 1 narrowed the re-encoding
-# miss (README: 15.1% against 17.4%), where 10 from the first step held reconstruction back. It may lower the
+# miss (docs/demo-model.md: 15.1% against 17.4%), where 10 from the first step held reconstruction back. It may lower the
 # rate too: 2e-4 after 5e-4 took reconstruction from 27.6 to 29.8 dB.
 CHANGEABLE_ON_RESUME = ("consistency_weight", "lr")
 
