@@ -16,6 +16,9 @@ VENV=$REHEARSAL/venv
 WINDOWS=${*:-A B P 4 L}
 
 if [ ! -x $VENV/bin/python ]; then
+  # pyenv's shim answers python3.12 even where 3.12 is not the selected version, and then fails
+  $PYTHON312 -c '' 2>/dev/null || PYTHON312=$(ls -d ${PYENV_ROOT:-$HOME/.pyenv}/versions/3.12*/bin/python3.12 2>/dev/null | tail -n 1)
+  [ -n "$PYTHON312" ] || { echo "no Python 3.12 found: set PYTHON312" >&2; exit 2; }
   $PYTHON312 -m venv $VENV && $VENV/bin/pip install -q torch==2.11.0 torchvision==0.26.0 numpy==2.5.2 \
     huggingface_hub==1.33.0 safetensors==0.8.0 onnx==1.23.1 onnx-ir==1.0.0 onnxruntime==1.30.0 onnxscript==0.7.2 \
     pillow typer rich tqdm scipy opencv-python-headless numba filelock regex requests || exit 2
