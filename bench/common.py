@@ -50,6 +50,14 @@ def timed(fn, repeats: int, warmup: int = 1) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "runs": len(times)}
 
 
+def match_threshold(size: int) -> tuple[float, str]:
+    """dlib's cosine threshold at FAR = 0.1% from the dev evaluation at this image size (else the 64 px one),
+    and the results file it came from."""
+    at_size = RESULTS / f"eval-lfw{size}-dev.json"
+    summary = at_size if at_size.is_file() else RESULTS / "eval-lfw64-dev.json"
+    return json.loads(summary.read_text())["threshold_cosine_far_0.1%"], summary.stem
+
+
 def write_results(name: str, data: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=1) + "\n")

@@ -12,7 +12,6 @@ face but gives the flipped latent more to carry.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, dev_crop_arguments, dev_crop_setup, machine, write_results  # noqa: E402
+from common import dev_crop_arguments, dev_crop_setup, match_threshold, machine, write_results  # noqa: E402
 from oracle_recovery import identity_figures  # noqa: E402
 
 
@@ -38,9 +37,7 @@ def main() -> None:
 
     backend, rgb, base_mask, flips = dev_crop_setup(args)
     size, (_, h, w), n = backend.image_size, backend.latent_shape, len(rgb)
-    at_size = RESULTS / f"eval-lfw{size}-dev.json"
-    summary = at_size if at_size.is_file() else RESULTS / "eval-lfw64-dev.json"
-    threshold = json.loads(summary.read_text())["threshold_cosine_far_0.1%"]
+    threshold, threshold_source = match_threshold(size)
     face = np.repeat(pixel_region(base_mask, (size, size))[None], n, 0)
     recognizer, schedule = Recognizer(), backend.schedule(args.steps)
 
@@ -62,7 +59,7 @@ def main() -> None:
     lines = [f"# What the mask's size trades: {args.model} ({size} px, {args.steps} steps)", "",
              f"{n} LFW dev crops, anonymized and recovered through the 8-bit PNG. PSNR (dB) in the unscaled face "
              f"region; identity is dlib's cosine with the original, a match at ≥ {threshold:.4f} "
-             f"(FAR = 0.1% in `{summary.stem}`). Model fingerprint {backend.fingerprint[:16]}….", "",
+             f"(FAR = 0.1% in `{threshold_source}`). Model fingerprint {backend.fingerprint[:16]}….", "",
              "| mask scale | latent cells masked | anonymized PSNR | recovered PSNR | recovered PSNR, whole image "
              "| cosine, anonymized | cosine, recovered | match, anonymized | match, recovered |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -30,7 +30,6 @@ schedules.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, dev_crop_arguments, dev_crop_setup, machine, write_results  # noqa: E402
+from common import dev_crop_arguments, dev_crop_setup, match_threshold, machine, write_results  # noqa: E402
 from inversion_drift import local_energy_spread  # noqa: E402
 from recovery_budget import budget_psnrs  # noqa: E402
 
@@ -279,9 +278,7 @@ def main() -> None:
     reference, rgb, mask, flips = dev_crop_setup(args)
     threshold_source = "given"
     if args.threshold is None:
-        at_size = RESULTS / f"eval-lfw{reference.image_size}-dev.json"
-        summary = at_size if at_size.is_file() else RESULTS / "eval-lfw64-dev.json"
-        args.threshold, threshold_source = json.loads(summary.read_text())["threshold_cosine_far_0.1%"], summary.stem
+        args.threshold, threshold_source = match_threshold(reference.image_size)
     recognizer = Recognizer()
     size, shape = reference.image_size, tuple(reference.latent_shape)
     trained_codec = reference.layout.autoencoder
