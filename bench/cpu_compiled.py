@@ -1,7 +1,7 @@
 """CPU benchmark of the three backends a CPU box can run, on the real CompVis/ldm-celebahq-256 architecture
 with random weights at batch 1: PyTorch eager (the reference), the ONNX Runtime engine and the compiled
-engine, on eager kernels (strict fp32's default) and as AOTInductor packages, the last also with
-`--conv-lowering gemm`, each built by `build_engine` as `revanon-rt build` builds it. Per graph: the median time of one call and the relative error against eager.
+engine, on eager kernels (strict fp32's default) and as AOTInductor packages, each built by `build_engine`
+as `revanon-rt build` builds it. Per graph: the median time of one call and the relative error against eager.
 Writes bench/results/cpu-compiled.{json,md}.
 
     .venv/bin/python bench/cpu_compiled.py [--repeats 3]
@@ -21,10 +21,8 @@ from common import SHARED_CONFIGS, WORK, machine, timed, write_results  # noqa: 
 
 # name in the results: (backend, engine_class's options), in column order
 ENGINES = {"onnxruntime": ("onnxruntime", {}), "compiled_eager": ("compiled", {"compiler": "eager"}),
-           "compiled": ("compiled", {"compiler": "aot"}),
-           "compiled_gemm": ("compiled", {"compiler": "aot", "conv_lowering": "gemm"})}
-LABELS = {"onnxruntime": "ONNX Runtime", "compiled_eager": "compiled, eager kernels", "compiled": "AOTInductor",
-          "compiled_gemm": "AOTInductor, convs as GEMM"}
+           "compiled": ("compiled", {"compiler": "aot"})}
+LABELS = {"onnxruntime": "ONNX Runtime", "compiled_eager": "compiled, eager kernels", "compiled": "AOTInductor"}
 
 
 def main() -> None:
@@ -95,7 +93,7 @@ def markdown(r: dict) -> str:
              f"{m.get('onnxruntime')}. Real CompVis/ldm-celebahq-256 architecture with random weights, batch 1, "
              f"fp32, median of {r['repeats']} calls after a warm-up; engines built as `revanon-rt build` builds "
              "them (`--backend onnxruntime`; `--backend compiled` with `--compiler eager`, the default, and with "
-             "`--compiler aot`, alone and with `--conv-lowering gemm`; `--device cpu`). Times, each engine's "
+             "`--compiler aot`; `--device cpu`). Times, each engine's "
              "speed-up over eager, and its error against eager.", "",
              "| graph | GFLOP | eager | " + " | ".join(LABELS[b] for b in engines) + " | "
              + " | ".join(f"{LABELS[b]} error" for b in engines) + " |",

@@ -129,7 +129,8 @@ def peaks(device: str) -> dict:
     out["conv3x3_fp32_tflops"] = conv_flop / t / 1e12
     out["fp32_peak_tflops"] = max(out["matmul_fp32_tflops"], out["conv3x3_fp32_tflops"])
     # The H100 ran this conv at half its fp32 matmul rate, which caps strict fp32 below the 70%-of-peak target
-    # whatever the loop does; the same conv as im2col + GEMM says whether routing convs through cuBLAS could lift it.
+    # whatever the loop does; the same conv as im2col + GEMM says whether routing convs through cuBLAS could lift it
+    # (on the H200 it was slower than cuDNN, so the engines keep native convs).
     weight_matrix = conv.weight.reshape(224, -1)
 
     def conv_as_gemm():
@@ -216,19 +217,17 @@ def flop_stage(model, parser, device, steps) -> dict:
     return {"gflop_per_call": gflop, "gflop_per_anonymization": per_anonymization(gflop, steps)}
 
 
-def engine_folder(work: Path, name: str, compiler: str, inductor_overrides: dict, conv_lowering: str = "native") -> Path:
+def engine_folder(work: Path, name: str, compiler: str, inductor_overrides: dict) -> Path:
     """Where a configuration's engine is kept between calls. An AOT engine holds what Inductor compiled, so one
     built under other --inductor-config settings is another engine; a jit or eager engine compiles when it
-    loads, under the settings of the run that loads it, and is the same engine whatever they are. The conv
-    lowering is in every exported graph, so each lowering is its own engine."""
+    loads, under the settings of the run that loads it, and is the same engine whatever they are."""
     settings = ",".join(f"{k}={v}" for k, v in sorted(inductor_overrides.items())) if compiler == "aot" else ""
     suffix = f"-{hashlib.sha256(settings.encode()).hexdigest()[:8]}" if settings else ""
-    lowering = f"-conv-{conv_lowering}" if conv_lowering != "native" else ""
-    return Path(work) / f"engine-{name}-{compiler}{lowering}{suffix}"
+    return Path(work) / f"engine-{name}-{compiler}{suffix}"
 
 
 def compiled_stage(name, precision, batch, model, parser, device, work, steps, rec, peak_tflops, gflop_per_face,
-                   compiler, inductor_overrides, conv_lowering="native"):
+                   compiler, inductor_overrides):
     import torch
 
     from revanon_rt.engines import engine_class, open_engine
@@ -237,7 +236,7 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
     from revanon_rt.keys import flip_pattern
     from revanon_rt.pixels import to_model
 
-    engine_dir = engine_folder(work, name, compiler, inductor_overrides, conv_lowering)
+    engine_dir = engine_folder(work, name, compiler, inductor_overrides)
     backend, build_s = None, None
     if (engine_dir / "engine.json").exists():  # built by an earlier command on this warm machine
         try:
@@ -246,7 +245,7 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
             print(f"rebuilding {engine_dir}: {exc}", flush=True)
     if backend is None:
         start = time.perf_counter()
-        chosen = engine_class("compiled", compiler=compiler, conv_lowering=conv_lowering)
+        chosen = engine_class("compiled", compiler=compiler)
         build_engine(chosen, model, engine_dir, parser=parser,
                      batch=batch, overwrite=True, device=device, precision=precision,
                      log=lambda m: print(m, flush=True))
@@ -274,7 +273,7 @@ def compiled_stage(name, precision, batch, model, parser, device, work, steps, r
     seconds = sync_time(one_batch, 5, warmup=2)
     floor = gflop_per_face * 1e9 / (peak_tflops * 1e12)
     result = {"config": name, "precision": precision, "batch": batch, "compiler": compiler,
-              "inductor_overrides": inductor_overrides, "conv_lowering": conv_lowering, "build_seconds": build_s,
+              "inductor_overrides": inductor_overrides, "build_seconds": build_s,
               "engine_reused": build_s is None,
               "cudnn_workspace_cap_mib": os.environ.get(CUDNN_WORKSPACE_CAP),
               "seconds_per_batch": seconds, "seconds_per_face": seconds / batch, "faces_per_second": batch / seconds,
@@ -369,7 +368,6 @@ def markdown(records: list[dict]) -> str:
             speed = f"{eager[max(below)] / r['seconds_per_face']:.2f}× (eager b{max(below)})" if below else ""
             mem = f"{r['peak_memory_gib']:.1f}" if r.get("peak_memory_gib") else ""
             variant = f" {r['compiler']}" if r.get("compiler", "aot") != "aot" else ""
-            variant += " convs as GEMM" if r.get("conv_lowering", "native") == "gemm" else ""
             variant += "".join(f" [{k}={v}]" for k, v in r.get("inductor_overrides", {}).items())
             if r.get("cudnn_workspace_cap_mib"):
                 variant += f" [cuDNN workspace ≤ {r['cudnn_workspace_cap_mib']} MiB]"
@@ -462,9 +460,6 @@ def main() -> None:
     parser.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
                         help="an Inductor setting for what this run compiles (jit engines, and the aot engines it "
                              "builds), e.g. force_layout_optimization=True: an experiment, labelled in the table")
-    parser.add_argument("--conv-lowering", choices=("native", "gemm"), default="native",
-                        help="gemm: engines whose UNet and autoencoder convs are im2col + cuBLAS GEMM "
-                             "(revanon-rt build --conv-lowering gemm), labelled in the table")
     parser.add_argument("--merge", type=Path, nargs="+", help="gpu-results.jsonl files of several commands: "
                         "write one table of them to --out, and run nothing")
     args = parser.parse_args()
@@ -527,8 +522,7 @@ def main() -> None:
             continue
         backend = stage(name, lambda: compiled_stage(
             name, precision, batch, model, bisenet, args.device, args.work, args.steps, rec,
-            peak["fp32_peak_tflops"], gflop["gflop_per_anonymization"], args.compiler, overrides,
-            args.conv_lowering))
+            peak["fp32_peak_tflops"], gflop["gflop_per_anonymization"], args.compiler, overrides))
         if backend is None:
             continue
         if precision == "fp32":

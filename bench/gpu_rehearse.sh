@@ -81,7 +81,6 @@ for window in $WINDOWS; do
     G="PYTHONPATH=$machine/site python3 bench/gpu.py --configs .data/compvis-configs --work $machine/rt-gpu --out \$OUT --tiny --device cpu --steps 2 --replays 2"
     call 4a ".whl .data/compvis-configs" "bash bench/gpu_issue5.sh install && { $G --compiler eager --only eager,fp32-b1 && $G --compiler eager --only fp32-b8 --verify-all && CUDNN_CONV_WSCAP_DBG=1024 $G --compiler eager --only fp32-b8 --no-verify; }"
     call 4b "" "$G --compiler jit --only fp32-b1 && python3 bench/gpu.py --merge $machine/out-4a/gpu-results.jsonl \$OUT/gpu-results.jsonl --out \$OUT/merged && grep -q 'cuDNN workspace ≤ 1024 MiB' \$OUT/merged/gpu-results.md"
-    call 4c "" "$G --compiler jit --only fp32-b1 --conv-lowering gemm && grep -q 'convs as GEMM' \$OUT/gpu-results.md"
     ;;
   L)
     fresh_machine L

@@ -20,8 +20,7 @@ def default_compiler(precision: str) -> str:
     return "eager" if precision == "fp32" else "aot"
 
 
-def engine_class(backend: str, *, compiler: str = "aot", conv_lowering: str = "native",
-                 native_tensorrt: bool = False):
+def engine_class(backend: str, *, compiler: str = "aot", native_tensorrt: bool = False):
     """The class of an engine with these options: build's flags, or what a manifest records (engine_class_for).
     A tensorrt build always starts from TensorRTEngine, which chooses the runtime it can build for."""
     if backend == "onnxruntime":
@@ -38,7 +37,7 @@ def engine_class(backend: str, *, compiler: str = "aot", conv_lowering: str = "n
         by_compiler = {"aot": CompiledEngine, "jit": JitCompiledEngine, "eager": EagerKernelEngine}
         if compiler not in by_compiler:
             raise UsageError(f"compiler {compiler!r}: this revanon-rt knows {', '.join(by_compiler)}")
-        return by_compiler[compiler].with_conv_lowering(conv_lowering)
+        return by_compiler[compiler]
     raise UsageError(f"unknown engine backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -47,7 +46,6 @@ def engine_class_for(manifest: EngineManifest):
     compiled = manifest.data.get("compiled", {})
     try:
         return engine_class(manifest.backend, compiler=compiled.get("compiler", "aot"),
-                            conv_lowering=compiled.get("conv_lowering", "native"),
                             native_tensorrt=manifest.data.get("tensorrt", {}).get("runtime") == "native")
     except UsageError as exc:  # an engine from another revanon-rt: say where, and how to make one for this
         raise UsageError(f"{manifest.engine_dir}: {exc}; {rebuild_hint(manifest.engine_dir, manifest.data)}") from None

@@ -9,8 +9,6 @@ compiles them with torch.compile when the engine loads (a slower start, the same
 for a torch whose AOTInductor loader crashes: torch 2.11+cu130 segfaults loading any CUDA package.
 `--compiler eager` runs the exported programs on PyTorch's own kernels inside the same fused loop and
 CUDA graph: the numbers of eager PyTorch, without its launch overhead.
-`--conv-lowering gemm` exports every convolution of the UNet and the autoencoder as im2col and one
-matrix product, so that cuBLAS's GEMM does the work of cuDNN's conv kernels.
 The loop's update math is sampler.ddim_update and sampler.reinject, compiled; `verify` compares the
 fused loop with the plain functions.
 """
@@ -22,7 +20,6 @@ import logging
 import subprocess
 import sys
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
 from functools import cache, partial
 from pathlib import Path
 
@@ -40,7 +37,6 @@ from ..sampler import ddim_coefficients, ddim_update, keyed_flip, reinject
 from .manifest import EngineManifest, rebuild_hint
 
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
-CONV_LOWERINGS = ("native", "gemm")
 LOAD_CHECK_SECONDS = 300  # a package of the real UNet loads in seconds; a hung loader must not eat a GPU window
 # on CPU-only machines Inductor's C++ toolchain probe warns about CUDA_HOME on every build
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -90,69 +86,17 @@ class CastIO(torch.nn.Module):
         return out.float() if out.is_floating_point() else out
 
 
-class ConvAsGemm(torch.nn.Module):
-    """A zero-padded, ungrouped Conv2d as im2col and one matrix product per image, with the conv's own
-    parameters. In strict fp32 an H100's cuDNN ran the UNet's 3x3 convs at half of cuBLAS's matmul rate."""
-
-    def __init__(self, conv: torch.nn.Conv2d):
-        super().__init__()
-        self.conv = conv
-
-    def forward(self, x):
-        conv = self.conv
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-        n, _, h, w = x.shape
-        out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        columns = torch.nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
-                                             stride=conv.stride)
-        out = (conv.weight.reshape(conv.out_channels, -1) @ columns).reshape(n, conv.out_channels, out_h, out_w)
-        return out if conv.bias is None else out + conv.bias[:, None, None]
-
-
-def lowerable_to_gemm(module: torch.nn.Module) -> bool:
-    return (type(module) is torch.nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
-
-
-@contextmanager
-def convs_as_gemm(root: torch.nn.Module):
-    """Swaps every lowerable Conv2d under root for a ConvAsGemm around it while the block runs, then puts
-    the convs back: the reference the build measures parity against is the same module."""
-    swapped = []
-    for parent in list(root.modules()):
-        for name, child in list(parent.named_children()):
-            if lowerable_to_gemm(child):
-                setattr(parent, name, ConvAsGemm(child))
-                swapped.append((parent, name, child))
-    try:
-        yield len(swapped)
-    finally:
-        for parent, name, child in swapped:
-            setattr(parent, name, child)
-
-
 class CompiledEngine:
     kind = "compiled"
     precisions = PRECISIONS
     compiler = "aot"
     packager = "torch._inductor.aoti_compile_and_package"
-    conv_lowering = "native"
     # an AOTInductor package holds kernels compiled for the build's GPU architecture; jit and eager compile
     # or dispatch when they load, so they run on any GPU
     tied_to_gpu_architecture = True
     # fused loops kept per engine, one per timestep schedule: recovery takes its step count from each image,
     # and every loop holds its latents and a captured CUDA graph
     MAX_FUSED_LOOPS = 2
-
-    @classmethod
-    def with_conv_lowering(cls, lowering: str):
-        """This engine class, building its convolutions as `lowering` says."""
-        if lowering not in CONV_LOWERINGS:
-            raise UsageError(f"conv lowering {lowering!r}: choose one of {', '.join(CONV_LOWERINGS)}")
-        if lowering == cls.conv_lowering:
-            return cls
-        return type(f"{cls.__name__}ConvAs{lowering.title()}", (cls,), {"conv_lowering": lowering})
 
     @classmethod
     def require_available(cls) -> None:
@@ -174,15 +118,12 @@ class CompiledEngine:
     def export_graph(cls, descriptor, staging_dir: Path, precision: str) -> list[Path]:
         apply_precision(precision)
         device = next(descriptor.module.parameters()).device
-        # the parser stays fp32 and on native convs: the mask it draws is stored, so it must not depend
-        # on the precision or the conv lowering
+        # the parser stays fp32: the mask it draws is stored, so it must not depend on the precision
         dtype = torch.float32 if descriptor.name == "parser" else compute_dtype(precision)
-        lowered = cls.conv_lowering == "gemm" and descriptor.name != "parser"
         path = staging_dir / f"{descriptor.name}.pt2"
-        with convs_as_gemm(descriptor.module) if lowered else nullcontext(), torch.no_grad():
+        with torch.no_grad():
             module = CastIO(descriptor.module, dtype).eval()
             program = torch.export.export(module, descriptor.torch_args(device), strict=False)
-        with torch.no_grad():
             cls.package(program, path)
         return [path]
 
@@ -203,8 +144,7 @@ class CompiledEngine:
     @classmethod
     def prepare(cls, staging_dir: Path, graphs: dict, log, device: str) -> dict:
         facts = {"torch": torch.__version__, "device": cls.reference_device(device), "compiler": cls.compiler,
-                 "packager": cls.packager, "inductor_configs": cls.model_inductor_configs(),
-                 "conv_lowering": cls.conv_lowering}
+                 "packager": cls.packager, "inductor_configs": cls.model_inductor_configs()}
         if torch.cuda.is_available():
             facts["gpu"] = torch.cuda.get_device_name()
             facts["gpu_capability"] = list(torch.cuda.get_device_capability())

@@ -46,9 +46,6 @@ def rebuild_hint(engine_dir: Path, manifest: dict | None = None) -> str:
         words += ["--precision", manifest["precision"]]
     if manifest.get("backend") == "compiled":  # explicit: the default compiler depends on the precision
         words += ["--compiler", manifest.get("compiled", {}).get("compiler", "aot")]
-    conv_lowering = manifest.get("compiled", {}).get("conv_lowering", "native")
-    if conv_lowering != "native":
-        words += ["--conv-lowering", conv_lowering]
     device = manifest.get("parity", {}).get("device")
     if device and device != "cpu":
         words += ["--device", device]

@@ -500,11 +500,6 @@ class Compiler(str, Enum):
     eager = "eager"
 
 
-class ConvLowering(str, Enum):
-    native = "native"
-    gemm = "gemm"
-
-
 class Precision(str, Enum):
     fp32 = "fp32"
     tf32 = "tf32"
@@ -529,12 +524,6 @@ def build_cmd(
              "eager PyTorch's numbers bit for bit, in the fused loop and CUDA graph; aot (the default for "
              "tf32, fp16 and bf16) stores AOTInductor packages; jit stores exported programs and compiles them "
              "with Inductor whenever the engine loads, for a torch whose AOTInductor loader crashes."),
-    conv_lowering: ConvLowering = typer.Option(
-        ConvLowering.native, "--conv-lowering",
-        help="compiled only: native convolutions (cuDNN on a GPU), or gemm: the UNet's and the autoencoder's "
-             "convolutions as im2col and one matrix product (cuBLAS), for strict fp32 on cards whose fp32 conv "
-             "kernels run well below their matmul rate. It needs memory for the im2col buffers and is slower on "
-             "a CPU; the parser keeps native convolutions."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier engine in --out (never a "
                                    "folder that holds anything else)."),
 ) -> None:
@@ -546,12 +535,10 @@ def build_cmd(
         check_device_name(device)
         device = resolve_device(device)
         if backend is not EngineBackendName.compiled:
-            for flag, value, default in (("--compiler", compiler, None),
-                                         ("--conv-lowering", conv_lowering, ConvLowering.native)):
-                if value is not default:
-                    raise UsageError(f"{flag} {value.value} is for --backend compiled")
+            if compiler is not None:
+                raise UsageError(f"--compiler {compiler.value} is for --backend compiled")
         compiler_name = compiler.value if compiler else default_compiler(precision.value)
-        chosen = engine_class(backend.value, compiler=compiler_name, conv_lowering=conv_lowering.value)
+        chosen = engine_class(backend.value, compiler=compiler_name)
         path = build_engine(chosen, model, out, parser=parser, batch=batch, overwrite=overwrite, device=device,
                             precision=precision.value, log=say)
     except ImportError as exc:

@@ -180,69 +180,7 @@ def test_onnxruntime_refuses_fast_precisions_and_a_compiler(models, tmp_path):
     for compiler in ("aot", "jit", "eager"):
         result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--compiler", compiler)
         assert result.returncode == 2 and f"--compiler {compiler} is for --backend compiled" in result.stderr
-    result = cli("build", "--model", models["zero"], "--out", tmp_path / "e", "--conv-lowering", "gemm")
-    assert result.returncode == 2 and "--conv-lowering gemm is for --backend compiled" in result.stderr
     assert not (tmp_path / "e").exists()
-
-
-def test_a_conv_as_gemm_matches_the_conv_and_the_swap_is_undone():
-    """Strided, biasless, 1x1, rectangular-padded and dilated convs; grouped and reflect-padded convs are left
-    alone."""
-    import torch
-
-    from revanon_rt.engines.compiled import ConvAsGemm, convs_as_gemm
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, stride=2, bias=False),
-                              torch.nn.Conv2d(8, 12, 1), torch.nn.Conv2d(12, 4, (3, 1), padding=(1, 0)),
-                              torch.nn.Conv2d(4, 4, 3, padding=(2, 1), dilation=(2, 1)),
-                              torch.nn.Conv2d(4, 4, 3, padding=1, groups=2),
-                              torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")).eval()
-    x = torch.randn(2, 6, 17, 15)
-    originals = list(net)
-    with torch.no_grad():
-        expected = net(x)
-        with convs_as_gemm(net) as swapped:
-            assert swapped == 5 and [type(m) is ConvAsGemm for m in net] == [True] * 5 + [False] * 2
-            got = net(x)
-    assert list(net) == originals
-    assert got.shape == expected.shape
-    assert float((got - expected).norm() / expected.norm()) < 1e-6
-    assert not torch.equal(got, expected), "the GEMM route rounds differently, so it really ran"
-
-
-def test_conv_lowering_gemm_exports_no_convolutions_but_the_parsers_and_recovers_across_backends(
-        models, bisenet_pth, tmp_path):
-    """--conv-lowering gemm: the UNet and the autoencoder are exported as im2col and matrix products, the parser
-    keeps its convs (its mask is stored), and the engine stays within strict fp32's thresholds of PyTorch."""
-    import torch
-
-    engine = tmp_path / "gemm"
-    built = cli("build", "--backend", "compiled", "--compiler", "eager", "--conv-lowering", "gemm",
-                "--model", models["ldm"], "--parser", bisenet_pth, "--out", engine, "--device", "cpu")
-    assert built.returncode == 0, built.stderr
-    manifest = json.loads((engine / "engine.json").read_text())
-    assert manifest["compiled"]["conv_lowering"] == "gemm"
-    for name, entry in manifest["graphs"].items():
-        ops = {str(node.target) for node in torch.export.load(str(engine / entry["file"])).graph.nodes
-               if node.op == "call_function"}
-        convs = {op for op in ops if "conv2d" in op or "convolution" in op}
-        if name == "parser":
-            assert convs and "aten.im2col.default" not in ops
-        else:
-            assert not convs and "aten.im2col.default" in ops, (name, sorted(ops))
-            assert 0 < manifest["parity"][name]["rel_l2"] < 1e-5, (name, manifest["parity"][name])
-    assert manifest["parity"]["parser"]["differing"] == 0
-    result = cli("verify", "--engine", engine, "--model", models["ldm"], "--parser", bisenet_pth, "--steps", "6",
-                 "--replays", "2", "--json", tmp_path / "v.json")
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads((tmp_path / "v.json").read_text())
-    assert report["passed"] and report["stages"]["final latent"]["rel_l2"] < 1e-5
-    assert report["stages"]["parse mask"]["differing_cells"] == 0
-
-    from revanon_rt.engines.manifest import rebuild_hint
-
-    assert "--compiler eager --conv-lowering gemm" in rebuild_hint(engine, manifest)
 
 
 def test_a_package_this_torch_cannot_load_fails_the_build_with_its_reason(tmp_path):
@@ -304,17 +242,13 @@ def test_the_gpu_benchmark_script_runs_end_to_end_on_a_cpu(tmp_path):
     # test_an_aot_engine_built_under_other_inductor_settings_is_another_engine), and its row names them
     tuned = next_call("out2", "--inductor-config", "force_layout_optimization=True")
     assert tuned["engine_reused"] and tuned["inductor_overrides"] == {"force_layout_optimization": True}
-    # but the conv lowering is in the exported graphs: another engine
-    gemm = next_call("out4", "--conv-lowering", "gemm")
-    assert not gemm["engine_reused"] and gemm["conv_lowering"] == "gemm"
     merged = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--out", str(tmp_path / "merged"),
-                             "--merge", *(str(tmp_path / out / "gpu-results.jsonl") for out in ("out", "out2", "out4"))],
+                             "--merge", *(str(tmp_path / out / "gpu-results.jsonl") for out in ("out", "out2"))],
                             capture_output=True, text=True)
     assert merged.returncode == 0, merged.stderr
     table = (tmp_path / "merged" / "gpu-results.md").read_text()
     assert table.count("| compiled fp32 eager, batch 1 |") == 1 and table.count("Measured peaks") == 1
     assert "| compiled fp32 eager [force_layout_optimization=True], batch 1 |" in table
-    assert "| compiled fp32 eager convs as GEMM, batch 1 |" in table
 
 
 def test_update_kernels_ask_for_eager_numerics_and_the_reference_stays_strict_beside_tf32():
