@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import dev_crop_arguments, dev_crop_setup, match_threshold, machine, write_results  # noqa: E402
+from common import dev_crop_arguments, dev_crop_setup, machine, match_threshold, write_results  # noqa: E402
 from inversion_drift import local_energy_spread  # noqa: E402
 from recovery_budget import budget_psnrs  # noqa: E402
 
